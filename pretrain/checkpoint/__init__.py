@@ -1,0 +1,1 @@
+"""Checkpoints: DeepSpeed's sharded save with our state attached as client_state."""

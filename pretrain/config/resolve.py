@@ -1,0 +1,226 @@
+"""From the composed Hydra config to a checked, frozen `RunConfig` and the DeepSpeed dict.
+
+`resolve()` derives what the user does not set by hand (precision and device on this
+machine, gradient accumulation, tokens per step), checks fields against each other, and
+reports every problem at once, each naming its key and the fix, before any model is built.
+Below the entry point nothing sees the raw Hydra config: each component gets its section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pretrain.config.schema import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    LoggerConfig,
+    OptimConfig,
+    TrainerConfig,
+)
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """One or more config problems; the message lists them all."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__(
+            "invalid config:\n" + "\n".join(f"  - {e}" for e in errors)
+            + "\nFix these keys (on the command line: key=value) and run again."
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, checked and with derived values filled in."""
+
+    model: DictConfig
+    """The model section, with `_target_`, for hydra.utils.instantiate."""
+    data: DictConfig
+    """The data section, with `_target_`, for hydra.utils.instantiate."""
+    optim: OptimConfig
+    deepspeed: DeepSpeedConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    checkpoint: CheckpointConfig
+    precision: str
+    """bf16 | fp16 | fp32, after resolving auto for this machine."""
+    device_type: str
+    """cuda | cpu."""
+    run_name: str
+    run_dir: Path
+    world_size: int
+    grad_accum: int
+    """Micro-batches per rank per optimizer step: global / (micro * world_size)."""
+    vocab_size: int
+    as_dict: dict[str, Any]
+    """The resolved config as plain data: written to config.yaml and sent to W&B."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype that `precision` stands for."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.trainer.global_batch_size * self.trainer.seq_len
+
+
+def _section(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.to_object(cfg[key])
+
+
+def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None) -> RunConfig:
+    """Check `cfg` for a run on `world_size` ranks; raise ConfigError listing every problem."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    errors: list[str] = []
+    trainer: TrainerConfig = _section(cfg, "trainer")
+    optim: OptimConfig = _section(cfg, "optim")
+    ds: DeepSpeedConfig = _section(cfg, "deepspeed")
+    logger: LoggerConfig = _section(cfg, "logger")
+    checkpoint: CheckpointConfig = _section(cfg, "checkpoint")
+    model_spec = _section(cfg, "model")
+
+    # Device and precision on this machine.
+    device_type = trainer.device
+    if device_type == "auto":
+        device_type = "cuda" if cuda_available else "cpu"
+    elif device_type not in ("cpu", "cuda"):
+        errors.append(f"trainer.device={device_type!r}: choose auto, cpu or cuda")
+    elif device_type == "cuda" and not cuda_available:
+        errors.append("trainer.device=cuda but torch sees no CUDA GPU: use trainer.device=auto")
+    precision = cfg.precision
+    if precision not in PRECISIONS:
+        errors.append(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    elif precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    elif precision == "fp16" and device_type != "cuda":
+        errors.append("precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use bf16 or fp32")
+
+    # Batch geometry: global = micro * accum * world_size.
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
+        if getattr(trainer, key) < 1:
+            errors.append(f"trainer.{key}={getattr(trainer, key)}: must be >= 1")
+    grad_accum = 1
+    per_step = trainer.micro_batch_size * world_size
+    if per_step >= 1 and trainer.global_batch_size >= 1:
+        if trainer.global_batch_size % per_step:
+            errors.append(
+                f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
+                f"trainer.micro_batch_size={trainer.micro_batch_size} x world_size={world_size}"
+                f" = {per_step}: make global_batch_size a multiple of {per_step} "
+                "or change micro_batch_size"
+            )
+        else:
+            grad_accum = trainer.global_batch_size // per_step
+
+    # Model shape, and the sequence length it must accept.
+    if hasattr(model_spec, "errors"):
+        errors.extend(model_spec.errors())
+    max_seq_len = getattr(model_spec, "max_seq_len", None)
+    if max_seq_len is not None and trainer.seq_len > max_seq_len:
+        errors.append(
+            f"trainer.seq_len={trainer.seq_len} exceeds model.max_seq_len={max_seq_len}: "
+            "shorten trainer.seq_len or raise model.max_seq_len"
+        )
+
+    # Optimizer and schedule.
+    if optim.lr <= 0:
+        errors.append(f"optim.lr={optim.lr}: must be > 0")
+    if not 0.0 <= optim.min_lr_ratio <= 1.0:
+        errors.append(f"optim.min_lr_ratio={optim.min_lr_ratio}: must be in [0, 1]")
+    if optim.warmup_steps < 0:
+        errors.append(f"optim.warmup_steps={optim.warmup_steps}: must be >= 0")
+    if optim.weight_decay < 0:
+        errors.append(f"optim.weight_decay={optim.weight_decay}: must be >= 0")
+    if optim.grad_clip < 0:
+        errors.append(f"optim.grad_clip={optim.grad_clip}: must be >= 0 (0 disables clipping)")
+
+    # ZeRO.
+    if ds.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"deepspeed.zero_stage={ds.zero_stage}: choose 0, 1, 2 or 3")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        errors.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
+    if ds.offload_params and ds.zero_stage != 3:
+        errors.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
+
+    if logger.wandb.mode not in WANDB_MODES:
+        errors.append(f"logger.wandb.mode={logger.wandb.mode!r}: choose {', '.join(WANDB_MODES)}")
+    if checkpoint.every_steps < 0:
+        errors.append(f"checkpoint.every_steps={checkpoint.every_steps}: must be >= 0")
+
+    if errors:
+        raise ConfigError(errors)
+
+    as_dict = OmegaConf.to_container(cfg, resolve=True)
+    as_dict["precision"] = precision
+    return RunConfig(
+        model=cfg.model,
+        data=cfg.data,
+        optim=optim,
+        deepspeed=ds,
+        trainer=trainer,
+        logger=logger,
+        checkpoint=checkpoint,
+        precision=precision,
+        device_type=device_type,
+        run_name=cfg.run_name,
+        run_dir=Path(cfg.run_dir),
+        world_size=world_size,
+        grad_accum=grad_accum,
+        vocab_size=int(cfg.model.vocab_size),
+        as_dict=as_dict,
+    )
+
+
+def deepspeed_config(run: RunConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict: the one place it is generated from the typed config."""
+    ds, trainer = run.deepspeed, run.trainer
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(
+            overlap_comm=ds.overlap_comm,
+            contiguous_gradients=ds.contiguous_gradients,
+            reduce_bucket_size=ds.reduce_bucket_size,
+        )
+    if ds.zero_stage in (1, 2):
+        zero["allgather_bucket_size"] = ds.allgather_bucket_size
+    if ds.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+        )
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": run.device_type == "cuda"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": run.device_type == "cuda"}
+    return {
+        "train_batch_size": trainer.global_batch_size,
+        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "gradient_accumulation_steps": run.grad_accum,
+        "gradient_clipping": run.optim.grad_clip,
+        "bf16": {"enabled": run.precision == "bf16"},
+        # Dynamic loss scaling from 2^16, halved on overflow (Micikevicius et al. 2018).
+        "fp16": {
+            "enabled": run.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "zero_optimization": zero,
+        # Our client optimizer is torch's AdamW, which ZeRO supports but does not whitelist.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,  # our loggers report progress; silence DeepSpeed's own
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,190 @@
+"""Typed schemas of every config group, registered in Hydra's ConfigStore.
+
+Hydra merges `conf/**/*.yaml` and command-line overrides into these dataclasses, so a
+misspelt key (`trainer.max_stepz=3`) or a wrong type (`optim.lr=fast`) fails at compose
+time with Hydra's message naming the key, before anything is built. Cross-field checks
+(batch divisibility, head counts, precision on this device) live in `resolve.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from pretrain.model.llama import LlamaConfig
+
+
+@dataclass
+class LlamaModelSchema(LlamaConfig):
+    """model=tiny|llama_125m|llama_1b|llama_7b|llama_70b."""
+
+    _target_: str = "pretrain.model.llama.Transformer"
+
+
+@dataclass
+class LSTMModelSchema:
+    """model=lstm: embedding -> LSTM -> linear (the seeds' recurrent baseline)."""
+
+    _target_: str = "pretrain.model.baselines.LSTMLM"
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+
+
+@dataclass
+class TransformerEncoderModelSchema:
+    """model=transformer_encoder: causal nn.TransformerEncoder LM (the seeds' baseline)."""
+
+    _target_: str = "pretrain.model.baselines.TransformerEncoderLM"
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn_hidden: int = 256
+    dropout: float = 0.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+
+@dataclass
+class SyntheticDataSchema:
+    """data=synthetic: deterministic learnable token stream (no I/O); see data/synthetic.py."""
+
+    _target_: str = "pretrain.data.synthetic.SyntheticStream"
+    noise: float = 0.1
+    """Probability that the walk restarts at a random token; sets the loss floor."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup + cosine decay to a floor."""
+
+    lr: float = 3e-4
+    """Peak learning rate, reached after warmup_steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine ends at lr * min_lr_ratio at trainer.max_steps (Chinchilla used 0.1)."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from lr / warmup_steps."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms, biases or embeddings."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    """0.95 rather than Adam's 0.999: steadier for large-batch LM pretraining (GPT-3, Llama)."""
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """ZeRO sharding, offload and communication knobs; precision and batch come from elsewhere."""
+
+    zero_stage: int = 0
+    """0: plain data parallel; 1: shard optimizer state; 2: + gradients; 3: + parameters."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on CPU (ZeRO >= 1) and step with DeepSpeedCPUAdam (JIT-compiled)."""
+    offload_params: bool = False
+    """Keep parameters on CPU between uses (ZeRO-3 only)."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with the backward pass (ZeRO >= 1)."""
+    contiguous_gradients: bool = True
+    """Copy gradients into one buffer as they are produced, avoiding fragmentation."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements per gradient reduce-scatter/all-reduce bucket."""
+    allgather_bucket_size: int = 500_000_000
+    """Elements per parameter all-gather bucket (ZeRO 1/2)."""
+    stage3_prefetch_bucket_size: int = 50_000_000
+    """Elements of parameters prefetched ahead of use (ZeRO-3)."""
+    stage3_param_persistence_threshold: int = 100_000
+    """Parameters smaller than this stay whole on every rank (ZeRO-3): norms, small biases."""
+
+
+@dataclass
+class TrainerConfig:
+    """What the loop runs: length, batch geometry, seed, logging cadence."""
+
+    max_steps: int = 100
+    """Optimizer steps to run (steps are numbered from 1)."""
+    seed: int = 1234
+    """Seeds model init and data order; the same seed gives the same run."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all ranks = micro * grad_accum * world_size."""
+    micro_batch_size: int = 4
+    """Sequences per rank per forward/backward; grad_accum is derived from it."""
+    seq_len: int = 64
+    """Tokens per training sequence (the model sees seq_len, predicts the next seq_len)."""
+    log_every: int = 10
+    """Print one console line every this many steps (metrics.jsonl gets every step)."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu) | cpu | cuda."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases run settings (rank 0 only)."""
+
+    mode: str = "disabled"
+    """online | offline | disabled."""
+    project: str = "pretrain"
+    entity: str | None = None
+    name: str | None = None
+    """Run name; null uses the config's run_name."""
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    dir: str | None = None
+    """Where W&B writes its files; null means the run dir."""
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving (crash-safe commit, retention and auto-resume arrive with the checkpoint issue)."""
+
+    every_steps: int = 0
+    """Save every this many optimizer steps; 0 saves only at the end (if save_final)."""
+    save_final: bool = False
+    """Save once more after the last step."""
+
+
+@dataclass
+class Config:
+    """The whole run. Groups: model, data, optim, deepspeed, trainer, logger, checkpoint."""
+
+    model: Any = MISSING
+    data: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    precision: str = "auto"
+    """bf16 | fp16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
+    run_name: str = "default"
+    """Names the run; the run dir and the W&B run derive from it."""
+    run_dir: str = "runs/${run_name}"
+    """Where config.yaml, metrics.jsonl and checkpoints go."""
+
+
+def register() -> None:
+    """Put the schemas into Hydra's ConfigStore (idempotent).
+
+    `config_schema` types the fixed groups (optim, deepspeed, trainer, logger, checkpoint)
+    through its fields; the model and data presets pick their schema in their own defaults
+    list, since each `_target_` takes different fields.
+    """
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="llama_schema", node=LlamaModelSchema)
+    cs.store(group="model", name="lstm_schema", node=LSTMModelSchema)
+    cs.store(group="model", name="transformer_encoder_schema", node=TransformerEncoderModelSchema)
+    cs.store(group="data", name="synthetic_schema", node=SyntheticDataSchema)

@@ -1,0 +1,95 @@
+"""Process group from the launcher's environment, rank helpers, seeding and a rank-0 logger.
+
+The package never spawns processes: torchrun (or Slurm via torchrun) sets RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Run without a launcher, `init()` fills in a
+single-process group on a free local port, so `python -m pretrain` just works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+log = logging.getLogger("pretrain")
+
+
+def rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(device_type: str, timeout_s: float = 600.0) -> torch.device:
+    """Join (or, without a launcher, create) the default process group; return this rank's device.
+
+    gloo on CPU, nccl on CUDA. Safe to call twice.
+    """
+    if "RANK" not in os.environ:  # plain `python -m pretrain`: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not tdist.is_initialized():
+        tdist.init_process_group(
+            backend="nccl" if device_type == "cuda" else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return device
+
+
+def destroy() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over ranks (gloo has no AVG op, so sum and divide)."""
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        x = x.clone()
+        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+        x /= tdist.get_world_size()
+    return x
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device) identically on all ranks."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Rank 0 logs at `level`; other ranks only warnings and errors, tagged with their rank."""
+    handler = logging.StreamHandler()
+    prefix = "" if is_main() else f"[rank {rank()}] "
+    handler.setFormatter(logging.Formatter(f"{prefix}%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level if is_main() else logging.WARNING)
+    log.propagate = False

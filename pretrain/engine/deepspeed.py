@@ -1,0 +1,73 @@
+"""Build the model (sharded at birth under ZeRO-3) and wrap it in a DeepSpeed engine.
+
+DeepSpeed owns data parallelism, ZeRO, precision, gradient accumulation and clipping; the
+model and the loop stay free of it. DeepSpeed is imported lazily, after the accelerator
+choice is made, because importing it picks its accelerator once and for all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.config.resolve import RunConfig, deepspeed_config
+from pretrain.engine.optim import build_optimizer, lr_scheduler
+
+
+def _import_deepspeed(device_type: str) -> Any:
+    # On a GPU machine told to train on CPU, DeepSpeed must not pick CUDA by itself.
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # Adopt the process group dist.init() made, so zero.Init sees the real world size.
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
+    return deepspeed
+
+
+def build_model(run: RunConfig, factory: Callable[[], nn.Module]) -> nn.Module:
+    """Call `factory` under `deepspeed.zero.Init` for ZeRO-3, so no rank ever holds all weights."""
+    deepspeed = _import_deepspeed(run.device_type)
+    if run.deepspeed.zero_stage == 3:
+        ctx = deepspeed.zero.Init(config_dict_or_path=deepspeed_config(run))
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        return factory()
+
+
+def build_engine(run: RunConfig, model: nn.Module) -> Any:
+    """deepspeed.initialize with our AdamW groups and warmup + cosine schedule."""
+    deepspeed = _import_deepspeed(run.device_type)
+    optimizer = build_optimizer(
+        model, run.optim, run.device_type, offload=run.deepspeed.offload_optimizer
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: lr_scheduler(opt, run.optim, run.trainer.max_steps),
+        config=deepspeed_config(run),
+    )
+    return engine
+
+
+def grad_norm_fallback_needed(engine: Any) -> bool:
+    """DeepSpeed records the global grad norm except in plain fp32 data parallel (no ZeRO)."""
+    return not (
+        engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()
+    )
+
+
+def local_grad_norm(model: nn.Module) -> float:
+    """L2 norm of the (already all-reduced) gradients held whole on this rank."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))

@@ -1,0 +1,72 @@
+"""AdamW parameter groups and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pretrain.config.schema import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: matrices decay; norms, biases and embeddings do not.
+
+    Decaying gains and biases only fights the normalisation, and decaying embeddings
+    shrinks rare tokens' rows towards zero (as in GPT-NeoX, OLMo and torchtitan).
+    """
+    embedding_params = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # a tied weight appears twice
+            continue
+        seen.add(id(p))
+        # ZeRO-3 partitions parameters in place; ds_shape keeps the original shape.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or id(p) in embedding_params else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (1-based).
+
+    Linear warmup to 1 over `warmup_steps`, then cosine decay to `min_lr_ratio` at `max_steps`.
+    """
+    if step <= warmup_steps:
+        return step / warmup_steps
+    if step >= max_steps:
+        return min_lr_ratio
+    progress = (step - warmup_steps) / (max_steps - warmup_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR counts the steps already taken from 0; our steps are numbered from 1."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda taken: lr_factor(taken + 1, cfg.warmup_steps, max_steps, cfg.min_lr_ratio),
+    )
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device_type: str, offload: bool
+) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeedCPUAdam when ZeRO offloads optimizer state, else torch's (fused on GPU).
+
+    torch's fused AdamW needs no JIT build, unlike DeepSpeed's FusedAdam (~1 min on first use).
+    """
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, fused=device_type == "cuda", **kwargs)

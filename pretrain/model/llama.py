@@ -1,0 +1,218 @@
+"""A Llama-style decoder-only Transformer, in the order `forward` uses it.
+
+RMSNorm, rotary position embeddings (RoPE), SwiGLU feed-forward and grouped-query
+attention (GQA), with optionally tied input/output embeddings. Module and parameter names
+follow transformers' `LlamaForCausalLM` (minus its leading `model.`), and RoPE uses the same
+half-split layout, so export is a rename and the logits match exactly.
+
+The model knows nothing about parallelism: DeepSpeed shards it from outside (ZeRO-3 wraps
+construction in `deepspeed.zero.Init`, which also gathers parameters around `Module.apply`,
+so the initialisation below is correct on sharded parameters too).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.model.attention import ATTN_IMPLS, causal_attention
+
+
+@dataclass
+class LlamaConfig:
+    """Shape and numerics of the Transformer. Presets live in `conf/model/*.yaml`."""
+
+    n_layers: int = 2
+    """Number of Transformer blocks."""
+    d_model: int = 64
+    """Width of the residual stream."""
+    n_heads: int = 4
+    """Number of query heads; head_dim = d_model / n_heads."""
+    n_kv_heads: int | None = None
+    """Number of key/value heads (GQA); None means n_heads (plain multi-head attention)."""
+    ffn_hidden: int | None = None
+    """SwiGLU hidden width; None derives Llama's rule: 8/3 * d_model rounded up to 256."""
+    vocab_size: int = 256
+    """Rows of the embedding table (tokenizer vocabulary, padded for speed)."""
+    max_seq_len: int = 2048
+    """Longest sequence the model is meant for (exported as max_position_embeddings)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon (Llama 2/3 use 1e-5)."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output projection (saves vocab * d_model params)."""
+    dropout: float = 0.0
+    """Dropout on attention probabilities and residual branches; 0 as in modern pretraining."""
+    attn_impl: str = "auto"
+    """auto | flash | sdpa | eager (see pretrain.model.attention)."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections get init_std / sqrt(2 * n_layers)."""
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 256 * math.ceil(int(8 * self.d_model / 3) / 256)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def errors(self) -> list[str]:
+        """Every inconsistency in this config, as 'model.<key>: what is wrong, what to do'."""
+        errs = []
+        for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
+            if getattr(self, key) < 1:
+                errs.append(f"model.{key}={getattr(self, key)}: must be >= 1")
+        if self.n_heads >= 1 and self.d_model % self.n_heads:
+            errs.append(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+            )
+        elif self.n_heads >= 1 and self.head_dim % 2:
+            errs.append(f"head_dim={self.head_dim} (d_model / n_heads) must be even for RoPE")
+        if self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads:
+            errs.append(
+                f"model.n_heads={self.n_heads} is not a multiple of "
+                f"model.n_kv_heads={self.n_kv_heads}: pick n_kv_heads dividing n_heads"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            errs.append(f"model.dropout={self.dropout}: must be in [0, 1)")
+        if self.attn_impl not in ATTN_IMPLS:
+            errs.append(f"model.attn_impl={self.attn_impl!r}: choose one of {ATTN_IMPLS}")
+        return errs
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 like HF Llama."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (T, head_dim), half-split layout as in HF Llama."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)  # (T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x: (B, T, H, D) by position. cos, sin: (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D) broadcasts over heads
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.attn_impl, self.dropout = cfg.attn_impl, cfg.dropout
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.o_proj.is_residual_out = True
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+        y = causal_attention(q, k, v, self.attn_impl, dropout_p)  # (B, T, H, D)
+        return self.o_proj(y.reshape(B, T, -1))  # (B, T, d_model)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        self.down_proj.is_residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    """Llama-style causal LM. `forward(tokens)` gives logits; with `targets`, the mean loss.
+
+    Built either from a `LlamaConfig` or, as `hydra.utils.instantiate` does, from its fields.
+    """
+
+    def __init__(self, config: LlamaConfig | None = None, **fields: object) -> None:
+        super().__init__()
+        self.config = cfg = config if config is not None else LlamaConfig(**fields)
+        errs = cfg.errors()
+        if errs:
+            raise ValueError("invalid model config:\n  " + "\n  ".join(errs))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_out", False):
+                # GPT-2 / Megatron: keep the residual stream's variance independent of depth.
+                std = std / math.sqrt(2 * self.config.n_layers)
+            if module is not self.lm_head or not self.config.tie_embeddings:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (B, T) int. Returns logits (B, T, V), or the mean cross-entropy vs targets."""
+        T = tokens.size(1)
+        x = self.embed_dropout(self.embed_tokens(tokens))  # (B, T, d_model)
+        cos, sin = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -1,0 +1,121 @@
+"""Where metrics go: the console, metrics.jsonl in the run dir, and Weights & Biases.
+
+Only rank 0 builds loggers. A logger that fails is reported once and dropped: a full disk
+or a W&B outage never stops training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from pretrain.config.schema import WandbConfig
+
+log = logging.getLogger("pretrain")
+
+
+class Logger(Protocol):
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class ConsoleLogger:
+    """One concise line every `every` steps (and on the last step)."""
+
+    def __init__(self, every: int, max_steps: int) -> None:
+        self.every, self.max_steps = every, max_steps
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if step % self.every and step != self.max_steps:
+            return
+        log.info(
+            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %s tok/s | %.3f s/step",
+            step, self.max_steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
+            f"{metrics['tokens_per_s']:,.0f}", metrics["step_time_s"],
+        )  # fmt: skip
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlLogger:
+    """metrics.jsonl: one JSON object per optimizer step, flushed as written."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbLogger:
+    """A W&B run; `offline` writes under the run dir and needs no account or network."""
+
+    def __init__(self, cfg: WandbConfig, run_name: str, run_dir: Path, config: dict) -> None:
+        import wandb
+
+        if cfg.mode == "online" and not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+            log.warning("logger.wandb.mode=online but no W&B API key: logging offline instead")
+            mode = "offline"
+        else:
+            mode = cfg.mode
+        self._run = wandb.init(
+            mode=mode,
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or run_name,
+            group=cfg.group,
+            tags=list(cfg.tags),
+            dir=cfg.dir or str(run_dir),
+            config=config,
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class Loggers:
+    """Fan-out to several loggers; any that raises is warned about and dropped."""
+
+    def __init__(self, loggers: list[Logger]) -> None:
+        self._loggers = list(loggers)
+
+    def _call(self, method: str, *args: Any) -> None:
+        for logger in list(self._loggers):
+            try:
+                getattr(logger, method)(*args)
+            except Exception as e:  # noqa: BLE001 - logging must never stop training
+                log.warning("%s failed (%s: %s); it is disabled", type(logger).__name__,
+                            type(e).__name__, e)  # fmt: skip
+                self._loggers.remove(logger)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._call("log", metrics, step)
+
+    def close(self) -> None:
+        self._call("close")
+
+
+def build_loggers(
+    wandb_cfg: WandbConfig, run_name: str, run_dir: Path, config: dict, log_every: int,
+    max_steps: int,
+) -> Loggers:  # fmt: skip
+    """The rank-0 loggers for a run; W&B is skipped (with a warning) if it cannot start."""
+    loggers: list[Logger] = [ConsoleLogger(log_every, max_steps), JsonlLogger(run_dir / "metrics.jsonl")]
+    if wandb_cfg.mode != "disabled":
+        try:
+            loggers.append(WandbLogger(wandb_cfg, run_name, run_dir, config))
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B could not start (%s: %s); continuing without it", type(e).__name__, e)
+    return Loggers(loggers)

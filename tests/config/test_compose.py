@@ -1,0 +1,106 @@
+"""Every preset composes and resolves; bad keys, types and combinations fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, conf_dir, deepspeed_config, resolve
+from tests.conftest import compose_config, launch
+
+
+def _presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(conf_dir()) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", _presets("model"))
+def test_every_model_preset_composes_and_resolves(model: str) -> None:
+    run = resolve(compose_config([f"model={model}"]), world_size=1, cuda_available=False)
+    assert run.vocab_size == compose_config([f"model={model}"]).model.vocab_size
+    assert run.model._target_.startswith("pretrain.model.")
+
+
+@pytest.mark.parametrize("experiment", _presets("experiment"))
+def test_every_experiment_composes_and_resolves(experiment: str) -> None:
+    cfg = compose_config([f"experiment={experiment}"])
+    # Cluster experiments ask for bf16 and many ranks; resolve them as on an 8-GPU node.
+    run = resolve(cfg, world_size=8 if cfg.precision == "bf16" else 1, cuda_available=True)
+    ds = deepspeed_config(run)
+    assert ds["train_batch_size"] == (
+        ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * run.world_size
+    )
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_presets_set_their_stage(stage: int) -> None:
+    run = resolve(compose_config([f"deepspeed=zero{stage}"]), 1, cuda_available=False)
+    assert deepspeed_config(run)["zero_optimization"]["stage"] == stage
+
+
+def test_precision_auto_is_bf16_on_gpu_fp32_on_cpu() -> None:
+    cfg = compose_config()
+    assert resolve(cfg, 1, cuda_available=False).precision == "fp32"
+    assert resolve(cfg, 1, cuda_available=True).precision == "bf16"
+    ds = deepspeed_config(resolve(cfg, 1, cuda_available=True))
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+
+
+def test_grad_accum_is_derived_from_global_micro_and_world() -> None:
+    cfg = compose_config(["trainer.global_batch_size=32", "trainer.micro_batch_size=2"])
+    run = resolve(cfg, world_size=4, cuda_available=False)
+    assert run.grad_accum == 4
+    assert run.tokens_per_step == 32 * cfg.trainer.seq_len
+
+
+def test_all_config_errors_are_reported_at_once() -> None:
+    cfg = compose_config(
+        [
+            "trainer.global_batch_size=10",
+            "model.n_kv_heads=3",
+            "precision=fp16",
+            "deepspeed.zero_stage=4",
+            "trainer.seq_len=4096",
+        ]
+    )
+    with pytest.raises(ConfigError) as info:
+        resolve(cfg, world_size=2, cuda_available=False)
+    text = str(info.value)
+    for key in (
+        "trainer.global_batch_size=10",
+        "model.n_kv_heads=3",
+        "precision=fp16",
+        "deepspeed.zero_stage=4",
+        "trainer.seq_len=4096",
+    ):
+        assert key in text
+    assert len(info.value.errors) == 5
+
+
+def test_offload_needs_the_right_zero_stage() -> None:
+    cfg = compose_config(["deepspeed.offload_params=true", "deepspeed.zero_stage=2"])
+    with pytest.raises(ConfigError, match="offload_params=true needs deepspeed.zero_stage=3"):
+        resolve(cfg, 1, cuda_available=False)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("trainer.max_stepz=3", "max_stepz"),
+        ("optim.lr=fast", "optim.lr"),
+        ("model.n_layerz=2", "n_layerz"),
+        ("model=no_such_model", "no_such_model"),
+    ],
+)
+def test_bad_override_fails_fast_naming_the_key(override: str, named: str) -> None:
+    proc = launch([override, "logger.wandb.mode=disabled"], timeout=120)
+    assert proc.returncode != 0
+    assert named in proc.stderr + proc.stdout
+    assert "step 1" not in proc.stdout + proc.stderr  # nothing was trained
+
+
+def test_cross_field_error_exits_2_before_any_model_is_built(tmp_path: Path) -> None:
+    proc = launch(["trainer.global_batch_size=7", f"run_dir={tmp_path}"], timeout=120)
+    assert proc.returncode == 2
+    assert "trainer.global_batch_size=7 is not divisible" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

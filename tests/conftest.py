@@ -1,0 +1,88 @@
+"""Shared fixtures: compose configs in-process, and launch real training runs as subprocesses.
+
+Training runs go through the real entry points (`python -m pretrain`, `torchrun`), each in
+its own process, so process groups and DeepSpeed's global state never leak between tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from pretrain.config import conf_dir, register
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small and fast, but large enough that accumulation and sharding are exercised.
+TINY = [
+    "model=tiny",
+    "data=synthetic",
+    "logger.wandb.mode=disabled",
+    "trainer.seq_len=32",
+    "trainer.log_every=1",
+]
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def compose_config(overrides: list[str] | None = None):
+    """The composed Hydra config for `overrides`, as `python -m pretrain` would see it."""
+    register()
+    with initialize_config_dir(conf_dir(), version_base=None):
+        return compose("config", overrides=overrides or [])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        WANDB_MODE=env.get("WANDB_MODE", "disabled"),
+        WANDB_SILENT="true",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def launch(args: list[str], nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m pretrain ARGS`, or under torchrun with `nproc` processes (gloo)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "pretrain", *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+            "-m", "pretrain", *args,
+        ]  # fmt: skip
+    return subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def train(run_dir: Path, overrides: list[str], nproc: int = 1) -> list[dict]:
+    """Train with TINY + overrides into run_dir; return metrics.jsonl's records."""
+    proc = launch([*TINY, f"run_dir={run_dir}", *overrides], nproc=nproc)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"training failed (exit {proc.returncode})\nstdout:\n{proc.stdout[-4000:]}\n"
+            f"stderr:\n{proc.stderr[-6000:]}"
+        )
+    return read_metrics(run_dir)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]

@@ -1,0 +1,58 @@
+"""AdamW groups skip decay on norms, biases and embeddings; the LR schedule has its shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.config.schema import OptimConfig
+from pretrain.engine.optim import lr_factor, lr_scheduler, param_groups
+from pretrain.model import LlamaConfig, Transformer
+from pretrain.model.baselines import LSTMLM
+
+
+def test_no_decay_on_norms_and_embeddings_decay_on_matrices() -> None:
+    model = Transformer(LlamaConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=50))
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert id(model.embed_tokens.weight) in no_decay_ids
+    assert id(model.norm.weight) in no_decay_ids
+    assert id(model.layers[0].input_layernorm.weight) in no_decay_ids
+    assert id(model.layers[1].mlp.down_proj.weight) in {id(p) for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    total = len(decay["params"]) + len(no_decay["params"])
+    assert total == len(list(model.parameters()))
+
+
+def test_tied_weight_is_listed_once_without_decay() -> None:
+    model = Transformer(LlamaConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=50, tie_embeddings=True))
+    decay, no_decay = param_groups(model, 0.1)
+    ids = [id(p) for p in decay["params"] + no_decay["params"]]
+    assert len(ids) == len(set(ids))
+    assert id(model.lm_head.weight) in {id(p) for p in no_decay["params"]}
+
+
+def test_biases_do_not_decay() -> None:
+    model = LSTMLM(vocab_size=20, d_model=8)
+    _, no_decay = param_groups(model, 0.1)
+    assert id(model.head.bias) in {id(p) for p in no_decay["params"]}
+
+
+def test_warmup_then_cosine_to_floor() -> None:
+    f = [lr_factor(s, warmup_steps=10, max_steps=110, min_lr_ratio=0.1) for s in range(1, 121)]
+    assert f[0] == pytest.approx(0.1)  # step 1 of 10 warmup steps
+    assert f[9] == pytest.approx(1.0)  # end of warmup: the peak
+    assert f[59] == pytest.approx(0.55)  # half-way through the cosine: (1 + 0.1) / 2
+    assert f[109] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # never rises after the peak
+
+
+def test_scheduler_gives_step_one_its_warmup_rate() -> None:
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=4), max_steps=10)
+    rates = []
+    for _ in range(4):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0])

@@ -1,0 +1,26 @@
+"""Run under torchrun: build the tiny model the way a ZeRO-3 run does and check that no rank
+holds a whole weight matrix (parameters are born sharded), then print one line per rank."""
+
+from __future__ import annotations
+
+import math
+
+from hydra.utils import instantiate
+
+from pretrain import dist
+from pretrain.config import resolve
+from pretrain.engine.deepspeed import build_model
+from tests.conftest import compose_config
+
+cfg = compose_config(["model=tiny", "deepspeed=zero3", "logger.wandb.mode=disabled"])
+run = resolve(cfg, world_size=dist.world_size(), cuda_available=False)
+dist.init("cpu")
+model = build_model(run, lambda: instantiate(run.model))
+world = dist.world_size()
+for name, p in model.named_parameters():
+    assert p.numel() == 0, f"{name} is materialised whole on rank {dist.rank()}"
+    assert p.ds_tensor.numel() == math.ceil(p.ds_numel / world), name
+total = sum(p.ds_numel for p in model.parameters())
+local = sum(p.ds_tensor.numel() for p in model.parameters())
+print(f"rank {dist.rank()}: holds {local} of {total} parameters", flush=True)
+dist.destroy()

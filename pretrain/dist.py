@@ -29,7 +29,9 @@ def local_rank() -> int:
 
 
 def world_size() -> int:
-    return tdist.get_world_size() if tdist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    return (
+        tdist.get_world_size() if tdist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    )
 
 
 def is_main() -> bool:
@@ -89,7 +91,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     """Rank 0 logs at `level`; other ranks only warnings and errors, tagged with their rank."""
     handler = logging.StreamHandler()
     prefix = "" if is_main() else f"[rank {rank()}] "
-    handler.setFormatter(logging.Formatter(f"{prefix}%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter(f"{prefix}%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    )
     log.handlers[:] = [handler]
     log.setLevel(level if is_main() else logging.WARNING)
     log.propagate = False

@@ -21,8 +21,10 @@ from pretrain.config import conf_dir, register
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Small and fast, but large enough that accumulation and sharding are exercised.
+# Small and fast, but large enough that accumulation and sharding are exercised. CPU even on
+# a GPU machine, so the suite means the same everywhere (GPU tests ask for cuda themselves).
 TINY = [
+    "trainer.device=cpu",
     "model=tiny",
     "data=synthetic",
     "logger.wandb.mode=disabled",

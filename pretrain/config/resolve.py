@@ -67,7 +67,9 @@ class RunConfig:
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype that `precision` stands for."""
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            self.precision
+        ]
 
     @property
     def tokens_per_step(self) -> int:
@@ -104,7 +106,9 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     elif precision == "auto":
         precision = "bf16" if device_type == "cuda" else "fp32"
     elif precision == "fp16" and device_type != "cuda":
-        errors.append("precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use bf16 or fp32")
+        errors.append(
+            "precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use bf16 or fp32"
+        )
 
     # Batch geometry: global = micro * accum * world_size.
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):

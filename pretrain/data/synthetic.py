@@ -34,7 +34,12 @@ class SyntheticStream:
         if not 0.0 <= noise <= 1.0:
             raise ValueError(f"data.noise={noise}: must be in [0, 1]")
         self.vocab_size, self.seq_len, self.noise, self.seed = vocab_size, seq_len, noise, seed
-        self.micro, self.accum, self.rank, self.world = micro_batch_size, grad_accum, rank, world_size
+        self.micro, self.accum, self.rank, self.world = (
+            micro_batch_size,
+            grad_accum,
+            rank,
+            world_size,
+        )
         order = np.random.default_rng([seed, 0x5EED]).permutation(vocab_size)
         self._order = order  # the cycle: order[j] is followed by order[j + 1]
         self._pos = np.argsort(order)  # position of each token on the cycle

@@ -60,9 +60,7 @@ def build_engine(run: RunConfig, model: nn.Module) -> Any:
 
 def grad_norm_fallback_needed(engine: Any) -> bool:
     """DeepSpeed records the global grad norm except in plain fp32 data parallel (no ZeRO)."""
-    return not (
-        engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()
-    )
+    return not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
 
 
 def local_grad_norm(model: nn.Module) -> float:

@@ -17,7 +17,7 @@ ATTN_IMPLS = ("auto", "flash", "sdpa", "eager")
 
 
 @functools.cache
-def flash_attn_func():  # noqa: ANN201 - returns the kernel or None
+def flash_attn_func():
     """flash_attn.flash_attn_func, or None when flash-attn is not installed or broken."""
     try:
         from flash_attn import flash_attn_func as fn
@@ -45,7 +45,8 @@ def resolve_impl(requested: str, device: torch.device, dtype: torch.dtype) -> st
     if requested == "flash" and not flash_supported(device, dtype):
         raise RuntimeError(
             "model.attn_impl=flash needs flash-attn (pip install '.[gpu]') and a CUDA GPU of "
-            f"compute capability >= 8.0 with fp16/bf16 tensors; got device={device}, dtype={dtype}. "
+            "compute capability >= 8.0 with fp16/bf16 tensors; "
+            f"got device={device}, dtype={dtype}. "
             "Use model.attn_impl=auto to fall back to torch SDPA."
         )
     return requested

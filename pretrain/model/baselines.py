@@ -77,7 +77,7 @@ class TransformerEncoderLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         T = tokens.size(1)
-        if T > self.max_seq_len:
+        if self.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.max_seq_len}")
         positions = torch.arange(T, device=tokens.device)
         x = self.embed(tokens) + self.pos(positions)  # (B, T, d_model)

@@ -43,3 +43,21 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int, causal: bool = False) -> int
     if causal:
         attn //= 2
     return 6 * matmul_params(cfg) + attn
+
+
+# Dense peak throughput in FLOP/s by (GPU name fragment, precision), from the vendors' data
+# sheets (no 2:4 sparsity). MFU = achieved model FLOP/s / this peak.
+PEAK_FLOPS = {
+    ("H100 PCIe", "bf16"): 756e12, ("H100 PCIe", "fp16"): 756e12, ("H100 PCIe", "fp32"): 51e12,
+    ("H200", "bf16"): 989e12, ("H200", "fp16"): 989e12, ("H200", "fp32"): 67e12,
+    ("H100", "bf16"): 989e12, ("H100", "fp16"): 989e12, ("H100", "fp32"): 67e12,
+    ("A100", "bf16"): 312e12, ("A100", "fp16"): 312e12, ("A100", "fp32"): 19.5e12,
+}  # fmt: skip
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of a GPU named like `torch.cuda.get_device_name()`, or None if unknown."""
+    for (fragment, prec), flops in PEAK_FLOPS.items():
+        if fragment in device_name and prec == precision:
+            return flops
+    return None

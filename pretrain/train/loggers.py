@@ -95,7 +95,7 @@ class Loggers:
         for logger in list(self._loggers):
             try:
                 getattr(logger, method)(*args)
-            except Exception as e:  # noqa: BLE001 - logging must never stop training
+            except Exception as e:
                 log.warning("%s failed (%s: %s); it is disabled", type(logger).__name__,
                             type(e).__name__, e)  # fmt: skip
                 self._loggers.remove(logger)
@@ -112,10 +112,13 @@ def build_loggers(
     max_steps: int,
 ) -> Loggers:  # fmt: skip
     """The rank-0 loggers for a run; W&B is skipped (with a warning) if it cannot start."""
-    loggers: list[Logger] = [ConsoleLogger(log_every, max_steps), JsonlLogger(run_dir / "metrics.jsonl")]
+    loggers: list[Logger] = [
+        ConsoleLogger(log_every, max_steps),
+        JsonlLogger(run_dir / "metrics.jsonl"),
+    ]
     if wandb_cfg.mode != "disabled":
         try:
             loggers.append(WandbLogger(wandb_cfg, run_name, run_dir, config))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.warning("W&B could not start (%s: %s); continuing without it", type(e).__name__, e)
     return Loggers(loggers)

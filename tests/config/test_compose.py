@@ -79,7 +79,7 @@ def test_all_config_errors_are_reported_at_once() -> None:
 
 def test_offload_needs_the_right_zero_stage() -> None:
     cfg = compose_config(["deepspeed.offload_params=true", "deepspeed.zero_stage=2"])
-    with pytest.raises(ConfigError, match="offload_params=true needs deepspeed.zero_stage=3"):
+    with pytest.raises(ConfigError, match=r"offload_params=true needs deepspeed\.zero_stage=3"):
         resolve(cfg, 1, cuda_available=False)
 
 

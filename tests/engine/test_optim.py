@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -25,7 +27,9 @@ def test_no_decay_on_norms_and_embeddings_decay_on_matrices() -> None:
 
 
 def test_tied_weight_is_listed_once_without_decay() -> None:
-    model = Transformer(LlamaConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=50, tie_embeddings=True))
+    model = Transformer(
+        LlamaConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=50, tie_embeddings=True)
+    )
     decay, no_decay = param_groups(model, 0.1)
     ids = [id(p) for p in decay["params"] + no_decay["params"]]
     assert len(ids) == len(set(ids))
@@ -44,7 +48,7 @@ def test_warmup_then_cosine_to_floor() -> None:
     assert f[9] == pytest.approx(1.0)  # end of warmup: the peak
     assert f[59] == pytest.approx(0.55)  # half-way through the cosine: (1 + 0.1) / 2
     assert f[109] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # never rises after the peak
+    assert all(a >= b for a, b in itertools.pairwise(f[9:]))  # never rises after the peak
 
 
 def test_scheduler_gives_step_one_its_warmup_rate() -> None:

@@ -16,9 +16,7 @@ from pretrain.model.flops import matmul_params
 from tests.conftest import compose_config, requires_gpu
 
 PRESETS = sorted(
-    p.stem
-    for p in (Path(conf_dir()) / "model").glob("*.yaml")
-    if "llama_schema" in p.read_text()
+    p.stem for p in (Path(conf_dir()) / "model").glob("*.yaml") if "llama_schema" in p.read_text()
 )
 
 
@@ -120,7 +118,8 @@ def test_dropout_is_active_only_in_training() -> None:
 
 
 def test_invalid_shape_is_refused_with_the_key_named() -> None:
-    with pytest.raises(ValueError, match="model.n_heads=4 is not a multiple of model.n_kv_heads=3"):
+    msg = r"model\.n_heads=4 is not a multiple of model\.n_kv_heads=3"
+    with pytest.raises(ValueError, match=msg):
         Transformer(_cfg(n_kv_heads=3))
 
 

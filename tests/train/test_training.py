@@ -32,7 +32,7 @@ def _losses(metrics: list[dict]) -> list[float]:
 
 def _assert_close(a: list[float], b: list[float], rel: float) -> None:
     assert len(a) == len(b)
-    for step, (x, y) in enumerate(zip(a, b), start=1):
+    for step, (x, y) in enumerate(zip(a, b, strict=True), start=1):
         assert math.isclose(x, y, rel_tol=rel), f"step {step}: {x} vs {y}"
 
 

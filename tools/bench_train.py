@@ -1,0 +1,124 @@
+"""Training throughput benchmark: tokens/s, MFU and peak memory of real DeepSpeed steps.
+
+Runs the same model several times in one process, once per attention backend, and prints
+each one's figures with its ratio against the last backend listed (the baseline, `eager`
+by default: the reference attention written out in full). Timings exclude warm-up steps.
+
+    python tools/bench_train.py model=llama_125m trainer.seq_len=2048 trainer.micro_batch_size=8
+    python tools/bench_train.py --impls auto,sdpa,eager --steps 20 model=tiny   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from pretrain import dist
+from pretrain.config import resolve
+from pretrain.config.resolve import RunConfig
+from pretrain.engine.deepspeed import build_engine, build_model
+from pretrain.model.attention import resolve_impl
+from pretrain.model.flops import flops_per_token, peak_flops
+from pretrain.model.llama import LlamaConfig
+from pretrain.train.trainer import Trainer
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pretrain.config import conf_dir, register
+
+    register()
+    with initialize_config_dir(conf_dir(), version_base=None):
+        return hydra_compose("config", overrides=overrides)
+
+
+def bench_one(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
+    """Time `steps` optimizer steps after `warmup` untimed ones."""
+    dist.seed_everything(run.trainer.seed)
+    model = build_model(run, lambda: instantiate(run.model))
+    engine = build_engine(run, model)
+    data = instantiate(
+        run.data, vocab_size=run.vocab_size, seq_len=run.trainer.seq_len,
+        micro_batch_size=run.trainer.micro_batch_size, grad_accum=run.grad_accum,
+        seed=run.trainer.seed,
+    )  # fmt: skip
+    trainer = Trainer(engine, data, run.trainer, run.grad_accum, run.tokens_per_step)
+    cuda = run.device_type == "cuda"
+    for _ in range(warmup):
+        trainer.train_step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    losses = [trainer.train_step()[0] for _ in range(steps)]
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    tokens_per_s = steps * run.tokens_per_step / elapsed
+    cfg: LlamaConfig = OmegaConf.to_object(run.model)  # the Llama schema is a LlamaConfig
+    model_flops = flops_per_token(cfg, run.trainer.seq_len, causal=True) * tokens_per_s
+    peak = peak_flops(torch.cuda.get_device_name(), run.precision) if cuda else None
+    result = {
+        "attn": resolve_impl(cfg.attn_impl, engine.device, run.dtype),
+        "tokens_per_s": tokens_per_s,
+        "step_time_s": elapsed / steps,
+        "tflops": model_flops / 1e12,
+        "mfu": model_flops / peak if peak else float("nan"),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "final_loss": losses[-1],
+    }
+    del trainer, engine, model, data
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--impls", default="auto,eager", help="attention backends; last = baseline")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m pretrain")
+    args = parser.parse_args()
+
+    base = ["logger.wandb.mode=disabled", "trainer.global_batch_size=${trainer.micro_batch_size}"]
+    results = []
+    for impl in args.impls.split(","):
+        run = resolve(compose([*base, *args.overrides, f"model.attn_impl={impl}"]), world_size=1)
+        dist.init(run.device_type)
+        results.append({"impl": impl, **bench_one(run, args.steps, args.warmup)})
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    baseline = results[-1]
+    print(f"device: {device} | precision {run.precision} | seq_len {run.trainer.seq_len} | "
+          f"micro batch {run.trainer.micro_batch_size} | {args.steps} timed steps")  # fmt: skip
+    print(f"{'impl':>6} {'backend':>7} {'tok/s':>12} {'s/step':>8} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'peak GiB':>9} {'x baseline':>10}")  # fmt: skip
+    for r in results:
+        print(
+            f"{r['impl']:>6} {r['attn']:>7} {r['tokens_per_s']:>12,.0f} {r['step_time_s']:>8.4f} "
+            f"{r['tflops']:>8.1f} {r['mfu']:>6.1%} {r['peak_mem_gib']:>9.2f} "
+            f"{r['tokens_per_s'] / baseline['tokens_per_s']:>9.2f}x"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": device, "overrides": args.overrides, "results": results}, f, indent=2
+            )
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,13 @@
 """Training throughput benchmark: tokens/s, MFU and peak memory of real DeepSpeed steps.
 
-Runs the same model several times in one process, once per attention backend, and prints
-each one's figures with its ratio against the last backend listed (the baseline, `eager`
-by default: the reference attention written out in full). Timings exclude warm-up steps.
+Runs the same model several times in one process, once per variant (a set of config
+overrides), and prints each one's figures with its ratio against the last variant, the
+baseline: by default `auto` attention against `eager`, the reference attention written out
+in full. Timings exclude warm-up steps.
 
     python tools/bench_train.py model=llama_125m trainer.seq_len=2048 trainer.micro_batch_size=8
-    python tools/bench_train.py --impls auto,sdpa,eager --steps 20 model=tiny   # CPU smoke run
+    python tools/bench_train.py --variant "compiled:trainer.compile=true" \
+        --variant "sdpa:model.attn_impl=sdpa" --variant "eager:model.attn_impl=eager" model=tiny
 """
 
 from __future__ import annotations
@@ -82,41 +84,57 @@ def bench_one(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
     return result
 
 
+DEFAULT_VARIANTS = ["auto:model.attn_impl=auto", "eager:model.attn_impl=eager"]
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'NAME:override override ...' -> (NAME, [overrides])."""
+    name, _, overrides = text.partition(":")
+    return name, overrides.split()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--impls", default="auto,eager", help="attention backends; last = baseline")
+    parser.add_argument(
+        "--variant", action="append", metavar="NAME:OVERRIDES",
+        help="a configuration to time, e.g. 'compiled:trainer.compile=true' (repeatable); "
+        "the last one is the baseline. Default: " + " ".join(DEFAULT_VARIANTS),
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m pretrain")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every variant")
     args = parser.parse_args()
 
     base = ["logger.wandb.mode=disabled", "trainer.global_batch_size=${trainer.micro_batch_size}"]
     results = []
-    for impl in args.impls.split(","):
-        run = resolve(compose([*base, *args.overrides, f"model.attn_impl={impl}"]), world_size=1)
+    for name, extra in map(parse_variant, args.variant or DEFAULT_VARIANTS):
+        run = resolve(compose([*base, *args.overrides, *extra]), world_size=1)
         dist.init(run.device_type)
-        results.append({"impl": impl, **bench_one(run, args.steps, args.warmup)})
+        results.append({"variant": name, **bench_one(run, args.steps, args.warmup)})
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     baseline = results[-1]
-    print(f"device: {device} | precision {run.precision} | seq_len {run.trainer.seq_len} | "
-          f"micro batch {run.trainer.micro_batch_size} | {args.steps} timed steps")  # fmt: skip
-    print(f"{'impl':>6} {'backend':>7} {'tok/s':>12} {'s/step':>8} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'peak GiB':>9} {'x baseline':>10}")  # fmt: skip
+    print(
+        f"device: {device} | precision {run.precision} | seq_len {run.trainer.seq_len} | "
+        f"micro batch {run.trainer.micro_batch_size} | {args.steps} timed steps"
+    )
+    print(
+        f"{'variant':>10} {'attn':>6} {'tok/s':>12} {'s/step':>8} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'peak GiB':>9} {'x baseline':>10}"
+    )
     for r in results:
         print(
-            f"{r['impl']:>6} {r['attn']:>7} {r['tokens_per_s']:>12,.0f} {r['step_time_s']:>8.4f} "
-            f"{r['tflops']:>8.1f} {r['mfu']:>6.1%} {r['peak_mem_gib']:>9.2f} "
-            f"{r['tokens_per_s'] / baseline['tokens_per_s']:>9.2f}x"
+            f"{r['variant']:>10} {r['attn']:>6} {r['tokens_per_s']:>12,.0f} "
+            f"{r['step_time_s']:>8.4f} {r['tflops']:>8.1f} {r['mfu']:>6.1%} "
+            f"{r['peak_mem_gib']:>9.2f} {r['tokens_per_s'] / baseline['tokens_per_s']:>9.2f}x"
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {"device": device, "overrides": args.overrides, "results": results}, f, indent=2
-            )
+            record = {"device": device, "overrides": args.overrides, "results": results}
+            json.dump(record, f, indent=2)
     dist.destroy()
 
 

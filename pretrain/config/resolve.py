@@ -154,6 +154,11 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
         errors.append(f"deepspeed.zero_stage={ds.zero_stage}: choose 0, 1, 2 or 3")
     if ds.offload_optimizer and ds.zero_stage == 0:
         errors.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
+    if trainer.compile and ds.zero_stage == 3:
+        errors.append(
+            "trainer.compile=true with deepspeed.zero_stage=3: ZeRO-3's per-module parameter "
+            "hooks break compiled graphs; use zero_stage 0-2 or trainer.compile=false"
+        )
     if ds.offload_params and ds.zero_stage != 3:
         errors.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
 

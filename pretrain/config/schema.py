@@ -123,6 +123,10 @@ class TrainerConfig:
     """Print one console line every this many steps (metrics.jsonl gets every step)."""
     device: str = "auto"
     """auto (cuda when available, else cpu) | cpu | cuda."""
+    compile: bool = False
+    """torch.compile each Transformer block in place (fuses norms, RoPE, SwiGLU; ZeRO 0-2)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward: ~1/3 more compute, far less memory."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from pretrain.config.resolve import RunConfig, deepspeed_config
@@ -40,7 +41,29 @@ def build_model(run: RunConfig, factory: Callable[[], nn.Module]) -> nn.Module:
     else:
         ctx = contextlib.nullcontext()
     with ctx:
-        return factory()
+        model = factory()
+    blocks = getattr(model, "layers", None)  # the Transformer's blocks; baselines have none
+    if isinstance(blocks, nn.ModuleList):
+        for block in blocks:
+            if run.trainer.activation_checkpointing:
+                checkpoint_activations(block)
+            if run.trainer.compile:
+                block.compile()  # in place: parameter names (and checkpoints) are unchanged
+    return model
+
+
+def checkpoint_activations(block: nn.Module) -> None:
+    """Make `block` keep only its inputs in forward and recompute the rest in backward.
+
+    Non-reentrant checkpointing works with ZeRO-3 (the recompute gathers parameters through
+    the same module hooks) and with torch.compile (torchtitan applies it the same way).
+    """
+    forward = block.forward
+
+    def checkpointed(*args: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
+
+    block.forward = checkpointed
 
 
 def build_engine(run: RunConfig, model: nn.Module) -> Any:

@@ -22,3 +22,13 @@ def test_bf16_training_on_gpu_learns(tmp_path: Path, stage: int) -> None:
     )  # fmt: skip
     assert all(math.isfinite(m["loss"]) for m in metrics)
     assert sum(m["loss"] for m in metrics[-5:]) / 5 < 0.5 * metrics[0]["loss"]
+
+
+def test_compiled_training_on_gpu_learns(tmp_path: Path) -> None:
+    metrics = train(
+        tmp_path,
+        ["trainer.device=cuda", "precision=bf16", "trainer.compile=true",
+         "trainer.activation_checkpointing=true", "trainer.max_steps=60",
+         "trainer.micro_batch_size=8", "optim.lr=3e-3", "optim.warmup_steps=5"],
+    )  # fmt: skip
+    assert sum(m["loss"] for m in metrics[-5:]) / 5 < 0.5 * metrics[0]["loss"]

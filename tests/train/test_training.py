@@ -123,3 +123,30 @@ def test_checkpoints_are_written_by_every_rank(tmp_path: Path) -> None:
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_2", "step_3"]
     shards = sorted(p.name for p in (ckpts / "step_3").iterdir())
     assert sum("optim_states" in s for s in shards) == 2  # one optimizer shard per rank
+
+
+def test_cpu_offload_with_deepspeed_cpu_adam_matches_one_process(
+    tmp_path: Path, single_process_losses: list[float]
+) -> None:
+    """ZeRO-2 with optimizer state offloaded (DeepSpeedCPUAdam, JIT-built once and cached)."""
+    overrides = [*EQUIV, "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"]
+    losses = _losses(train(tmp_path, overrides, nproc=2))
+    # Same AdamW math in another kernel: equal to rounding, not bit for bit.
+    _assert_close(losses, single_process_losses, rel=1e-4)
+
+
+def test_activation_checkpointing_gives_the_same_losses(
+    tmp_path: Path, single_process_losses: list[float]
+) -> None:
+    """Recomputing activations must not change the math, also with ZeRO-3 on two ranks."""
+    overrides = [*EQUIV, "trainer.activation_checkpointing=true", "deepspeed.zero_stage=3"]
+    _assert_close(_losses(train(tmp_path, overrides, nproc=2)), single_process_losses, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_losses(
+    tmp_path: Path, single_process_losses: list[float]
+) -> None:
+    """torch.compile fuses kernels (inductor's C++ backend on CPU) without changing the math."""
+    losses = _losses(train(tmp_path, [*EQUIV, "trainer.compile=true"]))
+    _assert_close(losses, single_process_losses, rel=1e-4)

@@ -46,7 +46,8 @@ class JsonlLogger:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
+        # A fresh run starts a fresh file (resume, which will append, comes with checkpoints).
+        self._file = path.open("w", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -62,11 +63,13 @@ class WandbLogger:
     def __init__(self, cfg: WandbConfig, run_name: str, run_dir: Path, config: dict) -> None:
         import wandb
 
-        if cfg.mode == "online" and not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
-            log.warning("logger.wandb.mode=online but no W&B API key: logging offline instead")
+        mode = cfg.mode
+        if mode == "online" and not _has_wandb_credentials(wandb):
+            log.warning(
+                "logger.wandb.mode=online but no W&B API key (set WANDB_API_KEY or run "
+                "`wandb login`): logging offline under the run dir; `wandb sync` uploads later"
+            )
             mode = "offline"
-        else:
-            mode = cfg.mode
         self._run = wandb.init(
             mode=mode,
             project=cfg.project,
@@ -83,6 +86,16 @@ class WandbLogger:
 
     def close(self) -> None:
         self._run.finish()
+
+
+def _has_wandb_credentials(wandb: Any) -> bool:
+    """True when an API key is configured; never prompts and never touches the network."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception:  # no usable credentials
+        return False
 
 
 class Loggers:

@@ -114,6 +114,15 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
         if getattr(trainer, key) < 1:
             errors.append(f"trainer.{key}={getattr(trainer, key)}: must be >= 1")
+    tokens = trainer.global_batch_tokens
+    if tokens is not None and trainer.seq_len >= 1:
+        if tokens < 1 or tokens % trainer.seq_len:
+            errors.append(
+                f"trainer.global_batch_tokens={tokens} is not a positive multiple of "
+                f"trainer.seq_len={trainer.seq_len}: batches hold whole sequences"
+            )
+        else:
+            trainer.global_batch_size = tokens // trainer.seq_len
     grad_accum = 1
     per_step = trainer.micro_batch_size * world_size
     if per_step >= 1 and trainer.global_batch_size >= 1:
@@ -172,6 +181,13 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
 
     as_dict = OmegaConf.to_container(cfg, resolve=True)
     as_dict["precision"] = precision
+    as_dict["trainer"]["global_batch_size"] = trainer.global_batch_size
+    as_dict["derived"] = {
+        "device": device_type,
+        "world_size": world_size,
+        "grad_accum": grad_accum,
+        "tokens_per_step": trainer.global_batch_size * trainer.seq_len,
+    }
     return RunConfig(
         model=cfg.model,
         data=cfg.data,

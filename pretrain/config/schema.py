@@ -115,6 +115,8 @@ class TrainerConfig:
     """Seeds model init and data order; the same seed gives the same run."""
     global_batch_size: int = 8
     """Sequences per optimizer step over all ranks = micro * grad_accum * world_size."""
+    global_batch_tokens: int | None = None
+    """Tokens per optimizer step; when set, global_batch_size = global_batch_tokens / seq_len."""
     micro_batch_size: int = 4
     """Sequences per rank per forward/backward; grad_accum is derived from it."""
     seq_len: int = 64

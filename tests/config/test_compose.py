@@ -104,3 +104,26 @@ def test_cross_field_error_exits_2_before_any_model_is_built(tmp_path: Path) -> 
     assert proc.returncode == 2
     assert "trainer.global_batch_size=7 is not divisible" in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_global_batch_can_be_given_in_tokens() -> None:
+    cfg = compose_config(
+        ["trainer.global_batch_tokens=4096", "trainer.seq_len=256", "trainer.micro_batch_size=4"]
+    )
+    run = resolve(cfg, world_size=2, cuda_available=False)
+    assert run.trainer.global_batch_size == 16 and run.grad_accum == 2
+    assert run.tokens_per_step == 4096
+    assert deepspeed_config(run)["train_batch_size"] == 16
+    assert run.as_dict["trainer"]["global_batch_size"] == 16  # what config.yaml records
+    assert run.as_dict["derived"] == {
+        "device": "cpu",
+        "world_size": 2,
+        "grad_accum": 2,
+        "tokens_per_step": 4096,
+    }
+
+
+def test_global_batch_tokens_must_hold_whole_sequences() -> None:
+    cfg = compose_config(["trainer.global_batch_tokens=1000", "trainer.seq_len=64"])
+    with pytest.raises(ConfigError, match=r"global_batch_tokens=1000 is not a positive multiple"):
+        resolve(cfg, world_size=1, cuda_available=False)

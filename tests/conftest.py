@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
-from pretrain.config import conf_dir, register
+from pretrain.config import compose
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,11 +35,9 @@ TINY = [
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def compose_config(overrides: list[str] | None = None):
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The composed Hydra config for `overrides`, as `python -m pretrain` would see it."""
-    register()
-    with initialize_config_dir(conf_dir(), version_base=None):
-        return compose("config", overrides=overrides or [])
+    return compose(overrides)
 
 
 def free_port() -> int:

@@ -22,24 +22,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pretrain import dist
-from pretrain.config import resolve
+from pretrain.config import compose, resolve
 from pretrain.config.resolve import RunConfig
 from pretrain.engine.deepspeed import build_engine, build_model
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain.model.llama import LlamaConfig
+from pretrain.train.run import build_data
 from pretrain.train.trainer import Trainer
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from pretrain.config import conf_dir, register
-
-    register()
-    with initialize_config_dir(conf_dir(), version_base=None):
-        return hydra_compose("config", overrides=overrides)
 
 
 def bench_one(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
@@ -47,11 +37,7 @@ def bench_one(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
     dist.seed_everything(run.trainer.seed)
     model = build_model(run, lambda: instantiate(run.model))
     engine = build_engine(run, model)
-    data = instantiate(
-        run.data, vocab_size=run.vocab_size, seq_len=run.trainer.seq_len,
-        micro_batch_size=run.trainer.micro_batch_size, grad_accum=run.grad_accum,
-        seed=run.trainer.seed,
-    )  # fmt: skip
+    data = build_data(run)
     trainer = Trainer(engine, data, run.trainer, run.grad_accum, run.tokens_per_step)
     cuda = run.device_type == "cuda"
     for _ in range(warmup):

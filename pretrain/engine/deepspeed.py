@@ -20,6 +20,8 @@ from torch import nn
 from pretrain.config.resolve import RunConfig, deepspeed_config
 from pretrain.engine.optim import build_optimizer, lr_scheduler
 
+log = logging.getLogger("pretrain")
+
 
 def _import_deepspeed(device_type: str) -> Any:
     # On a GPU machine told to train on CPU, DeepSpeed must not pick CUDA by itself.
@@ -43,6 +45,12 @@ def build_model(run: RunConfig, factory: Callable[[], nn.Module]) -> nn.Module:
     with ctx:
         model = factory()
     blocks = getattr(model, "layers", None)  # the Transformer's blocks; baselines have none
+    wanted = run.trainer.activation_checkpointing or run.trainer.compile
+    if wanted and not isinstance(blocks, nn.ModuleList):
+        log.warning(
+            "trainer.compile / trainer.activation_checkpointing apply per Transformer block; "
+            "%s has no `layers` blocks, so they are ignored", type(model).__name__,
+        )  # fmt: skip
     if isinstance(blocks, nn.ModuleList):
         for block in blocks:
             if run.trainer.activation_checkpointing:

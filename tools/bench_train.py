@@ -94,7 +94,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every variant")
     args = parser.parse_args()
 
-    base = ["logger.wandb.mode=disabled", "trainer.global_batch_size=${trainer.micro_batch_size}"]
+    base = [
+        "data=synthetic",  # I/O-free: the benchmark measures the model and engine
+        "logger.wandb.mode=disabled",
+        "trainer.global_batch_size=${trainer.micro_batch_size}",
+    ]
     results = []
     for name, extra in map(parse_variant, args.variant or DEFAULT_VARIANTS):
         run = resolve(compose([*base, *args.overrides, *extra]), world_size=1)

@@ -62,6 +62,42 @@ class SyntheticDataSchema:
 
 
 @dataclass
+class ShardsDataSchema:
+    """data=shards: token shards written by tools/prepare_data.py (see data/stream.py)."""
+
+    _target_: str = "pretrain.data.stream.build_loader"
+    path: str = MISSING
+    """A directory with manifest.json, a glob, a brace pattern, or http(s):// / pipe: URLs."""
+    split: str = "train"
+    """Which split of a manifest directory to read: train | val."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank; 0 reads in the training process."""
+    prefetch_factor: int = 4
+    """Micro-batches each worker keeps ready."""
+    epochs: int | None = None
+    """Stop after this many passes over the data; null streams forever."""
+    on_corrupt: str = "error"
+    """error: stop at a corrupt shard, naming it | skip: log it, count it, and go on."""
+    shuffle_windows: int = 512
+    """Shuffle training windows within blocks of this many (resumable: no buffer is lost)."""
+
+
+@dataclass
+class DemoDataSchema:
+    """data=demo: the Python standard library's own sources, tokenized on first use."""
+
+    _target_: str = "pretrain.data.corpus.demo_loader"
+    cache_dir: str = "${oc.env:PRETRAIN_DATA_DIR,'~/.cache/pretrain'}/demo"
+    """Where the demo tokenizer and shards are cached (PRETRAIN_DATA_DIR moves it)."""
+    tokenizer_vocab_size: int = 512
+    """Size of the BPE trained on the corpus; model.vocab_size must be at least this."""
+    max_bytes: int = 4_000_000
+    """How much source text to take (sorted by path): ~2M tokens."""
+    num_workers: int = 0
+    """DataLoader workers per rank (the demo is small: in-process reading is enough)."""
+
+
+@dataclass
 class OptimConfig:
     """AdamW with warmup + cosine decay to a floor."""
 
@@ -194,3 +230,5 @@ def register() -> None:
     cs.store(group="model", name="lstm_schema", node=LSTMModelSchema)
     cs.store(group="model", name="transformer_encoder_schema", node=TransformerEncoderModelSchema)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataSchema)
+    cs.store(group="data", name="shards_schema", node=ShardsDataSchema)
+    cs.store(group="data", name="demo_schema", node=DemoDataSchema)

@@ -28,9 +28,9 @@ log = logging.getLogger("pretrain")
 def train(run: RunConfig) -> TrainState:
     """Run one training job described by `run` (the process group must be up)."""
     dist.seed_everything(run.trainer.seed)
+    data = build_data(run)  # first: bad data fails before the model costs anything
     model = build_model(run, lambda: instantiate(run.model))
     engine = build_engine(run, model)
-    data = build_data(run)
     loggers = None
     if dist.is_main():
         run.run_dir.mkdir(parents=True, exist_ok=True)

@@ -169,3 +169,22 @@ def test_two_nodes_via_c10d_rendezvous_match_one_process(
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert any("world 2 | ZeRO-1" in o for o in outputs)
     _assert_close(_losses(read_metrics(tmp_path)), single_process_losses, rel=1e-4)
+
+
+def test_demo_corpus_trains_from_a_clean_data_dir(tmp_path: Path) -> None:
+    """data=demo builds the stdlib corpus on first use, then the loss falls on it."""
+    data_dir = tmp_path / "data"
+    args = [
+        "model=tiny", "data=demo", "trainer.device=cpu", "logger.wandb.mode=disabled",
+        f"run_dir={tmp_path / 'run'}", "trainer.max_steps=40", "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=8", "trainer.seq_len=64", "optim.lr=3e-3",
+        "optim.warmup_steps=5", "data.max_bytes=1000000",
+    ]  # fmt: skip
+    env = {**subprocess_env(), "PRETRAIN_DATA_DIR": str(data_dir)}
+    proc = subprocess.run([sys.executable, "-m", "pretrain", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (data_dir / "demo" / "tokenizer.json").is_file()
+    assert (data_dir / "demo" / "shards" / "manifest.json").is_file()
+    losses = _losses(read_metrics(tmp_path / "run"))
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses

@@ -1,0 +1,95 @@
+"""The embedded demo corpus: this Python's own standard-library sources, no download.
+
+`demo_loader` (data=demo) builds, on first use, a small byte-level BPE and token shards from
+the `.py` files of the running interpreter's standard library, caches them under
+`data.cache_dir`, and streams them like any other shard set. Later runs reuse the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sysconfig
+from pathlib import Path
+
+import torch.distributed as tdist
+
+from pretrain.data import shards as shard_writer
+from pretrain.data import tokenizer as tokenizers
+from pretrain.data.stream import TokenLoader, build_loader
+
+log = logging.getLogger("pretrain")
+
+
+def stdlib_sources(max_bytes: int) -> list[Path]:
+    """Sorted standard-library `.py` files (no tests, no site-packages) up to `max_bytes`."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        parts = set(path.relative_to(root).parts)
+        if parts & {"site-packages", "test", "tests", "idle_test", "dist-packages"}:
+            continue
+        size = path.stat().st_size
+        if total + size > max_bytes:
+            break
+        files.append(path)
+        total += size
+    if not files:
+        raise FileNotFoundError(
+            f"no standard-library sources under {root}: this Python ships without them; "
+            "use data=shards with your own corpus (tools/prepare_data.py)"
+        )
+    return files
+
+
+def build_demo(cache_dir: str | Path, vocab_size: int, max_bytes: int) -> Path:
+    """Tokenizer + shards of the stdlib corpus under `cache_dir` (reused when present)."""
+    cache = Path(cache_dir).expanduser()
+    manifest = cache / "shards" / shard_writer.MANIFEST
+    tokenizer_path = cache / "tokenizer.json"
+    if (
+        manifest.is_file()
+        and tokenizer_path.is_file()
+        and json.loads(manifest.read_text()).get("vocab_size") == vocab_size
+    ):
+        return cache / "shards"
+    # Sorted by path, neighbouring files are alike (one package after another); a fixed
+    # hash order mixes them, so every shard holds a bit of everything.
+    files = sorted(stdlib_sources(max_bytes), key=lambda p: hashlib.sha1(p.name.encode()).digest())
+    log.info("building the demo corpus: %d stdlib files -> %s", len(files), cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    texts = list(shard_writer.read_documents(files))
+    tokenizers.train_bpe(texts, vocab_size).save(str(tokenizer_path))
+    shard_writer.prepare(
+        files, tokenizer_path, cache / "shards", shard_tokens=2**17, member_tokens=2**14,
+        val_fraction=0.02, progress=False,
+    )  # fmt: skip
+    return cache / "shards"
+
+
+def demo_loader(
+    cache_dir: str,
+    tokenizer_vocab_size: int,
+    max_bytes: int,
+    num_workers: int,
+    vocab_size: int,
+    seq_len: int,
+    micro_batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    grad_accum: int = 1,
+) -> TokenLoader:
+    """data=demo: rank 0 builds the cache once, every rank then streams it."""
+    tokenizers.check_fits(tokenizer_vocab_size, vocab_size, "data=demo")
+    if rank == 0:
+        path = build_demo(cache_dir, tokenizer_vocab_size, max_bytes)
+    if tdist.is_initialized() and world_size > 1:
+        tdist.barrier()
+    if rank != 0:
+        path = build_demo(cache_dir, tokenizer_vocab_size, max_bytes)  # now only reads the cache
+    return build_loader(
+        str(path), vocab_size, seq_len, micro_batch_size, seed, rank, world_size, grad_accum,
+        num_workers=num_workers,
+    )  # fmt: skip

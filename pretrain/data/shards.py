@@ -1,0 +1,259 @@
+"""Corpus -> tokenized webdataset `.tar` shards + `manifest.json`.
+
+Each shard is a tar of members `<n>.u16` (or `.u32` when the vocabulary exceeds 65,536):
+raw little-endian token ids, a contiguous piece of the stream of EOS-separated documents.
+Members hold ~64K tokens, so reading is a few large sequential reads rather than one small
+read per document. Packing into training windows happens in the loader, so a new `seq_len`
+needs no re-sharding. A document goes to the validation split when its hash says so, which
+keeps the split stable as the corpus grows. The same input gives the same shards.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+
+from pretrain.data import tokenizer as tokenizers
+
+log = logging.getLogger("pretrain")
+
+MANIFEST = "manifest.json"
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl", ".jsonl.gz", ".zst", ".json.gz")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def dtype_suffix(dtype: np.dtype) -> str:
+    return {"<u2": "u16", "<u4": "u32"}[np.dtype(dtype).str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a corpus
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files named directly, and the text files below directories, in a stable sorted order."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(
+                p for p in item.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES)
+            )
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"corpus input {item} does not exist")
+    return files
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    name = path.name
+    if name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path), encoding="utf-8", errors="replace")
+    if name.endswith(".zst"):
+        import zstandard
+
+        stream = zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
+        return io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+    return path.open(encoding="utf-8", errors="replace")
+
+
+def read_documents(files: list[Path]) -> Iterator[str]:
+    """Documents: a whole plain-text file each, or each JSON line's `text` field."""
+    for path in files:
+        is_jsonl = any(s in path.name for s in (".jsonl", ".json.gz")) or path.name.endswith(".zst")
+        with _open_text(path) as f:
+            if not is_jsonl:
+                yield f.read()
+                continue
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(
+                        f"{path}:{lineno}: not a JSON object with a 'text' field ({e})"
+                    ) from e
+
+
+def is_validation(doc: str, fraction: float) -> bool:
+    """Stable split by content hash: the same document always lands in the same split."""
+    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "replace"), digest_size=8).digest())
+    return h % 1_000_000 < fraction * 1_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing shards
+
+
+@dataclass
+class _SplitWriter:
+    """Accumulates one split's token stream into members and members into shards."""
+
+    out: Path
+    prefix: str
+    dtype: np.dtype
+    member_tokens: int
+    shard_tokens: int
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    _pending: list[np.ndarray] = field(default_factory=list)
+    _pending_len: int = 0
+    _writer: Any = None
+    _tmp: Path | None = None
+    _shard: dict[str, Any] | None = None
+
+    def add(self, ids: np.ndarray) -> None:
+        if self._shard is None:
+            self._open()
+        self._shard["documents"] += 1  # counted in the shard where the document begins
+        self._pending.append(ids)
+        self._pending_len += len(ids)
+        while self._pending_len >= self.member_tokens:
+            self._flush_member(self.member_tokens)
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tmp = self.out / f".{name}.tmp"
+        self._writer = wds.TarWriter(str(self._tmp), mtime=0.0)  # mtime 0: byte-identical reruns
+        self._shard = {"name": name, "documents": 0, "tokens": 0, "members": 0}
+
+    def _flush_member(self, n: int) -> None:
+        if self._shard is None:  # the previous shard filled up mid-document
+            self._open()
+        stream = np.concatenate(self._pending)
+        member, rest = stream[:n], stream[n:]
+        self._pending, self._pending_len = [rest], len(rest)
+        key = f"{self._shard['members']:08d}"
+        self._writer.write({"__key__": key, dtype_suffix(self.dtype): member.tobytes()})
+        self._shard["members"] += 1
+        self._shard["tokens"] += len(member)
+        if self._shard["tokens"] >= self.shard_tokens:
+            self._close()
+
+    def _close(self) -> None:
+        self._writer.close()
+        os.replace(self._tmp, self.out / self._shard["name"])
+        self.shards.append(self._shard)
+        self._writer = self._shard = None
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self._pending_len:
+            self._flush_member(self._pending_len)
+        if self._shard is not None:
+            self._close()
+        return self.shards
+
+
+def prepare(
+    inputs: list[str | Path],
+    tokenizer_path: str | Path,
+    output: str | Path,
+    shard_tokens: int = 2**25,
+    member_tokens: int = 2**16,
+    val_fraction: float = 0.005,
+    batch_docs: int = 512,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize `inputs` into shards under `output`; returns (and writes) the manifest.
+
+    Skips all work when `output` already holds a manifest for the same inputs, tokenizer
+    and settings. The manifest is written last, atomically: shards without one are not a
+    finished dataset.
+    """
+    out = Path(output)
+    files = expand_inputs(list(inputs))
+    tok = tokenizers.load(tokenizer_path)
+    vocab, eos = tok.get_vocab_size(), tokenizers.eos_id(tok)
+    dtype = token_dtype(vocab)
+    settings = {
+        "sources": [
+            {"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+            for p in files
+        ],
+        "tokenizer_sha256": tokenizers.fingerprint(tok),
+        "shard_tokens": shard_tokens,
+        "member_tokens": member_tokens,
+        "val_fraction": val_fraction,
+    }
+    existing = out / MANIFEST
+    if existing.is_file():
+        old = json.loads(existing.read_text())
+        if {k: old.get(k) for k in settings} == settings:
+            log.info("%s is up to date; nothing to do", existing)
+            return old
+    out.mkdir(parents=True, exist_ok=True)
+    writers = {
+        split: _SplitWriter(out, split, dtype, member_tokens, shard_tokens)
+        for split in ("train", "val")
+    }
+    docs = tokens = 0
+    text_bytes = 0
+    t0 = time.perf_counter()
+    bar = _progress(progress)
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal docs, tokens, text_bytes
+        for text, enc in zip(batch, tok.encode_batch(batch), strict=True):
+            ids = np.asarray([*enc.ids, eos], dtype=dtype)
+            writers["val" if is_validation(text, val_fraction) else "train"].add(ids)
+            docs, tokens = docs + 1, tokens + len(ids)
+            text_bytes += len(text.encode("utf-8", "replace"))
+        if bar is not None:
+            bar.update(len(batch))
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(
+                tok_per_s=f"{tokens / elapsed:,.0f}", MB_per_s=f"{text_bytes / elapsed / 1e6:.1f}"
+            )
+        batch.clear()
+
+    for text in read_documents(files):
+        if text:
+            batch.append(text)
+        if len(batch) >= batch_docs:
+            flush()
+    flush()
+    if bar is not None:
+        bar.close()
+    if docs == 0:
+        raise ValueError(f"the corpus {[str(i) for i in inputs]} holds no documents")
+    manifest = {
+        **settings,
+        "format": "pretrain-shards/1",
+        "vocab_size": vocab,
+        "eos_id": eos,
+        "dtype": dtype_suffix(dtype),
+        "documents": docs,
+        "tokens": tokens,
+        "text_bytes": text_bytes,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "train": writers["train"].finish(),
+        "val": writers["val"].finish(),
+    }
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, existing)
+    return manifest
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit="doc", desc="tokenizing", dynamic_ncols=True)

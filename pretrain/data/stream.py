@@ -1,0 +1,358 @@
+"""Stream token shards into packed (B, seq_len + 1) batches, and resume exactly.
+
+Each rank runs W DataLoader workers (W = data.num_workers, or 1 in-process reader when 0).
+Every epoch the shard list is shuffled by (seed, epoch) and dealt out to the world's
+`world_size * W` readers: reader g reads shards order[g], order[g + R], ... So no token is
+read twice, and the split never depends on timing.
+
+A reader concatenates its shards' token streams and cuts windows of seq_len + 1 tokens
+every seq_len tokens (the last token of one window is the first of the next, so every token
+is a target exactly once, as in Megatron-LM). Windows are shuffled within bounded blocks (see
+ShardStream). A reader's whole position is (epoch, shard index and token offset where its
+current block starts, windows of the block already emitted): each batch travels with the
+position after it, the main process keeps the latest position per reader, and `state_dict()` is
+those positions plus which reader is next. Restoring seeks every reader there and rotates
+the readers so the DataLoader's round-robin continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pretrain.data.shards import MANIFEST
+from pretrain.data.tokenizer import check_fits
+
+log = logging.getLogger("pretrain")
+
+DTYPES = {"u16": np.dtype("<u2"), "u32": np.dtype("<u4")}
+
+
+class DataError(ValueError):
+    """Bad data: the message names the shard or manifest at fault and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding shards
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shard URLs of one split, and what the manifest says about them (if any)."""
+
+    urls: list[str]
+    vocab_size: int | None = None
+    tokenizer_sha256: str | None = None
+    manifest: str | None = None
+
+
+def find_shards(path: str, split: str = "train") -> ShardSet:
+    """Resolve `data.path`: a directory with a manifest, a glob, a brace pattern or URL(s)."""
+    local = Path(path)
+    if local.is_dir():
+        manifest_path = local / MANIFEST
+        if not manifest_path.is_file():
+            raise DataError(
+                f"data.path={path} is a directory without {MANIFEST}: write shards with "
+                "tools/prepare_data.py, or point data.path at the .tar files (a glob)"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            shards = manifest[split]
+            urls = [str(local / s["name"]) for s in shards]
+            vocab = int(manifest["vocab_size"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{manifest_path} is unreadable or incomplete ({e}): re-run "
+                            "tools/prepare_data.py") from e  # fmt: skip
+        return ShardSet(urls, vocab, manifest.get("tokenizer_sha256"), str(manifest_path))
+    if "://" in path or path.startswith("pipe:"):
+        import braceexpand
+
+        return ShardSet(list(braceexpand.braceexpand(path)))
+    import braceexpand
+
+    urls = sorted({f for pattern in braceexpand.braceexpand(path) for f in glob.glob(pattern)})
+    if not urls:
+        raise DataError(f"data.path={path} matches no shard files: check the path or pattern")
+    return ShardSet(urls)
+
+
+def _open(url: str) -> io.BufferedIOBase:
+    if "://" in url or url.startswith("pipe:"):
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    try:
+        return open(url, "rb")
+    except OSError as e:
+        raise DataError(f"shard {url} cannot be opened ({e.strerror}): is the path right?") from e
+
+
+def read_members(url: str) -> Iterator[np.ndarray]:
+    """The token arrays of one shard, member by member, in tar order."""
+    stream = _open(url)
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                suffix = info.name.rsplit(".", 1)[-1]
+                if not info.isfile() or suffix not in DTYPES:
+                    continue
+                data = tar.extractfile(info).read()
+                if len(data) != info.size or len(data) % DTYPES[suffix].itemsize:
+                    raise tarfile.ReadError(f"member {info.name} is truncated")
+                yield np.frombuffer(data, dtype=DTYPES[suffix])
+    except tarfile.TarError as e:
+        raise DataError(f"shard {url} is corrupt or truncated ({e}): re-create it with "
+                        "tools/prepare_data.py, or set data.on_corrupt=skip") from e  # fmt: skip
+    finally:
+        stream.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# One reader's stream
+
+
+@dataclass(frozen=True)
+class Position:
+    """A reader's place: the block of windows it is in (epoch, shard index into its list,
+    token offset where the block starts) and how many of that block's windows it has emitted."""
+
+    epoch: int = 0
+    shard: int = 0
+    offset: int = 0
+    emitted: int = 0
+
+
+class ShardStream(IterableDataset):
+    """Yields (batch (B, T + 1) int64, reader id, position after this batch) per micro-batch.
+
+    Windows are shuffled within blocks of `shuffle_windows` consecutive windows, by a
+    permutation that depends only on (seed, epoch, reader, block start): batches mix many
+    documents, yet a restored reader rebuilds the same block and skips what it had emitted,
+    so no shuffle buffer's content is lost on restart.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        seq_len: int,
+        micro_batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        readers_per_rank: int,
+        vocab_size: int,
+        epochs: int | None = None,
+        on_corrupt: str = "error",
+        shuffle_windows: int = 512,
+    ) -> None:
+        self.urls, self.seq_len, self.micro = urls, seq_len, micro_batch_size
+        self.seed, self.rank, self.world, self.readers = seed, rank, world_size, readers_per_rank
+        self.vocab_size, self.epochs, self.on_corrupt = vocab_size, epochs, on_corrupt
+        self.shuffle_windows = max(shuffle_windows, 1)
+        self.start: dict[int, Position] = {}
+        self.skipped_shards = 0
+        self.rotation = 0  # physical worker w plays reader (w + rotation) % readers
+
+    def reader_shards(self, reader: int, epoch: int) -> list[str]:
+        """The shards reader `reader` of this rank reads in `epoch`."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+        total = self.world * self.readers
+        return [self.urls[i] for i in order[self.rank * self.readers + reader :: total]]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, Position]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        reader = (physical + self.rotation) % self.readers
+        yield from self._batches(reader, self.start.get(reader, Position()))
+
+    def _batches(self, reader: int, pos: Position) -> Iterator[tuple[torch.Tensor, int, Position]]:
+        global_reader = self.rank * self.readers + reader
+        epoch, block_start, skip = pos.epoch, (pos.shard, pos.offset), pos.emitted
+        while self.epochs is None or epoch < self.epochs:
+            windows = self._windows(self.reader_shards(reader, epoch), *block_start)
+            rows: list[np.ndarray] = []
+            while block := list(itertools.islice(windows, self.shuffle_windows)):
+                next_start = block[-1][1]
+                key = [self.seed, epoch, global_reader, *block_start]
+                order = np.random.default_rng(key).permutation(len(block))
+                for emitted in range(skip + 1, len(block) + 1):
+                    rows.append(block[order[emitted - 1]][0])
+                    if len(rows) < self.micro:
+                        continue
+                    if emitted < len(block):
+                        after = Position(epoch, *block_start, emitted)
+                    else:
+                        after = Position(epoch, *next_start, 0)
+                    yield torch.from_numpy(np.stack(rows)), reader, after
+                    rows = []
+                skip, block_start = 0, next_start
+            # The epoch's last rows that do not fill a micro-batch are dropped.
+            epoch, block_start = epoch + 1, (0, 0)
+
+    def _windows(
+        self, shards: list[str], shard_i: int, offset: int
+    ) -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
+        """Windows of seq_len + 1 tokens every seq_len tokens, from (shard_i, offset) on,
+        each with the (shard, offset) where the next window starts."""
+        window, stride = self.seq_len + 1, self.seq_len
+        buf = np.empty(0, dtype=np.int64)
+        at = (shard_i, offset)  # where buf[0] sits in this reader's stream
+        for i in range(shard_i, len(shards)):
+            for tokens in self._shard_tokens(shards[i], offset if i == shard_i else 0):
+                buf = np.concatenate([buf, tokens.astype(np.int64)])
+                while len(buf) >= window:
+                    row, buf = buf[:window], buf[stride:]
+                    at = self._advance(shards, *at, stride, i)
+                    yield row, at
+
+    def _advance(
+        self, shards: list[str], shard: int, offset: int, n: int, current: int
+    ) -> tuple[int, int]:
+        """Move a stream position n tokens on, across the (fully read) shards before `current`."""
+        offset += n
+        while shard < current and offset >= self._shard_length(shards[shard]):
+            offset -= self._shard_length(shards[shard])
+            shard += 1
+        return shard, offset
+
+    def _shard_length(self, url: str) -> int:
+        lengths = self.__dict__.setdefault("_lengths", {})
+        if url not in lengths:
+            lengths[url] = sum(len(t) for t in read_members(url))
+        return lengths[url]
+
+    def _shard_tokens(self, url: str, skip: int) -> Iterator[np.ndarray]:
+        """The shard's tokens from offset `skip`, checked against the vocabulary."""
+        lengths = self.__dict__.setdefault("_lengths", {})
+        total = 0
+        try:
+            for tokens in read_members(url):
+                total += len(tokens)
+                if tokens.size and int(tokens.max()) >= self.vocab_size:
+                    raise DataError(
+                        f"shard {url} holds token id {int(tokens.max())} >= model.vocab_size="
+                        f"{self.vocab_size}: the shards were made with a larger tokenizer; "
+                        "raise model.vocab_size or re-tokenize"
+                    )
+                if skip >= len(tokens):
+                    skip -= len(tokens)
+                    continue
+                yield tokens[skip:]
+                skip = 0
+        except DataError as e:
+            if self.on_corrupt != "skip" or "corrupt" not in str(e):
+                raise
+            log.warning("skipping the rest of corrupt shard %s (data.on_corrupt=skip)", url)
+            self.skipped_shards += 1
+        lengths[url] = total
+
+
+class TokenLoader:
+    """This rank's micro-batches, with `state_dict()` / `load_state_dict()` for exact resume."""
+
+    def __init__(
+        self, dataset: ShardStream, num_workers: int, pin_memory: bool, prefetch_factor: int = 4
+    ) -> None:
+        self.dataset, self.num_workers = dataset, num_workers
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.positions: dict[int, Position] = {}
+        self.next_reader = 0
+        self._it: Iterator[Any] | None = None
+
+    def _iterator(self) -> Iterator[Any]:
+        self.dataset.start = dict(self.positions)
+        self.dataset.rotation = self.next_reader
+        if self.num_workers == 0:
+            return iter(self.dataset)
+        return iter(
+            DataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch_factor,
+                persistent_workers=False,
+            )
+        )
+
+    def __iter__(self) -> TokenLoader:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._it is None:
+            self._it = self._iterator()
+        batch, reader, position = next(self._it)
+        self.positions[int(reader)] = position
+        self.next_reader = (int(reader) + 1) % self.dataset.readers
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "readers": self.dataset.readers,
+            "next_reader": self.next_reader,
+            "positions": {r: vars(p) for r, p in self.positions.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["readers"] != self.dataset.readers:
+            raise DataError(
+                f"the checkpoint's data loader ran {state['readers']} reader(s) per rank but this "
+                f"run has {self.dataset.readers}: set data.num_workers as in the saved run "
+                "(0 and 1 both mean one reader) to resume exactly"
+            )
+        self.positions = {int(r): Position(**p) for r, p in state["positions"].items()}
+        self.next_reader = int(state["next_reader"])
+        self._it = None
+
+
+def build_loader(
+    path: str,
+    vocab_size: int,
+    seq_len: int,
+    micro_batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    grad_accum: int = 1,
+    split: str = "train",
+    num_workers: int = 2,
+    prefetch_factor: int = 4,
+    epochs: int | None = None,
+    on_corrupt: str = "error",
+    shuffle_windows: int = 512,
+    pin_memory: bool | None = None,
+) -> TokenLoader:
+    """data=shards: check the shard set against the model and the world, then stream it."""
+    if on_corrupt not in ("error", "skip"):
+        raise DataError(f"data.on_corrupt={on_corrupt!r}: choose error or skip")
+    shard_set = find_shards(path, split)
+    if shard_set.vocab_size is not None:
+        check_fits(shard_set.vocab_size, vocab_size, f"data.path={path} ({shard_set.manifest})")
+    readers = max(num_workers, 1)
+    if len(shard_set.urls) < world_size * readers:
+        raise DataError(
+            f"data.path={path} has {len(shard_set.urls)} {split} shard(s) for {world_size} rank(s) "
+            f"x {readers} reader(s) = {world_size * readers}: every reader needs a shard of its "
+            "own. Lower data.num_workers, or write more, smaller shards (prepare_data.py "
+            "--shard-tokens)"
+        )
+    dataset = ShardStream(
+        shard_set.urls, seq_len, micro_batch_size, seed, rank, world_size, readers, vocab_size,
+        epochs, on_corrupt, shuffle_windows,
+    )  # fmt: skip
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return TokenLoader(dataset, num_workers, pin_memory, prefetch_factor)

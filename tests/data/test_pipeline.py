@@ -1,0 +1,244 @@
+"""Tokenizer -> shards -> streaming loader: exact round trip, disjoint readers, exact resume,
+http, and a clear error for each kind of bad input."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.data import shards, tokenizer
+from pretrain.data.stream import DataError, build_loader, read_members
+
+SEQ = 16
+
+
+def _corpus(root: Path, n_docs: int = 60) -> list[str]:
+    """Distinct documents in plain files, a .jsonl and a .jsonl.gz; returns them in read order."""
+    root.mkdir(parents=True, exist_ok=True)
+    docs = [
+        f"document {i}: " + " ".join(f"d{i}w{j}" for j in range(5 + i % 23)) for i in range(n_docs)
+    ]
+    third = n_docs // 3
+    for i, doc in enumerate(docs[:third]):
+        (root / f"a{i:03d}.txt").write_text(doc)
+    (root / "b.jsonl").write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs[third : 2 * third])
+    )
+    with gzip.open(root / "c.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[2 * third :])
+    return docs
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    root = tmp_path_factory.mktemp("data")
+    docs = _corpus(root / "corpus")
+    shards.prepare([root / "corpus"], "bytes", root / "shards", shard_tokens=1000,
+                   member_tokens=300, val_fraction=0.1, progress=False)  # fmt: skip
+    return root / "shards", docs
+
+
+def _stream(shard_dir: Path, split: str) -> np.ndarray:
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    parts = [t for s in manifest[split] for t in read_members(str(shard_dir / s["name"]))]
+    return np.concatenate(parts)
+
+
+def _take(loader, n: int) -> list[torch.Tensor]:
+    return [next(loader).clone() for _ in range(n)]
+
+
+def test_round_trip_reproduces_the_token_stream(dataset: tuple[Path, list[str]]) -> None:
+    shard_dir, docs = dataset
+    tok = tokenizer.byte_tokenizer()
+    eos = tokenizer.eos_id(tok)
+    expected = {"train": [], "val": []}
+    for doc in docs:
+        split = "val" if shards.is_validation(doc, 0.1) else "train"
+        expected[split] += [*doc.encode(), eos]  # the byte tokenizer: ids are the bytes
+    for split in ("train", "val"):
+        assert _stream(shard_dir, split).tolist() == expected[split]
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    assert manifest["dtype"] == "u16" and manifest["vocab_size"] == 259
+    assert manifest["documents"] == len(docs) and len(manifest["val"]) >= 1
+    assert sum(s["tokens"] for s in manifest["train"] + manifest["val"]) == manifest["tokens"]
+
+
+def test_same_input_same_shards_and_rerun_skips(tmp_path: Path) -> None:
+    _corpus(tmp_path / "corpus", 20)
+    digests = []
+    for out in ("s1", "s2"):
+        shards.prepare([tmp_path / "corpus"], "bytes", tmp_path / out, shard_tokens=500,
+                       member_tokens=100, progress=False)  # fmt: skip
+        digests.append(sorted(
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / out).glob("*.tar")
+        ))  # fmt: skip
+    assert digests[0] == digests[1]
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "s1").iterdir()}
+    shards.prepare([tmp_path / "corpus"], "bytes", tmp_path / "s1", shard_tokens=500,
+                   member_tokens=100, progress=False)  # fmt: skip
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "s1").iterdir()} == before
+
+
+def test_bpe_tokenizer_trains_to_size_and_round_trips(tmp_path: Path) -> None:
+    docs = _corpus(tmp_path / "corpus")
+    tok = tokenizer.train_bpe(docs * 5, vocab_size=300)
+    assert tok.get_vocab_size() == 300
+    assert tok.decode(tok.encode(docs[3]).ids) == docs[3]
+    tok.save(str(tmp_path / "t.json"))
+    loaded = tokenizer.load(tmp_path / "t.json")
+    assert tokenizer.fingerprint(loaded) == tokenizer.fingerprint(tok)
+
+
+def test_readers_of_two_ranks_with_two_workers_read_each_window_once(
+    dataset: tuple[Path, list[str]],
+) -> None:
+    shard_dir, _ = dataset
+    rows: list[bytes] = []
+    expected = 0
+    for rank in (0, 1):
+        loader = build_loader(str(shard_dir), 259, SEQ, 1, seed=3, rank=rank, world_size=2,
+                              num_workers=2, epochs=1)  # fmt: skip
+        rows += [b.numpy().tobytes() for b in loader]
+        for reader in range(2):
+            urls = loader.dataset.reader_shards(reader, epoch=0)
+            length = sum(len(t) for u in urls for t in read_members(u))
+            expected += (length - 1) // SEQ
+    assert len(rows) == expected  # every window of every reader's stream ...
+    assert len(set(rows)) == len(rows)  # ... and none twice (the documents are distinct)
+    urls = [u for r in (0, 1) for w in (0, 1) for u in
+            build_loader(str(shard_dir), 259, SEQ, 1, seed=3, rank=r, world_size=2,
+                         num_workers=2).dataset.reader_shards(w, 0)]  # fmt: skip
+    assert sorted(urls) == sorted(str(p) for p in shard_dir.glob("train-*.tar"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_yields_exactly_the_uninterrupted_batches(
+    dataset: tuple[Path, list[str]], workers: int
+) -> None:
+    shard_dir, _ = dataset
+
+    def make():
+        return build_loader(str(shard_dir), 259, SEQ, 3, seed=5, num_workers=workers,
+                            shuffle_windows=7)  # fmt: skip
+
+    total = 80  # several epochs of this small set: crosses members, shards and epochs
+    reference = _take(make(), total)
+    for k in (1, 2, 9, 23, 41, 67):
+        first = make()
+        head = _take(first, k)
+        resumed = make()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        tail = _take(resumed, total - k)
+        assert all(torch.equal(a, b) for a, b in zip(head + tail, reference, strict=True)), k
+    state = make().state_dict()
+    assert state["readers"] == max(workers, 1)
+
+
+def test_resume_with_another_worker_count_is_refused(dataset: tuple[Path, list[str]]) -> None:
+    shard_dir, _ = dataset
+    a = build_loader(str(shard_dir), 259, SEQ, 2, seed=5, num_workers=0)
+    _take(a, 3)
+    b = build_loader(str(shard_dir), 259, SEQ, 2, seed=5, num_workers=2)
+    with pytest.raises(DataError, match=r"data\.num_workers"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_http_shards_stream_like_local_files(dataset: tuple[Path, list[str]]) -> None:
+    shard_dir, _ = dataset
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shard_dir))
+    handler.log_message = lambda *a: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        n = len(list(shard_dir.glob("train-*.tar")))
+        url = f"http://127.0.0.1:{server.server_port}/train-{{000000..{n - 1:06d}}}.tar"
+        remote = build_loader(url, 259, SEQ, 2, seed=1, num_workers=0)
+        local = build_loader(str(shard_dir / "train-*.tar"), 259, SEQ, 2, seed=1, num_workers=0)
+        for a, b in zip(_take(remote, 20), _take(local, 20), strict=True):
+            assert torch.equal(a, b)
+    finally:
+        server.shutdown()
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def test_empty_corpus_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="holds no documents"):
+        shards.prepare([tmp_path / "corpus"], "bytes", tmp_path / "out", progress=False)
+
+
+def test_missing_corpus_path_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope"):
+        shards.prepare([tmp_path / "nope"], "bytes", tmp_path / "out", progress=False)
+
+
+def test_directory_without_manifest_and_empty_glob(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"without manifest\.json"):
+        build_loader(str(tmp_path), 259, SEQ, 1, seed=0)
+    with pytest.raises(DataError, match="matches no shard files"):
+        build_loader(str(tmp_path / "*.tar"), 259, SEQ, 1, seed=0)
+
+
+def test_model_vocab_smaller_than_the_tokenizer_is_refused(dataset: tuple[Path, list[str]]) -> None:
+    with pytest.raises(ValueError, match=r"model.vocab_size=256: set model.vocab_size=320"):
+        build_loader(str(dataset[0]), 256, SEQ, 1, seed=0)
+
+
+def test_tokens_outside_the_vocabulary_are_caught(dataset: tuple[Path, list[str]]) -> None:
+    loader = build_loader(str(dataset[0] / "train-*.tar"), 100, SEQ, 1, seed=0, num_workers=0)
+    with pytest.raises(DataError, match=r"token id \d+ >= model.vocab_size=100"):
+        next(loader)
+
+
+def test_too_few_shards_for_ranks_times_workers(dataset: tuple[Path, list[str]]) -> None:
+    with pytest.raises(DataError, match="every reader needs a shard"):
+        build_loader(str(dataset[0]), 259, SEQ, 1, seed=0, world_size=64, num_workers=4)
+
+
+def _copy_with_truncated_shard(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    victim = sorted(dst.glob("train-*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[:700])  # cut inside the second member
+    return victim
+
+
+def test_truncated_shard_is_named(dataset: tuple[Path, list[str]], tmp_path: Path) -> None:
+    victim = _copy_with_truncated_shard(dataset[0], tmp_path / "s")
+    loader = build_loader(str(tmp_path / "s"), 259, SEQ, 1, seed=0, num_workers=0, epochs=1)
+    with pytest.raises(DataError, match=f"shard {victim} is corrupt or truncated"):
+        list(loader)
+
+
+def test_on_corrupt_skip_counts_and_goes_on(
+    dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    _copy_with_truncated_shard(dataset[0], tmp_path / "s")
+    loader = build_loader(str(tmp_path / "s"), 259, SEQ, 1, seed=0, num_workers=0, epochs=1,
+                          on_corrupt="skip")  # fmt: skip
+    assert len(list(loader)) > 0
+    assert loader.dataset.skipped_shards == 1
+
+
+def test_missing_shard_listed_in_the_manifest_is_named(
+    dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    victim = _copy_with_truncated_shard(dataset[0], tmp_path / "s")
+    victim.unlink()
+    loader = build_loader(str(tmp_path / "s"), 259, SEQ, 1, seed=0, num_workers=0, epochs=1)
+    with pytest.raises(DataError, match=f"shard {victim} cannot be opened"):
+        list(loader)

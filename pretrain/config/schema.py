@@ -80,6 +80,8 @@ class ShardsDataSchema:
     """error: stop at a corrupt shard, naming it | skip: log it, count it, and go on."""
     shuffle_windows: int = 512
     """Shuffle training windows within blocks of this many (resumable: no buffer is lost)."""
+    chunk_batches: int = 8
+    """Micro-batches a worker sends at once: one transfer per chunk, not per micro-batch."""
 
 
 @dataclass

@@ -102,7 +102,7 @@ def is_validation(doc: str, fraction: float) -> bool:
 
 
 @dataclass
-class _SplitWriter:
+class SplitWriter:
     """Accumulates one split's token stream into members and members into shards."""
 
     out: Path
@@ -198,7 +198,7 @@ def prepare(
             return old
     out.mkdir(parents=True, exist_ok=True)
     writers = {
-        split: _SplitWriter(out, split, dtype, member_tokens, shard_tokens)
+        split: SplitWriter(out, split, dtype, member_tokens, shard_tokens)
         for split in ("train", "val")
     }
     docs = tokens = 0

@@ -165,6 +165,8 @@ class ShardStream(IterableDataset):
         self.start: dict[int, Position] = {}
         self.skipped_shards = 0
         self.rotation = 0  # physical worker w plays reader (w + rotation) % readers
+        self.chunk = 1  # micro-batches per transfer from a worker (IPC cost is per transfer)
+        self.first_chunk = 0  # after a restore: what was left of the interrupted chunk
 
     def reader_shards(self, reader: int, epoch: int) -> list[str]:
         """The shards reader `reader` of this rank reads in `epoch`."""
@@ -172,13 +174,18 @@ class ShardStream(IterableDataset):
         total = self.world * self.readers
         return [self.urls[i] for i in order[self.rank * self.readers + reader :: total]]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, Position]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, list[Position]]]:
+        """Chunks of micro-batches: (K, B, T + 1), reader id, the position after each one."""
         info = get_worker_info()
         physical = info.id if info is not None else 0
         reader = (physical + self.rotation) % self.readers
-        yield from self._batches(reader, self.start.get(reader, Position()))
+        batches = self._batches(reader, self.start.get(reader, Position()))
+        size = self.first_chunk if physical == 0 and self.first_chunk else self.chunk
+        while items := list(itertools.islice(batches, size)):
+            yield torch.stack([b for b, _ in items]), reader, [p for _, p in items]
+            size = self.chunk
 
-    def _batches(self, reader: int, pos: Position) -> Iterator[tuple[torch.Tensor, int, Position]]:
+    def _batches(self, reader: int, pos: Position) -> Iterator[tuple[torch.Tensor, Position]]:
         global_reader = self.rank * self.readers + reader
         epoch, block_start, skip = pos.epoch, (pos.shard, pos.offset), pos.emitted
         while self.epochs is None or epoch < self.epochs:
@@ -196,7 +203,7 @@ class ShardStream(IterableDataset):
                         after = Position(epoch, *block_start, emitted)
                     else:
                         after = Position(epoch, *next_start, 0)
-                    yield torch.from_numpy(np.stack(rows)), reader, after
+                    yield torch.from_numpy(np.stack(rows)), after
                     rows = []
                 skip, block_start = 0, next_start
             # The epoch's last rows that do not fill a micro-batch are dropped.
@@ -261,20 +268,35 @@ class ShardStream(IterableDataset):
 
 
 class TokenLoader:
-    """This rank's micro-batches, with `state_dict()` / `load_state_dict()` for exact resume."""
+    """This rank's micro-batches, with `state_dict()` / `load_state_dict()` for exact resume.
+
+    Workers send `chunk_batches` micro-batches per transfer, since each transfer between
+    processes costs about as much as reading one. The DataLoader takes chunks from the
+    workers in turn; if a run stops mid-chunk, the restored reader first sends the rest of
+    that chunk, so the order of micro-batches is the same as without the stop.
+    """
 
     def __init__(
-        self, dataset: ShardStream, num_workers: int, pin_memory: bool, prefetch_factor: int = 4
+        self,
+        dataset: ShardStream,
+        num_workers: int,
+        pin_memory: bool,
+        prefetch_factor: int = 4,
+        chunk_batches: int = 8,
     ) -> None:
         self.dataset, self.num_workers = dataset, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.dataset.chunk = chunk_batches if num_workers > 0 else 1
         self.positions: dict[int, Position] = {}
         self.next_reader = 0
+        self.chunk_left = 0
+        self._pending: list[tuple[torch.Tensor, int, Position, int]] = []
         self._it: Iterator[Any] | None = None
 
     def _iterator(self) -> Iterator[Any]:
         self.dataset.start = dict(self.positions)
         self.dataset.rotation = self.next_reader
+        self.dataset.first_chunk = self.chunk_left
         if self.num_workers == 0:
             return iter(self.dataset)
         return iter(
@@ -292,30 +314,40 @@ class TokenLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
-        if self._it is None:
-            self._it = self._iterator()
-        batch, reader, position = next(self._it)
-        self.positions[int(reader)] = position
-        self.next_reader = (int(reader) + 1) % self.dataset.readers
+        if not self._pending:
+            if self._it is None:
+                self._it = self._iterator()
+            chunk, reader, positions = next(self._it)
+            n = len(positions)
+            self._pending = [(chunk[i], int(reader), positions[i], n - 1 - i) for i in range(n)]
+        batch, reader, position, left = self._pending.pop(0)
+        self.positions[reader] = position
+        self.chunk_left = left
+        self.next_reader = reader if left else (reader + 1) % self.dataset.readers
         return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "readers": self.dataset.readers,
+            "chunk_batches": self.dataset.chunk,
             "next_reader": self.next_reader,
+            "chunk_left": self.chunk_left,
             "positions": {r: vars(p) for r, p in self.positions.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["readers"] != self.dataset.readers:
+        saved = (state["readers"], state["chunk_batches"])
+        if saved != (self.dataset.readers, self.dataset.chunk):
             raise DataError(
-                f"the checkpoint's data loader ran {state['readers']} reader(s) per rank but this "
-                f"run has {self.dataset.readers}: set data.num_workers as in the saved run "
-                "(0 and 1 both mean one reader) to resume exactly"
+                f"the checkpoint's data loader ran {state['readers']} reader(s) per rank sending "
+                f"{state['chunk_batches']} micro-batch(es) per transfer, this run "
+                f"{self.dataset.readers} and {self.dataset.chunk}: set data.num_workers and "
+                "data.chunk_batches as in the saved run to resume exactly"
             )
         self.positions = {int(r): Position(**p) for r, p in state["positions"].items()}
         self.next_reader = int(state["next_reader"])
-        self._it = None
+        self.chunk_left = int(state["chunk_left"])
+        self._pending, self._it = [], None
 
 
 def build_loader(
@@ -333,6 +365,7 @@ def build_loader(
     epochs: int | None = None,
     on_corrupt: str = "error",
     shuffle_windows: int = 512,
+    chunk_batches: int = 8,
     pin_memory: bool | None = None,
 ) -> TokenLoader:
     """data=shards: check the shard set against the model and the world, then stream it."""
@@ -355,4 +388,4 @@ def build_loader(
     )  # fmt: skip
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return TokenLoader(dataset, num_workers, pin_memory, prefetch_factor)
+    return TokenLoader(dataset, num_workers, pin_memory, prefetch_factor, chunk_batches)

@@ -62,12 +62,23 @@ class SyntheticDataSchema:
 
 
 @dataclass
+class DataSource:
+    """One of several shard sets mixed by weight (data.sources)."""
+
+    path: str = MISSING
+    weight: float = 1.0
+    """Relative share of training windows drawn from this source."""
+
+
+@dataclass
 class ShardsDataSchema:
     """data=shards: token shards written by tools/prepare_data.py (see data/stream.py)."""
 
     _target_: str = "pretrain.data.stream.build_loader"
-    path: str = MISSING
+    path: str | None = None
     """A directory with manifest.json, a glob, a brace pattern, or http(s):// / pipe: URLs."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Instead of path: [{path: ..., weight: 0.7}, {path: ..., weight: 0.3}], mixed by weight."""
     split: str = "train"
     """Which split of a manifest directory to read: train | val."""
     num_workers: int = 2

@@ -23,7 +23,7 @@ import itertools
 import json
 import logging
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,8 +126,8 @@ def read_members(url: str) -> Iterator[np.ndarray]:
 
 @dataclass(frozen=True)
 class Position:
-    """A reader's place: the block of windows it is in (epoch, shard index into its list,
-    token offset where the block starts) and how many of that block's windows it has emitted."""
+    """Where a reader is in one source: the block of windows it is in (epoch, shard index into
+    its list, token offset where the block starts) and how many of its windows were emitted."""
 
     epoch: int = 0
     shard: int = 0
@@ -135,18 +135,36 @@ class Position:
     emitted: int = 0
 
 
+@dataclass(frozen=True)
+class ReaderState:
+    """A reader's whole state: its position in every source, and rows emitted so far (which
+    fixes the next source choice when several sources are mixed)."""
+
+    sources: tuple[Position, ...]
+    rows: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sources": [vars(p) for p in self.sources], "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReaderState:
+        return cls(tuple(Position(**p) for p in d["sources"]), int(d["rows"]))
+
+
 class ShardStream(IterableDataset):
-    """Yields (batch (B, T + 1) int64, reader id, position after this batch) per micro-batch.
+    """Yields chunks of micro-batches with each reader's state after every micro-batch.
 
     Windows are shuffled within blocks of `shuffle_windows` consecutive windows, by a
-    permutation that depends only on (seed, epoch, reader, block start): batches mix many
-    documents, yet a restored reader rebuilds the same block and skips what it had emitted,
-    so no shuffle buffer's content is lost on restart.
+    permutation that depends only on (seed, source, epoch, reader, block start): batches mix
+    many documents, yet a restored reader rebuilds the same block and skips what it had
+    emitted, so no shuffle buffer's content is lost on restart. With several sources, each
+    row's source is drawn with the given weights by an RNG keyed on the row's index.
     """
 
     def __init__(
         self,
-        urls: list[str],
+        sources: list[list[str]],
+        weights: list[float],
         seq_len: int,
         micro_batch_size: int,
         seed: int,
@@ -158,55 +176,89 @@ class ShardStream(IterableDataset):
         on_corrupt: str = "error",
         shuffle_windows: int = 512,
     ) -> None:
-        self.urls, self.seq_len, self.micro = urls, seq_len, micro_batch_size
+        self.sources, self.seq_len, self.micro = sources, seq_len, micro_batch_size
+        total = float(sum(weights))
+        self.weights = np.asarray([w / total for w in weights])
         self.seed, self.rank, self.world, self.readers = seed, rank, world_size, readers_per_rank
         self.vocab_size, self.epochs, self.on_corrupt = vocab_size, epochs, on_corrupt
         self.shuffle_windows = max(shuffle_windows, 1)
-        self.start: dict[int, Position] = {}
+        self.start: dict[int, ReaderState] = {}
         self.skipped_shards = 0
         self.rotation = 0  # physical worker w plays reader (w + rotation) % readers
         self.chunk = 1  # micro-batches per transfer from a worker (IPC cost is per transfer)
         self.first_chunk = 0  # after a restore: what was left of the interrupted chunk
 
-    def reader_shards(self, reader: int, epoch: int) -> list[str]:
-        """The shards reader `reader` of this rank reads in `epoch`."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
-        total = self.world * self.readers
-        return [self.urls[i] for i in order[self.rank * self.readers + reader :: total]]
+    def initial_state(self) -> ReaderState:
+        return ReaderState(tuple(Position() for _ in self.sources))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, list[Position]]]:
-        """Chunks of micro-batches: (K, B, T + 1), reader id, the position after each one."""
+    def reader_shards(self, reader: int, epoch: int, source: int = 0) -> list[str]:
+        """The shards of `source` that reader `reader` of this rank reads in `epoch`."""
+        urls = self.sources[source]
+        order = np.random.default_rng([self.seed, source, epoch]).permutation(len(urls))
+        total = self.world * self.readers
+        return [urls[i] for i in order[self.rank * self.readers + reader :: total]]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, list[ReaderState]]]:
+        """Chunks of micro-batches: (K, B, T + 1), reader id, the state after each one."""
         info = get_worker_info()
         physical = info.id if info is not None else 0
         reader = (physical + self.rotation) % self.readers
-        batches = self._batches(reader, self.start.get(reader, Position()))
+        batches = self._batches(reader, self.start.get(reader, self.initial_state()))
         size = self.first_chunk if physical == 0 and self.first_chunk else self.chunk
         while items := list(itertools.islice(batches, size)):
             yield torch.stack([b for b, _ in items]), reader, [p for _, p in items]
             size = self.chunk
 
-    def _batches(self, reader: int, pos: Position) -> Iterator[tuple[torch.Tensor, Position]]:
+    def _batches(
+        self, reader: int, state: ReaderState
+    ) -> Iterator[tuple[torch.Tensor, ReaderState]]:
+        streams = [
+            self._shuffled_rows(reader, s, pos) for s, pos in enumerate(state.sources)
+        ]  # fmt: skip
+        positions, n = list(state.sources), state.rows
+        rows: list[np.ndarray] = []
+        while True:
+            source = self._source_of_row(reader, n)
+            try:
+                row, positions[source] = next(streams[source])
+            except StopIteration:  # finite epochs: a source ran out; the partial batch is dropped
+                return
+            n += 1
+            rows.append(row)
+            if len(rows) == self.micro:
+                yield torch.from_numpy(np.stack(rows)), ReaderState(tuple(positions), n)
+                rows = []
+
+    def _source_of_row(self, reader: int, n: int, block: int = 4096) -> int:
+        if len(self.sources) == 1:
+            return 0
+        cached = self.__dict__.get("_choices")
+        if cached is None or cached[0] != (reader, n // block):
+            key = [self.seed, 0xC401CE, self.rank * self.readers + reader, n // block]
+            picks = np.random.default_rng(key).choice(len(self.sources), block, p=self.weights)
+            cached = self.__dict__["_choices"] = ((reader, n // block), picks)
+        return int(cached[1][n % block])
+
+    def _shuffled_rows(
+        self, reader: int, source: int, pos: Position
+    ) -> Iterator[tuple[np.ndarray, Position]]:
+        """One source's windows for one reader, block-shuffled, each with the position after it."""
         global_reader = self.rank * self.readers + reader
         epoch, block_start, skip = pos.epoch, (pos.shard, pos.offset), pos.emitted
         while self.epochs is None or epoch < self.epochs:
-            windows = self._windows(self.reader_shards(reader, epoch), *block_start)
-            rows: list[np.ndarray] = []
+            shards = self.reader_shards(reader, epoch, source)
+            windows = self._windows(shards, *block_start)
             while block := list(itertools.islice(windows, self.shuffle_windows)):
                 next_start = block[-1][1]
-                key = [self.seed, epoch, global_reader, *block_start]
+                key = [self.seed, source, epoch, global_reader, *block_start]
                 order = np.random.default_rng(key).permutation(len(block))
                 for emitted in range(skip + 1, len(block) + 1):
-                    rows.append(block[order[emitted - 1]][0])
-                    if len(rows) < self.micro:
-                        continue
                     if emitted < len(block):
                         after = Position(epoch, *block_start, emitted)
                     else:
                         after = Position(epoch, *next_start, 0)
-                    yield torch.from_numpy(np.stack(rows)), after
-                    rows = []
+                    yield block[order[emitted - 1]][0], after
                 skip, block_start = 0, next_start
-            # The epoch's last rows that do not fill a micro-batch are dropped.
             epoch, block_start = epoch + 1, (0, 0)
 
     def _windows(
@@ -287,10 +339,10 @@ class TokenLoader:
         self.dataset, self.num_workers = dataset, num_workers
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.dataset.chunk = chunk_batches if num_workers > 0 else 1
-        self.positions: dict[int, Position] = {}
+        self.positions: dict[int, ReaderState] = {}
         self.next_reader = 0
         self.chunk_left = 0
-        self._pending: list[tuple[torch.Tensor, int, Position, int]] = []
+        self._pending: list[tuple[torch.Tensor, int, ReaderState, int]] = []
         self._it: Iterator[Any] | None = None
 
     def _iterator(self) -> Iterator[Any]:
@@ -332,7 +384,7 @@ class TokenLoader:
             "chunk_batches": self.dataset.chunk,
             "next_reader": self.next_reader,
             "chunk_left": self.chunk_left,
-            "positions": {r: vars(p) for r, p in self.positions.items()},
+            "positions": {r: p.to_dict() for r, p in self.positions.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -344,14 +396,14 @@ class TokenLoader:
                 f"{self.dataset.readers} and {self.dataset.chunk}: set data.num_workers and "
                 "data.chunk_batches as in the saved run to resume exactly"
             )
-        self.positions = {int(r): Position(**p) for r, p in state["positions"].items()}
+        self.positions = {int(r): ReaderState.from_dict(p) for r, p in state["positions"].items()}
         self.next_reader = int(state["next_reader"])
         self.chunk_left = int(state["chunk_left"])
         self._pending, self._it = [], None
 
 
 def build_loader(
-    path: str,
+    path: str | None,
     vocab_size: int,
     seq_len: int,
     micro_batch_size: int,
@@ -366,25 +418,39 @@ def build_loader(
     on_corrupt: str = "error",
     shuffle_windows: int = 512,
     chunk_batches: int = 8,
+    sources: Sequence[Mapping[str, Any]] = (),
     pin_memory: bool | None = None,
 ) -> TokenLoader:
-    """data=shards: check the shard set against the model and the world, then stream it."""
+    """data=shards: check each shard set against the model and the world, then stream them.
+
+    Either `path` (one source) or `sources` ([{path, weight}, ...], mixed by weight).
+    `grad_accum` is part of the data interface; packing does not need it.
+    """
+    del grad_accum
     if on_corrupt not in ("error", "skip"):
         raise DataError(f"data.on_corrupt={on_corrupt!r}: choose error or skip")
-    shard_set = find_shards(path, split)
-    if shard_set.vocab_size is not None:
-        check_fits(shard_set.vocab_size, vocab_size, f"data.path={path} ({shard_set.manifest})")
+    if bool(path) == bool(sources):
+        raise DataError("set exactly one of data.path and data.sources=[{path: ..., weight: ...}]")
+    specs = [(str(s["path"]), float(s.get("weight", 1.0))) for s in sources] or [(path, 1.0)]
     readers = max(num_workers, 1)
-    if len(shard_set.urls) < world_size * readers:
-        raise DataError(
-            f"data.path={path} has {len(shard_set.urls)} {split} shard(s) for {world_size} rank(s) "
-            f"x {readers} reader(s) = {world_size * readers}: every reader needs a shard of its "
-            "own. Lower data.num_workers, or write more, smaller shards (prepare_data.py "
-            "--shard-tokens)"
-        )
+    urls: list[list[str]] = []
+    for src, weight in specs:
+        if weight <= 0:
+            raise DataError(f"data.sources: {src} has weight {weight}; weights must be > 0")
+        shard_set = find_shards(src, split)
+        if shard_set.vocab_size is not None:
+            check_fits(shard_set.vocab_size, vocab_size, f"data.path={src} ({shard_set.manifest})")
+        if len(shard_set.urls) < world_size * readers:
+            raise DataError(
+                f"data.path={src} has {len(shard_set.urls)} {split} shard(s) for {world_size} "
+                f"rank(s) x {readers} reader(s) = {world_size * readers}: every reader needs a "
+                "shard of its own. Lower data.num_workers, or write more, smaller shards "
+                "(prepare_data.py --shard-tokens)"
+            )
+        urls.append(shard_set.urls)
     dataset = ShardStream(
-        shard_set.urls, seq_len, micro_batch_size, seed, rank, world_size, readers, vocab_size,
-        epochs, on_corrupt, shuffle_windows,
+        urls, [w for _, w in specs], seq_len, micro_batch_size, seed, rank, world_size, readers,
+        vocab_size, epochs, on_corrupt, shuffle_windows,
     )  # fmt: skip
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

@@ -93,6 +93,8 @@ class ShardsDataSchema:
     """Shuffle training windows within blocks of this many (resumable: no buffer is lost)."""
     chunk_batches: int = 8
     """Micro-batches a worker sends at once: one transfer per chunk, not per micro-batch."""
+    tokenizer: str | None = None
+    """Optional tokenizer.json the shards must have been made with (checked at start)."""
 
 
 @dataclass

@@ -33,7 +33,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.shards import MANIFEST
-from pretrain.data.tokenizer import check_fits
+from pretrain.data.tokenizer import check_fits, fingerprint
+from pretrain.data.tokenizer import load as load_tokenizer
 
 log = logging.getLogger("pretrain")
 
@@ -142,13 +143,20 @@ class ReaderState:
 
     sources: tuple[Position, ...]
     rows: int = 0
+    skipped_shards: int = 0
+    """Corrupt shards this reader skipped (data.on_corrupt=skip), over the whole run."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sources": [vars(p) for p in self.sources], "rows": self.rows}
+        return {
+            "sources": [vars(p) for p in self.sources],
+            "rows": self.rows,
+            "skipped_shards": self.skipped_shards,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ReaderState:
-        return cls(tuple(Position(**p) for p in d["sources"]), int(d["rows"]))
+        sources = tuple(Position(**p) for p in d["sources"])
+        return cls(sources, int(d["rows"]), int(d.get("skipped_shards", 0)))
 
 
 class ShardStream(IterableDataset):
@@ -203,7 +211,9 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         physical = info.id if info is not None else 0
         reader = (physical + self.rotation) % self.readers
-        batches = self._batches(reader, self.start.get(reader, self.initial_state()))
+        state = self.start.get(reader, self.initial_state())
+        self.skipped_shards = state.skipped_shards  # this process's copy counts on from there
+        batches = self._batches(reader, state)
         size = self.first_chunk if physical == 0 and self.first_chunk else self.chunk
         while items := list(itertools.islice(batches, size)):
             yield torch.stack([b for b, _ in items]), reader, [p for _, p in items]
@@ -226,7 +236,8 @@ class ShardStream(IterableDataset):
             n += 1
             rows.append(row)
             if len(rows) == self.micro:
-                yield torch.from_numpy(np.stack(rows)), ReaderState(tuple(positions), n)
+                after = ReaderState(tuple(positions), n, self.skipped_shards)
+                yield torch.from_numpy(np.stack(rows)), after
                 rows = []
 
     def _source_of_row(self, reader: int, n: int, block: int = 4096) -> int:
@@ -378,6 +389,10 @@ class TokenLoader:
         self.next_reader = reader if left else (reader + 1) % self.dataset.readers
         return batch
 
+    def metrics(self) -> dict[str, float]:
+        """Data-side numbers for the step's metrics record."""
+        return {"data_skipped_shards": sum(s.skipped_shards for s in self.positions.values())}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "readers": self.dataset.readers,
@@ -419,11 +434,13 @@ def build_loader(
     shuffle_windows: int = 512,
     chunk_batches: int = 8,
     sources: Sequence[Mapping[str, Any]] = (),
+    tokenizer: str | None = None,
     pin_memory: bool | None = None,
 ) -> TokenLoader:
     """data=shards: check each shard set against the model and the world, then stream them.
 
-    Either `path` (one source) or `sources` ([{path, weight}, ...], mixed by weight).
+    Either `path` (one source) or `sources` ([{path, weight}, ...], mixed by weight). With
+    `tokenizer`, every manifest must name that tokenizer (by its SHA-256).
     `grad_accum` is part of the data interface; packing does not need it.
     """
     del grad_accum
@@ -433,6 +450,7 @@ def build_loader(
         raise DataError("set exactly one of data.path and data.sources=[{path: ..., weight: ...}]")
     specs = [(str(s["path"]), float(s.get("weight", 1.0))) for s in sources] or [(path, 1.0)]
     readers = max(num_workers, 1)
+    expected_tokenizer = fingerprint(load_tokenizer(tokenizer)) if tokenizer is not None else ""
     urls: list[list[str]] = []
     for src, weight in specs:
         if weight <= 0:
@@ -440,6 +458,12 @@ def build_loader(
         shard_set = find_shards(src, split)
         if shard_set.vocab_size is not None:
             check_fits(shard_set.vocab_size, vocab_size, f"data.path={src} ({shard_set.manifest})")
+        if tokenizer is not None and shard_set.tokenizer_sha256 != expected_tokenizer:
+            raise DataError(
+                f"{shard_set.manifest or src} was tokenized with tokenizer sha256 "
+                f"{str(shard_set.tokenizer_sha256)[:12]}, not data.tokenizer={tokenizer} "
+                f"({expected_tokenizer[:12]}): re-run tools/prepare_data.py with that tokenizer"
+            )
         if len(shard_set.urls) < world_size * readers:
             raise DataError(
                 f"data.path={src} has {len(shard_set.urls)} {split} shard(s) for {world_size} "

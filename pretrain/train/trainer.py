@@ -19,6 +19,12 @@ from pretrain.train.state import TrainState
 log = logging.getLogger("pretrain")
 
 
+def data_metrics(data: object) -> dict[str, float]:
+    """What the data source reports about itself (e.g. skipped corrupt shards), if anything."""
+    metrics = getattr(data, "metrics", None)
+    return metrics() if callable(metrics) else {}
+
+
 class Trainer:
     """Runs optimizer steps until `cfg.max_steps`, logging every step (rank 0)."""
 
@@ -58,6 +64,7 @@ class Trainer:
                     "tokens": self.state.tokens,
                     "tokens_per_s": self.tokens_per_step / step_time,
                     "step_time_s": step_time,
+                    **data_metrics(self.data),
                 },
                 self.state.step,
             )

@@ -306,3 +306,33 @@ def test_sources_compose_from_the_command_line(two_sources: tuple[Path, Path]) -
     assert cfg.data.sources[1].weight == 1.0
     loader = instantiate(cfg.data, vocab_size=512, seq_len=SEQ, micro_batch_size=2, seed=0)
     assert next(loader).shape == (2, SEQ + 1)
+
+
+def test_skipped_shards_are_counted_in_the_loader_metrics_and_state(
+    dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    _copy_with_truncated_shard(dataset[0], tmp_path / "s")
+    loader = build_loader(str(tmp_path / "s"), 259, SEQ, 1, seed=0, num_workers=0,
+                          on_corrupt="skip")  # fmt: skip
+    for _ in range(400):  # more than an epoch: the corrupt shard has been met
+        next(loader)
+    assert loader.metrics()["data_skipped_shards"] >= 1
+    assert loader.state_dict()["positions"][0]["skipped_shards"] >= 1
+
+
+def test_shards_from_another_tokenizer_are_refused(
+    dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    other = tokenizer.train_bpe(["some other text"] * 10, vocab_size=270)
+    other.save(str(tmp_path / "other.json"))
+    with pytest.raises(DataError, match=r"re-run tools/prepare_data\.py with that tokenizer"):
+        build_loader(str(dataset[0]), 512, SEQ, 1, seed=0, tokenizer=str(tmp_path / "other.json"))
+    build_loader(str(dataset[0]), 512, SEQ, 1, seed=0, tokenizer="bytes")  # the right one
+
+
+def test_zstd_jsonl_corpus(tmp_path: Path) -> None:
+    zstandard = pytest.importorskip("zstandard")
+    lines = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)).encode()
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    docs = list(shards.read_documents([tmp_path / "c.jsonl.zst"]))
+    assert docs == [f"doc {i}" for i in range(5)]

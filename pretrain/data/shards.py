@@ -176,6 +176,7 @@ def prepare(
     finished dataset.
     """
     out = Path(output)
+    member_tokens = min(member_tokens, shard_tokens)  # a shard holds at least one member
     files = expand_inputs(list(inputs))
     tok = tokenizers.load(tokenizer_path)
     vocab, eos = tok.get_vocab_size(), tokenizers.eos_id(tok)

@@ -188,3 +188,21 @@ def test_demo_corpus_trains_from_a_clean_data_dir(tmp_path: Path) -> None:
     assert (data_dir / "demo" / "shards" / "manifest.json").is_file()
     losses = _losses(read_metrics(tmp_path / "run"))
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+
+
+def test_demo_corpus_is_built_once_for_two_ranks(tmp_path: Path) -> None:
+    """Rank 0 builds the cache while rank 1 waits at a barrier; both then train on it."""
+    data_dir = tmp_path / "data"
+    args = [
+        "model=tiny", "data=demo", "data.max_bytes=300000", "trainer.device=cpu",
+        "logger.wandb.mode=disabled", f"run_dir={tmp_path / 'run'}", "trainer.max_steps=5",
+        "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.seq_len=32",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "pretrain",
+           *args]  # fmt: skip
+    env = {**subprocess_env(), "PRETRAIN_DATA_DIR": str(data_dir)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(read_metrics(tmp_path / "run")) == 5
+    assert (proc.stdout + proc.stderr).count("building the demo corpus") == 1

@@ -471,6 +471,13 @@ def build_loader(
                 "shard of its own. Lower data.num_workers, or write more, smaller shards "
                 "(prepare_data.py --shard-tokens)"
             )
+        missing = [u for u in shard_set.urls if "://" not in u and not u.startswith("pipe:")
+                   and not Path(u).is_file()]  # fmt: skip
+        if missing:
+            raise DataError(
+                f"{len(missing)} shard(s) of data.path={src} are missing or not files, first "
+                f"{missing[0]}: restore them or re-run tools/prepare_data.py"
+            )
         urls.append(shard_set.urls)
     dataset = ShardStream(
         urls, [w for _, w in specs], seq_len, micro_batch_size, seed, rank, world_size, readers,

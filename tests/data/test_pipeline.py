@@ -239,9 +239,34 @@ def test_missing_shard_listed_in_the_manifest_is_named(
 ) -> None:
     victim = _copy_with_truncated_shard(dataset[0], tmp_path / "s")
     victim.unlink()
-    loader = build_loader(str(tmp_path / "s"), 259, SEQ, 1, seed=0, num_workers=0, epochs=1)
-    with pytest.raises(DataError, match=f"shard {victim} cannot be opened"):
-        list(loader)
+    with pytest.raises(DataError, match=f"missing or not files, first {victim}"):  # at start
+        build_loader(str(tmp_path / "s"), 259, SEQ, 1, seed=0, num_workers=0)
+
+
+def test_unreadable_shard_is_named(dataset: tuple[Path, list[str]], tmp_path: Path) -> None:
+    victim = _copy_with_truncated_shard(dataset[0], tmp_path / "s")
+    victim.unlink()
+    victim.mkdir()  # a directory where a shard should be
+    with pytest.raises(DataError, match=f"missing or not files, first {victim}"):
+        build_loader(str(tmp_path / "s" / "train-*.tar"), 259, SEQ, 1, seed=0, num_workers=0)
+    # A shard that vanishes after the start is named when it is opened.
+    loader = build_loader(str(dataset[0] / "train-*.tar"), 259, SEQ, 1, seed=0, num_workers=0)
+    loader.dataset.sources[0][0] = str(tmp_path / "gone.tar")
+    with pytest.raises(DataError, match=r"gone\.tar cannot be opened"):
+        for _ in range(500):
+            next(loader)
+
+
+def test_large_vocabularies_are_stored_as_uint32(tmp_path: Path) -> None:
+    assert shards.token_dtype(65536) == np.dtype("<u2")
+    assert shards.token_dtype(65537) == np.dtype("<u4")
+    writer = shards.SplitWriter(tmp_path, "train", np.dtype("<u4"), 100, 1000)
+    ids = np.arange(70_000, 70_250, dtype=np.uint32)
+    writer.add(ids)
+    (shard,) = writer.finish()
+    assert shard["name"].endswith(".tar")
+    members = list(read_members(str(tmp_path / shard["name"])))
+    assert np.concatenate(members).tolist() == ids.tolist()
 
 
 @pytest.fixture(scope="module")

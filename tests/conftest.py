@@ -57,7 +57,9 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def launch(args: list[str], nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str], nproc: int = 1, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m pretrain ARGS`, or under torchrun with `nproc` processes (gloo)."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "pretrain", *args]
@@ -68,13 +70,16 @@ def launch(args: list[str], nproc: int = 1, timeout: float = 600) -> subprocess.
             "-m", "pretrain", *args,
         ]  # fmt: skip
     return subprocess.run(
-        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
-    )
+        cmd, cwd=REPO, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
 
 
-def train(run_dir: Path, overrides: list[str], nproc: int = 1) -> list[dict]:
+def train(
+    run_dir: Path, overrides: list[str], nproc: int = 1, env: dict[str, str] | None = None
+) -> list[dict]:
     """Train with TINY + overrides into run_dir; return metrics.jsonl's records."""
-    proc = launch([*TINY, f"run_dir={run_dir}", *overrides], nproc=nproc)
+    proc = launch([*TINY, f"run_dir={run_dir}", *overrides], nproc=nproc, env=env)
     if proc.returncode != 0:
         raise AssertionError(
             f"training failed (exit {proc.returncode})\nstdout:\n{proc.stdout[-4000:]}\n"

@@ -173,6 +173,11 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
 
     if logger.wandb.mode not in WANDB_MODES:
         errors.append(f"logger.wandb.mode={logger.wandb.mode!r}: choose {', '.join(WANDB_MODES)}")
+    if checkpoint.resume not in ("auto", "none") and not Path(checkpoint.resume).is_dir():
+        errors.append(
+            f"checkpoint.resume={checkpoint.resume}: not a directory; give a step_N checkpoint "
+            "directory, auto (newest complete one in the run dir) or none"
+        )
     if checkpoint.every_steps < 0:
         errors.append(f"checkpoint.every_steps={checkpoint.every_steps}: must be >= 0")
 

@@ -178,6 +178,9 @@ class TrainerConfig:
     """auto (cuda when available, else cpu) | cpu | cuda."""
     compile: bool = False
     """torch.compile each Transformer block in place (fuses norms, RoPE, SwiGLU; ZeRO 0-2)."""
+    stop_at_step: int | None = None
+    """Stop after this step as a time-boxed job would (the LR schedule still runs to max_steps);
+    null runs to max_steps."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward: ~1/3 more compute, far less memory."""
 
@@ -205,12 +208,18 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Saving (crash-safe commit, retention and auto-resume arrive with the checkpoint issue)."""
+    """Crash-safe checkpoints under <run_dir>/checkpoints/step_N and resuming from them."""
 
     every_steps: int = 0
     """Save every this many optimizer steps; 0 saves only at the end (if save_final)."""
     save_final: bool = False
-    """Save once more after the last step."""
+    """Save once more after the last step (or at trainer.stop_at_step)."""
+    resume: str = "auto"
+    """auto: the newest complete checkpoint in the run dir, if any | none | a step_N path."""
+    keep_last: int = 3
+    """Complete checkpoints kept (older ones deleted); 0 keeps all."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, for good; 0: none."""
 
 
 @dataclass

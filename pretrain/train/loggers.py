@@ -44,10 +44,18 @@ class ConsoleLogger:
 class JsonlLogger:
     """metrics.jsonl: one JSON object per optimizer step, flushed as written."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        """A fresh run starts a fresh file; a resumed one keeps the records up to its step."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        # A fresh run starts a fresh file (resume, which will append, comes with checkpoints).
+        kept = ""
+        if resume_step is not None and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = "".join(
+                line for line in lines
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            )  # fmt: skip
         self._file = path.open("w", encoding="utf-8")
+        self._file.write(kept)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -122,12 +130,12 @@ class Loggers:
 
 def build_loggers(
     wandb_cfg: WandbConfig, run_name: str, run_dir: Path, config: dict, log_every: int,
-    max_steps: int,
+    max_steps: int, resume_step: int | None = None,
 ) -> Loggers:  # fmt: skip
     """The rank-0 loggers for a run; W&B is skipped (with a warning) if it cannot start."""
     loggers: list[Logger] = [
         ConsoleLogger(log_every, max_steps),
-        JsonlLogger(run_dir / "metrics.jsonl"),
+        JsonlLogger(run_dir / "metrics.jsonl", resume_step),
     ]
     if wandb_cfg.mode != "disabled":
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -28,9 +29,22 @@ log = logging.getLogger("pretrain")
 def train(run: RunConfig) -> TrainState:
     """Run one training job described by `run` (the process group must be up)."""
     dist.seed_everything(run.trainer.seed)
-    data = build_data(run)  # first: bad data fails before the model costs anything
+    # Cheap checks first: bad data or a checkpoint of another shape fail before the model
+    # and the engine cost anything.
+    data = build_data(run)
+    ckpt_dir = checkpoint.checkpoint_dir(run.run_dir)
+    resume_from = resume_path(run, ckpt_dir)
+    if resume_from is not None and checkpoint.is_complete(resume_from):
+        check_same_model(checkpoint.read_client_state(resume_from)["config"], run, resume_from)
     model = build_model(run, lambda: instantiate(run.model))
     engine = build_engine(run, model)
+    state = TrainState()
+    if resume_from is not None:
+        client_state, rank_state = checkpoint.load(engine, resume_from)
+        state.load_state_dict(client_state["trainer"])
+        data.load_state_dict(rank_state["data"])
+        log.info("resumed from %s at step %d (%s tokens)", resume_from, state.step,
+                 f"{state.tokens:,}")  # fmt: skip
     loggers = None
     if dist.is_main():
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -38,29 +52,60 @@ def train(run: RunConfig) -> TrainState:
         loggers = build_loggers(
             run.logger.wandb, run.run_name, run.run_dir, run.as_dict,
             run.trainer.log_every, run.trainer.max_steps,
+            resume_step=state.step if resume_from is not None else None,
         )  # fmt: skip
     _log_summary(run, engine)
 
-    state = TrainState()
-
     def save(s: TrainState) -> None:
-        client_state = {"trainer": s.state_dict(), "data": data.state_dict(), "config": run.as_dict}
-        checkpoint.save(engine, checkpoint.checkpoint_dir(run.run_dir), s.step, client_state)
+        client_state = {"trainer": s.state_dict(), "config": run.as_dict}
+        checkpoint.save(engine, ckpt_dir, s.step, client_state, {"data": data.state_dict()})
+        checkpoint.prune(ckpt_dir, run.checkpoint.keep_last, run.checkpoint.keep_every)
 
     trainer = Trainer(
         engine, data, run.trainer, run.grad_accum, run.tokens_per_step, loggers, state,
         save=save, save_every=run.checkpoint.every_steps,
     )  # fmt: skip
     try:
+        start = state.step
         trainer.fit()
         every = run.checkpoint.every_steps
-        if run.checkpoint.save_final and not (every and state.step % every == 0):
-            save(state)  # unless the periodic save just wrote this step
+        periodic_just_saved = every and state.step % every == 0
+        if run.checkpoint.save_final and state.step > start and not periodic_just_saved:
+            save(state)
     finally:
         if loggers is not None:
             loggers.close()
     log.info("done: %d steps, %s tokens, run dir %s", state.step, f"{state.tokens:,}", run.run_dir)
     return state
+
+
+def resume_path(run: RunConfig, ckpt_dir: Path) -> Path | None:
+    """The checkpoint to resume from: checkpoint.resume=auto|none|<step_N dir>."""
+    if run.checkpoint.resume == "none":
+        return None
+    if run.checkpoint.resume != "auto":
+        return Path(run.checkpoint.resume)
+    complete = checkpoint.complete_checkpoints(ckpt_dir)
+    return complete[-1] if complete else None
+
+
+# Fields that change what the weights mean; the others (attention kernel, dropout) may differ.
+SHAPE_KEYS = ("_target_", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden",
+              "vocab_size", "tie_embeddings", "rope_theta", "norm_eps", "max_seq_len")  # fmt: skip
+
+
+def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint of another model shape, naming every differing key."""
+    old, new = saved.get("model", {}), run.as_dict["model"]
+    diff = [f"model.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
+            for k in SHAPE_KEYS if k in old and old.get(k) != new.get(k)]  # fmt: skip
+    if diff:
+        raise ValueError(
+            f"{path} holds another model shape:\n  "
+            + "\n  ".join(diff)
+            + "\nUse the checkpoint's model settings, or checkpoint.resume=none (or another "
+            "run_dir) to start afresh."
+        )
 
 
 def build_data(run: RunConfig) -> Iterator[torch.Tensor]:

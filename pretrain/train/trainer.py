@@ -49,7 +49,10 @@ class Trainer:
 
     def fit(self) -> TrainState:
         """Train from `state.step` to `cfg.max_steps`; returns the final state."""
-        while self.state.step < self.cfg.max_steps:
+        last = self.cfg.max_steps
+        if self.cfg.stop_at_step is not None:
+            last = min(last, self.cfg.stop_at_step)
+        while self.state.step < last:
             t0 = time.perf_counter()
             lr = self.engine.get_lr()[0]  # the rate this step uses; step() advances it
             loss, grad_norm = self.train_step()

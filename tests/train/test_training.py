@@ -123,6 +123,7 @@ def test_checkpoints_are_written_by_every_rank(tmp_path: Path) -> None:
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_2", "step_3"]
     shards = sorted(p.name for p in (ckpts / "step_3").iterdir())
     assert sum("optim_states" in s for s in shards) == 2  # one optimizer shard per rank
+    assert {"rank_0.pt", "rank_1.pt", "COMMITTED.json"} <= set(shards)
 
 
 def test_cpu_offload_with_deepspeed_cpu_adam_matches_one_process(

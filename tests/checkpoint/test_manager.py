@@ -1,0 +1,53 @@
+"""The commit protocol on its own: a failed save never hides or harms the last good one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pretrain.checkpoint import manager
+
+
+class FakeEngine:
+    """Writes a shard file like DeepSpeed would; can be told to fail half-way (disk full)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    def save_checkpoint(
+        self, directory: str, tag: str, client_state: dict, save_latest: bool
+    ) -> None:
+        path = Path(directory) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "mp_rank_00_model_states.pt").write_bytes(b"weights" * 100)
+        if self.fail:
+            raise OSError(28, "No space left on device")
+
+
+def _save(directory: Path, step: int, engine: Any) -> Path:
+    return manager.save(engine, directory, step, {"trainer": {"step": step}}, {"data": {}})
+
+
+def test_failed_save_leaves_the_previous_checkpoint_the_newest_complete(tmp_path: Path) -> None:
+    good = _save(tmp_path, 2, FakeEngine())
+    with pytest.raises(OSError, match="No space left"):
+        _save(tmp_path, 4, FakeEngine(fail=True))
+    assert (tmp_path / "step_4").is_dir()  # the debris is there ...
+    assert manager.complete_checkpoints(tmp_path) == [good]  # ... but never counts
+    assert manager.read_client_state(good)["trainer"]["step"] == 2
+
+
+def test_resaving_a_step_uncommits_it_first(tmp_path: Path) -> None:
+    path = _save(tmp_path, 2, FakeEngine())
+    assert manager.is_complete(path)
+    with pytest.raises(OSError):
+        _save(tmp_path, 2, FakeEngine(fail=True))
+    assert not manager.is_complete(path)
+
+
+def test_load_refuses_an_incomplete_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "step_9").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        manager.load(object(), tmp_path / "step_9")

@@ -43,10 +43,11 @@ def _stopped_then_resumed(run_dir: Path, extra: list[str], nproc: int) -> list[d
     ("nproc", "extra"),
     [
         (1, []),
-        (2, ["deepspeed.zero_stage=2"]),
+        # ZeRO-2 passes the same way (seen when this was written); CI runs the stage that
+        # shards most, to keep the suite under its 15-minute budget.
         (2, ["deepspeed.zero_stage=3"]),
     ],
-    ids=["1rank", "2ranks-zero2", "2ranks-zero3"],
+    ids=["1rank", "2ranks-zero3"],
 )
 def test_stop_and_resume_equals_an_uninterrupted_run(
     tmp_path: Path, nproc: int, extra: list[str]
@@ -73,7 +74,7 @@ def _stopped_then_resumed_env(run_dir: Path, extra: list[str], env: dict) -> lis
 
 
 def test_resume_with_another_model_shape_is_refused(tmp_path: Path) -> None:
-    train(tmp_path, [*RUN, "trainer.stop_at_step=2"])
+    train(tmp_path, [*RUN, "trainer.stop_at_step=2", "trainer.max_steps=2"])
     proc = launch(["model=tiny", "data=synthetic", "trainer.device=cpu", "trainer.seq_len=32",
                    "logger.wandb.mode=disabled", f"run_dir={tmp_path}", *RUN,
                    "model.n_layers=3"])  # fmt: skip
@@ -81,21 +82,18 @@ def test_resume_with_another_model_shape_is_refused(tmp_path: Path) -> None:
     assert "model.n_layers: checkpoint 2, config 3" in proc.stderr
 
 
-def test_retention_keeps_the_last_and_the_permanent(tmp_path: Path) -> None:
+def test_retention_and_a_truncated_file(tmp_path: Path) -> None:
     train(tmp_path, [*RUN, "checkpoint.every_steps=1", "checkpoint.keep_last=2",
                      "checkpoint.keep_every=3"])  # fmt: skip
     names = [p.name for p in manager.complete_checkpoints(tmp_path / "checkpoints")]
     assert names == ["step_3", "step_6", "step_7", "step_8"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(names)
-
-
-def test_a_truncated_file_makes_a_checkpoint_incomplete(tmp_path: Path) -> None:
-    train(tmp_path, [*RUN, "trainer.max_steps=2"])
-    ckpt = tmp_path / "checkpoints" / "step_2"
+    # Truncate one file of the newest: it is no longer complete, and step_7 becomes newest.
+    ckpt = tmp_path / "checkpoints" / "step_8"
     assert manager.is_complete(ckpt)
     listed = json.loads((ckpt / manager.MARKER).read_text())["files"]
     assert "rank_0.pt" in listed and any("model_states" in f for f in listed)
     victim = ckpt / "rank_0.pt"
     victim.write_bytes(victim.read_bytes()[:-1])
     assert not manager.is_complete(ckpt)
-    assert manager.complete_checkpoints(tmp_path / "checkpoints") == []
+    assert manager.complete_checkpoints(tmp_path / "checkpoints")[-1].name == "step_7"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -44,8 +42,6 @@ def test_walk_follows_the_cycle_except_at_restarts() -> None:
     seq = s.sample(0)
     follows = s._order[(s._pos[seq[:-1]] + 1) % 50] == seq[1:]
     assert 0.85 < follows.mean() < 0.95  # noise 0.1 restarts ~10% of positions
-    # The data is learnable: bigram entropy far below uniform log(V).
-    assert math.log(50) > 3 * (-(0.9 * math.log(0.9)) + 0.1 * math.log(50))
 
 
 def test_state_dict_resumes_the_stream() -> None:

@@ -16,6 +16,8 @@ from omegaconf import DictConfig
 from pretrain import dist
 from pretrain.config import ConfigError, conf_dir, register, resolve
 from pretrain.train.run import train
+from pretrain.train.signals import EXIT_PREEMPTED, Preempted
+from pretrain.train.trainer import EXIT_DIVERGED, TrainingDiverged
 
 log = logging.getLogger("pretrain")
 
@@ -33,6 +35,12 @@ def _hydra_main(cfg: DictConfig) -> None:
     dist.setup_logging()
     try:
         train(run)
+    except Preempted as e:
+        log.warning("%s: checkpoint saved; run the same command to resume", e)
+        sys.exit(EXIT_PREEMPTED)
+    except TrainingDiverged as e:
+        log.error("%s", e)
+        sys.exit(EXIT_DIVERGED)
     finally:
         dist.destroy()
 

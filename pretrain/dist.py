@@ -71,6 +71,12 @@ def destroy() -> None:
         tdist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.barrier()
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over ranks (gloo has no AVG op, so sum and divide)."""
     if tdist.is_initialized() and tdist.get_world_size() > 1:

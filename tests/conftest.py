@@ -57,22 +57,34 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def command(args: list[str], nproc: int = 1) -> list[str]:
+    """`python -m pretrain ARGS`, or under torchrun with `nproc` processes (gloo)."""
+    if nproc == 1:
+        return [sys.executable, "-m", "pretrain", *args]
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "-m", "pretrain", *args,
+    ]  # fmt: skip
+
+
 def launch(
     args: list[str], nproc: int = 1, timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run `python -m pretrain ARGS`, or under torchrun with `nproc` processes (gloo)."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "pretrain", *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-            "-m", "pretrain", *args,
-        ]  # fmt: skip
+    """Run `python -m pretrain ARGS` (or under torchrun) to the end; capture its output."""
     return subprocess.run(
-        cmd, cwd=REPO, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True,
-        timeout=timeout,
+        command(args, nproc), cwd=REPO, env={**subprocess_env(), **(env or {})},
+        capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
+
+
+def start(args: list[str], output: Path, nproc: int = 1) -> subprocess.Popen:
+    """Start `python -m pretrain ARGS` (or torchrun) in the background, output to a file."""
+    with output.open("w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            command(args, nproc), cwd=REPO, env=subprocess_env(), stdout=out,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
 
 
 def train(

@@ -18,7 +18,6 @@ import json
 import time
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pretrain import dist
@@ -28,14 +27,14 @@ from pretrain.engine.deepspeed import build_engine, build_model
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain.model.llama import LlamaConfig
-from pretrain.train.run import build_data
+from pretrain.train.run import build_data, build_module
 from pretrain.train.trainer import Trainer
 
 
 def bench_one(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
     """Time `steps` optimizer steps after `warmup` untimed ones."""
     dist.seed_everything(run.trainer.seed)
-    model = build_model(run, lambda: instantiate(run.model))
+    model = build_model(run, lambda: build_module(run))
     engine = build_engine(run, model)
     data = build_data(run)
     trainer = Trainer(engine, data, run.trainer, run.grad_accum, run.tokens_per_step)
@@ -46,7 +45,7 @@ def bench_one(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    losses = [trainer.train_step()[0] for _ in range(steps)]
+    losses = [trainer.train_step().loss for _ in range(steps)]
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0

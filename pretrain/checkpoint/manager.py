@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ log = logging.getLogger("pretrain")
 
 MARKER = "COMMITTED.json"
 CLIENT_STATE = "client_state.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -75,22 +76,27 @@ def save(
     step: int,
     client_state: dict[str, Any],
     rank_state: dict[str, Any],
+    files: dict[str, str] | None = None,
 ) -> Path:
     """Write and commit `directory/step_<step>` (collective: call on every rank).
 
     `client_state` is the same on every rank (rank 0's copy is kept); `rank_state` is this
-    rank's own (data position, RNG). Raises if any part fails; the marker is then never
+    rank's own (data position, RNG); `files` ({name: text}) are written by rank 0 beside them
+    (the tokenizer). Raises if any part fails; the marker is then never
     written, so the previous complete checkpoint stays the one that loads.
     """
     tag = f"step_{step}"
     path = directory / tag
-    if _rank() == 0 and (path / MARKER).exists():
-        (path / MARKER).unlink()  # re-saving a step: it is incomplete until committed again
+    if _rank() == 0 and path.exists():  # debris of a killed save, or a step saved before
+        (path / MARKER).unlink(missing_ok=True)  # first: never complete while half-deleted
+        shutil.rmtree(path)  # no stale files (another world size's) may join the new marker
     _barrier()
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
     torch.save({**rank_state, "rng": rng_state()}, path / f"rank_{_rank()}.pt")
     if _rank() == 0:  # readable before loading anything: resume checks the model shape first
         (path / CLIENT_STATE).write_text(json.dumps(client_state, default=str))
+        for name, text in (files or {}).items():
+            (path / name).write_text(text)
     _fsync_tree(path)
     _barrier()  # every rank's files are on disk
     if _rank() == 0:
@@ -131,7 +137,7 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     found = [
         (int(m.group(1)), p)
         for p in directory.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and is_complete(p)
+        if (m := STEP_DIR.match(p.name)) and is_complete(p)
     ]
     return [p for _, p in sorted(found)]
 
@@ -169,11 +175,9 @@ def prune(directory: Path, keep_last: int, keep_every: int) -> None:
     `keep_every` (0: none kept for good). Rank 0 only; never touches incomplete ones."""
     if _rank() != 0 or keep_last <= 0:
         return
-    import shutil
-
     ckpts = complete_checkpoints(directory)
     for path in ckpts[:-keep_last]:
-        step = int(_STEP_DIR.match(path.name).group(1))
+        step = int(STEP_DIR.match(path.name).group(1))
         if keep_every and step % keep_every == 0:
             continue
         (path / MARKER).unlink()  # first: a half-deleted checkpoint must not look complete

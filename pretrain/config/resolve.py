@@ -111,7 +111,14 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
         )
 
     # Batch geometry: global = micro * accum * world_size.
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "seq_len", "log_every"):
+    for key in (
+        "max_steps",
+        "global_batch_size",
+        "micro_batch_size",
+        "seq_len",
+        "log_every",
+        "max_bad_steps",
+    ):
         if getattr(trainer, key) < 1:
             errors.append(f"trainer.{key}={getattr(trainer, key)}: must be >= 1")
     tokens = trainer.global_batch_tokens
@@ -139,6 +146,12 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     # Model shape, and the sequence length it must accept.
     if hasattr(model_spec, "errors"):
         errors.extend(model_spec.errors())
+    init_from = getattr(model_spec, "init_from", None)
+    if init_from and not (Path(init_from) / "config.json").is_file():
+        errors.append(
+            f"model.init_from={init_from}: no config.json there; give a Hugging Face Llama "
+            "directory (tools/export_hf.py writes one)"
+        )
     max_seq_len = getattr(model_spec, "max_seq_len", None)
     if max_seq_len is not None and trainer.seq_len > max_seq_len:
         errors.append(
@@ -180,6 +193,8 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
         )
     if checkpoint.every_steps < 0:
         errors.append(f"checkpoint.every_steps={checkpoint.every_steps}: must be >= 0")
+    if checkpoint.every_minutes < 0:
+        errors.append(f"checkpoint.every_minutes={checkpoint.every_minutes}: must be >= 0")
 
     if errors:
         raise ConfigError(errors)

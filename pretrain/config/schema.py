@@ -22,6 +22,10 @@ class LlamaModelSchema(LlamaConfig):
     """model=tiny|llama_125m|llama_1b|llama_7b|llama_70b."""
 
     _target_: str = "pretrain.model.llama.Transformer"
+    init_from: str | None = None
+    """A Hugging Face Llama directory (config.json + *.safetensors) to start from instead of
+    random weights (continued pretraining); its shape must equal this model's. Ignored when
+    resuming from a checkpoint of this run."""
 
 
 @dataclass
@@ -183,6 +187,9 @@ class TrainerConfig:
     null runs to max_steps."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward: ~1/3 more compute, far less memory."""
+    max_bad_steps: int = 5
+    """A step whose loss is NaN/Inf on any rank is skipped (no update) and counted; this many
+    in a row stop the run (exit code 3) without saving over the last good checkpoint."""
 
 
 @dataclass
@@ -212,6 +219,8 @@ class CheckpointConfig:
 
     every_steps: int = 0
     """Save every this many optimizer steps; 0 saves only at the end (if save_final)."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save (rank 0's clock); 0: off."""
     save_final: bool = False
     """Save once more after the last step (or at trainer.stop_at_step)."""
     resume: str = "auto"
@@ -220,6 +229,9 @@ class CheckpointConfig:
     """Complete checkpoints kept (older ones deleted); 0 keeps all."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this, for good; 0: none."""
+    export_hf: bool = False
+    """At the end, save (if needed) and export the final checkpoint to <run_dir>/hf as a
+    transformers LlamaForCausalLM directory (tools/export_hf.py does it for any checkpoint)."""
 
 
 @dataclass

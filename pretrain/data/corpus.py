@@ -90,7 +90,9 @@ def demo_loader(
         tdist.barrier()
     if rank != 0:
         path = build_demo(cache_dir, tokenizer_vocab_size, max_bytes)  # now only reads the cache
-    return build_loader(
+    loader = build_loader(
         str(path), vocab_size, seq_len, micro_batch_size, seed, rank, world_size, grad_accum,
         num_workers=num_workers,
     )  # fmt: skip
+    loader.tokenizer = str(path.parent / "tokenizer.json")  # build_demo wrote it there
+    return loader

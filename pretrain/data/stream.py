@@ -346,8 +346,12 @@ class TokenLoader:
         pin_memory: bool,
         prefetch_factor: int = 4,
         chunk_batches: int = 8,
+        tokenizer: str | None = None,
     ) -> None:
         self.dataset, self.num_workers = dataset, num_workers
+        self.tokenizer = tokenizer
+        """The tokenizer file (or `bytes`) the shards were made with, when known: checkpoints
+        carry a copy, so an exported model comes with its tokenizer."""
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.dataset.chunk = chunk_batches if num_workers > 0 else 1
         self.positions: dict[int, ReaderState] = {}
@@ -485,4 +489,4 @@ def build_loader(
     )  # fmt: skip
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return TokenLoader(dataset, num_workers, pin_memory, prefetch_factor, chunk_batches)
+    return TokenLoader(dataset, num_workers, pin_memory, prefetch_factor, chunk_batches, tokenizer)

@@ -100,3 +100,22 @@ def local_grad_norm(model: nn.Module) -> float:
     if not grads:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+
+class UpdateGate:
+    """Skip one optimizer update on request, e.g. after a non-finite loss on some rank.
+
+    DeepSpeed's ZeRO and bf16 wrappers (and the plain engine) all end a step by calling the
+    client optimizer's `step()` on the fp32 master weights and then copying those back into
+    the model; when that call does nothing, weights and Adam moments stay as they were while
+    DeepSpeed's own bookkeeping (gradient zeroing, LR schedule, step counters) runs as usual.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.skip = False
+        update = optimizer.step
+
+        def gated_step(*args: Any, **kwargs: Any) -> Any:
+            return None if self.skip else update(*args, **kwargs)
+
+        optimizer.step = gated_step  # an instance attribute: DeepSpeed looks it up per call

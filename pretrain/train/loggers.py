@@ -68,7 +68,11 @@ class JsonlLogger:
 class WandbLogger:
     """A W&B run; `offline` writes under the run dir and needs no account or network."""
 
-    def __init__(self, cfg: WandbConfig, run_name: str, run_dir: Path, config: dict) -> None:
+    def __init__(
+        self, cfg: WandbConfig, run_name: str, run_dir: Path, config: dict,
+        run_id: str | None = None,
+    ) -> None:  # fmt: skip
+        """`run_id` (kept in checkpoints) continues that W&B run after a resume or requeue."""
         import wandb
 
         mode = cfg.mode
@@ -87,7 +91,10 @@ class WandbLogger:
             tags=list(cfg.tags),
             dir=cfg.dir or str(run_dir),
             config=config,
+            id=run_id,
+            resume="allow" if run_id else None,
         )
+        self.run_id: str = self._run.id
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._run.log(metrics, step=step)
@@ -124,13 +131,18 @@ class Loggers:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._call("log", metrics, step)
 
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The W&B run's id, saved in checkpoints so a resumed run continues the same run."""
+        return next((lg.run_id for lg in self._loggers if isinstance(lg, WandbLogger)), None)
+
     def close(self) -> None:
         self._call("close")
 
 
 def build_loggers(
     wandb_cfg: WandbConfig, run_name: str, run_dir: Path, config: dict, log_every: int,
-    max_steps: int, resume_step: int | None = None,
+    max_steps: int, resume_step: int | None = None, wandb_run_id: str | None = None,
 ) -> Loggers:  # fmt: skip
     """The rank-0 loggers for a run; W&B is skipped (with a warning) if it cannot start."""
     loggers: list[Logger] = [
@@ -139,7 +151,7 @@ def build_loggers(
     ]
     if wandb_cfg.mode != "disabled":
         try:
-            loggers.append(WandbLogger(wandb_cfg, run_name, run_dir, config))
+            loggers.append(WandbLogger(wandb_cfg, run_name, run_dir, config, wandb_run_id))
         except Exception as e:
             log.warning("W&B could not start (%s: %s); continuing without it", type(e).__name__, e)
     return Loggers(loggers)

@@ -16,10 +16,13 @@ from omegaconf import OmegaConf
 
 from pretrain import dist
 from pretrain.checkpoint import manager as checkpoint
+from pretrain.checkpoint.export import TOKENIZER_FILE, export_hf, load_hf_weights
 from pretrain.config import RunConfig
+from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model
 from pretrain.model.attention import resolve_impl
 from pretrain.train.loggers import build_loggers
+from pretrain.train.signals import Preempted, StopSignals
 from pretrain.train.state import TrainState
 from pretrain.train.trainer import Trainer
 
@@ -27,7 +30,15 @@ log = logging.getLogger("pretrain")
 
 
 def train(run: RunConfig) -> TrainState:
-    """Run one training job described by `run` (the process group must be up)."""
+    """Run one training job described by `run` (the process group must be up).
+
+    Raises `Preempted` after a stop signal, once the checkpoint of that step is committed.
+    """
+    with StopSignals() as signals:  # from the start: a stop during set-up ends after step 1
+        return _train(run, signals)
+
+
+def _train(run: RunConfig, signals: StopSignals) -> TrainState:
     dist.seed_everything(run.trainer.seed)
     # Cheap checks first: bad data or a checkpoint of another shape fail before the model
     # and the engine cost anything.
@@ -36,12 +47,17 @@ def train(run: RunConfig) -> TrainState:
     resume_from = resume_path(run, ckpt_dir)
     if resume_from is not None and checkpoint.is_complete(resume_from):
         check_same_model(checkpoint.read_client_state(resume_from)["config"], run, resume_from)
-    model = build_model(run, lambda: instantiate(run.model))
+    model = build_model(run, lambda: build_module(run))
+    init_from = run.model.get("init_from")
+    if init_from and resume_from is None:
+        load_hf_weights(model, Path(init_from), run.as_dict["model"])
     engine = build_engine(run, model)
     state = TrainState()
+    wandb_run_id = None
     if resume_from is not None:
         client_state, rank_state = checkpoint.load(engine, resume_from)
         state.load_state_dict(client_state["trainer"])
+        wandb_run_id = client_state.get("wandb_run_id")
         data.load_state_dict(rank_state["data"])
         log.info("resumed from %s at step %d (%s tokens)", resume_from, state.step,
                  f"{state.tokens:,}")  # fmt: skip
@@ -53,28 +69,43 @@ def train(run: RunConfig) -> TrainState:
             run.logger.wandb, run.run_name, run.run_dir, run.as_dict,
             run.trainer.log_every, run.trainer.max_steps,
             resume_step=state.step if resume_from is not None else None,
+            wandb_run_id=wandb_run_id,
         )  # fmt: skip
     _log_summary(run, engine)
 
+    tokenizer = getattr(data, "tokenizer", None)  # travels with each checkpoint, for export
+    files = {TOKENIZER_FILE: load_tokenizer(tokenizer).to_str()} if tokenizer else {}
+
     def save(s: TrainState) -> None:
-        client_state = {"trainer": s.state_dict(), "config": run.as_dict}
-        checkpoint.save(engine, ckpt_dir, s.step, client_state, {"data": data.state_dict()})
+        client_state = {
+            "trainer": s.state_dict(),
+            "config": run.as_dict,
+            "wandb_run_id": loggers.wandb_run_id if loggers else None,
+        }
+        checkpoint.save(engine, ckpt_dir, s.step, client_state, {"data": data.state_dict()}, files)
         checkpoint.prune(ckpt_dir, run.checkpoint.keep_last, run.checkpoint.keep_every)
 
     trainer = Trainer(
         engine, data, run.trainer, run.grad_accum, run.tokens_per_step, loggers, state,
         save=save, save_every=run.checkpoint.every_steps,
+        save_every_minutes=run.checkpoint.every_minutes, signals=signals,
     )  # fmt: skip
     try:
         start = state.step
         trainer.fit()
-        every = run.checkpoint.every_steps
-        periodic_just_saved = every and state.step % every == 0
-        if run.checkpoint.save_final and state.step > start and not periodic_just_saved:
+        saved = trainer.last_saved_step == state.step
+        final = run.checkpoint.save_final or run.checkpoint.export_hf
+        if final and state.step > start and not saved:
             save(state)
+        if run.checkpoint.export_hf and trainer.stop_signal is None:
+            if dist.is_main():
+                export_hf(checkpoint.complete_checkpoints(ckpt_dir)[-1], run.run_dir / "hf")
+            dist.barrier()
     finally:
         if loggers is not None:
             loggers.close()
+    if trainer.stop_signal is not None:
+        raise Preempted(trainer.stop_signal, state.step)
     log.info("done: %d steps, %s tokens, run dir %s", state.step, f"{state.tokens:,}", run.run_dir)
     return state
 
@@ -106,6 +137,12 @@ def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:
             + "\nUse the checkpoint's model settings, or checkpoint.resume=none (or another "
             "run_dir) to start afresh."
         )
+
+
+def build_module(run: RunConfig) -> torch.nn.Module:
+    """The model the config describes, with fresh weights (init_from is applied after)."""
+    fields = {k: v for k, v in run.model.items() if k != "init_from"}
+    return instantiate(fields)
 
 
 def build_data(run: RunConfig) -> Iterator[torch.Tensor]:

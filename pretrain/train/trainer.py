@@ -1,22 +1,40 @@
-"""The training loop. `Trainer.fit()` decides *when* (steps, logging, saving);
-`Trainer.train_step()` decides *what* one optimizer step computes."""
+"""The training loop. `Trainer.fit()` decides *when* (steps, logging, saving, stopping);
+`Trainer.train_step()` decides *what* one optimizer step computes.
+
+Once per step, at the gradient-accumulation boundary and before the optimizer update, every
+rank joins one small all-reduce that carries its loss and three flags: "my loss is not
+finite" (every rank then skips this update), "I got a stop signal" and "a timed checkpoint
+is due" (every rank then saves, or stops, after this same step).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 
-from pretrain import dist
 from pretrain.config.schema import TrainerConfig
-from pretrain.engine.deepspeed import grad_norm_fallback_needed, local_grad_norm
+from pretrain.engine.deepspeed import UpdateGate, grad_norm_fallback_needed, local_grad_norm
 from pretrain.train.loggers import Loggers
+from pretrain.train.signals import StopSignals
 from pretrain.train.state import TrainState
 
 log = logging.getLogger("pretrain")
+
+EXIT_DIVERGED = 3
+"""Exit code when `trainer.max_bad_steps` non-finite losses came in a row. Nothing was saved
+after the first of them; the newest complete checkpoint predates the divergence."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss was NaN/Inf on some rank for `trainer.max_bad_steps` steps in a row."""
 
 
 def data_metrics(data: object) -> dict[str, float]:
@@ -25,8 +43,23 @@ def data_metrics(data: object) -> dict[str, float]:
     return metrics() if callable(metrics) else {}
 
 
+@dataclass
+class StepResult:
+    """What all ranks agreed on for one optimizer step."""
+
+    loss: float
+    """Mean loss over ranks and micro-batches (NaN when some rank's was not finite)."""
+    grad_norm: float
+    skipped: bool
+    """Some rank's loss was NaN/Inf: no rank applied the update."""
+    stop: bool
+    """Some rank received a stop signal."""
+    save_due: bool
+    """Rank 0's clock says a timed checkpoint is due."""
+
+
 class Trainer:
-    """Runs optimizer steps until `cfg.max_steps`, logging every step (rank 0)."""
+    """Runs optimizer steps until `cfg.max_steps` (or `cfg.stop_at_step`, or a stop signal)."""
 
     def __init__(
         self,
@@ -39,44 +72,84 @@ class Trainer:
         state: TrainState | None = None,
         save: Callable[[TrainState], None] | None = None,
         save_every: int = 0,
+        save_every_minutes: float = 0.0,
+        signals: StopSignals | None = None,
     ) -> None:
         self.engine, self.data, self.cfg = engine, data, cfg
         self.grad_accum, self.tokens_per_step = grad_accum, tokens_per_step
         self.loggers = loggers or Loggers([])
         self.state = state or TrainState()
-        self.save, self.save_every = save, save_every
+        self.save, self.save_every, self.save_every_minutes = save, save_every, save_every_minutes
+        self.signals = signals
+        self.stop_signal: int | None = None
+        """Set when fit() returned early because of a stop signal (on any rank)."""
+        self.last_saved_step: int | None = None
+        self._last_save_time = time.monotonic()
+        self._bad_in_row = 0
         self._manual_grad_norm = grad_norm_fallback_needed(engine)
+        self._gate = UpdateGate(engine.client_optimizer)
 
     def fit(self) -> TrainState:
-        """Train from `state.step` to `cfg.max_steps`; returns the final state."""
+        """Train from `state.step` to the last step; returns the final state."""
         last = self.cfg.max_steps
         if self.cfg.stop_at_step is not None:
             last = min(last, self.cfg.stop_at_step)
         while self.state.step < last:
             t0 = time.perf_counter()
             lr = self.engine.get_lr()[0]  # the rate this step uses; step() advances it
-            loss, grad_norm = self.train_step()
+            result = self.train_step()
             step_time = time.perf_counter() - t0
             self.state.step += 1
             self.state.tokens += self.tokens_per_step
+            self.state.skipped_steps += result.skipped
             self.loggers.log(
                 {
-                    "loss": loss,
+                    "loss": result.loss,
                     "lr": lr,
-                    "grad_norm": grad_norm,
+                    "grad_norm": result.grad_norm,
                     "tokens": self.state.tokens,
                     "tokens_per_s": self.tokens_per_step / step_time,
                     "step_time_s": step_time,
+                    "skipped_steps": self.state.skipped_steps,
                     **data_metrics(self.data),
                 },
                 self.state.step,
             )
-            if self.save and self.save_every and self.state.step % self.save_every == 0:
+            self._check_bad_steps(result.skipped)
+            periodic = self.save_every and self.state.step % self.save_every == 0
+            # No checkpoint in a run of NaN steps: resuming it would resume the divergence.
+            if self.save and (periodic or result.save_due or result.stop) and not result.skipped:
                 self.save(self.state)
+                self.last_saved_step = self.state.step
+                self._last_save_time = time.monotonic()
+            if result.stop:
+                received = self.signals.received if self.signals else None
+                self.stop_signal = received or signal.SIGTERM
+                if received is None:
+                    log.warning("another rank received a stop signal: stopping after this step")
+                break
         return self.state
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm).
+    def _check_bad_steps(self, skipped: bool) -> None:
+        self._bad_in_row = self._bad_in_row + 1 if skipped else 0
+        if not skipped:
+            return
+        limit = self.cfg.max_bad_steps
+        log.warning(
+            "step %d: the loss is not finite on some rank; its update was skipped "
+            "(%d in a row; trainer.max_bad_steps=%d)", self.state.step, self._bad_in_row, limit,
+        )  # fmt: skip
+        if self._bad_in_row >= limit:
+            first = self.state.step - self._bad_in_row + 1
+            raise TrainingDiverged(
+                f"the loss was NaN/Inf for {self._bad_in_row} steps in a row (steps {first}-"
+                f"{self.state.step}; trainer.max_bad_steps={limit}). Nothing was saved since; "
+                "the newest complete checkpoint predates them. Lower optim.lr, raise "
+                "optim.warmup_steps or check the data, then resume."
+            )
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over `grad_accum` micro-batches.
 
         DeepSpeed scales each micro-batch loss by 1/grad_accum, reduces gradients over ranks
         at the accumulation boundary, clips and steps the optimizer and LR schedule there.
@@ -84,15 +157,48 @@ class Trainer:
         engine = self.engine
         losses = []
         grad_norm = None
-        for _ in range(self.grad_accum):
+        agreed = None
+        for i in range(self.grad_accum):
             batch = next(self.data).to(engine.device, non_blocking=True)  # (B, T + 1)
             loss = engine(batch[:, :-1], batch[:, 1:])
             engine.backward(loss)
-            if self._manual_grad_norm and engine.is_gradient_accumulation_boundary():
-                grad_norm = local_grad_norm(engine.module)  # before step() clears the grads
-            engine.step()
             losses.append(loss.detach().float())
-        mean_loss = dist.all_reduce_mean(torch.stack(losses).mean())
+            if i == self.grad_accum - 1:
+                agreed = self._agree(torch.stack(losses))
+                self._gate.skip = agreed.skipped
+                if self._manual_grad_norm:
+                    grad_norm = local_grad_norm(engine.module)  # before step() clears the grads
+            engine.step()
+        self._gate.skip = False
         if grad_norm is None:
             grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        return float(mean_loss), grad_norm
+        agreed.grad_norm = grad_norm
+        return agreed
+
+    def _agree(self, losses: torch.Tensor) -> StepResult:
+        """The one collective of the step: mean loss, and the flags any rank raised."""
+        stop = self.signals is not None and self.signals.received is not None
+        rank = tdist.get_rank() if tdist.is_initialized() else 0
+        due = (  # rank 0's clock alone decides, so every rank agrees
+            rank == 0
+            and self.save_every_minutes > 0
+            and time.monotonic() - self._last_save_time >= 60 * self.save_every_minutes
+        )
+        device = losses.device
+        packed = torch.stack([
+            losses.mean(),
+            (~torch.isfinite(losses)).any().float(),
+            torch.tensor(float(stop), device=device),
+            torch.tensor(float(due), device=device),
+        ])  # fmt: skip
+        world = tdist.get_world_size() if tdist.is_initialized() else 1
+        if world > 1:
+            tdist.all_reduce(packed, op=tdist.ReduceOp.SUM)
+        loss_sum, bad, stops, dues = packed.tolist()
+        return StepResult(
+            loss=loss_sum / world,
+            grad_norm=math.nan,
+            skipped=bad > 0,
+            stop=stops > 0,
+            save_due=dues > 0,
+        )

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import math
 
-from hydra.utils import instantiate
-
 from pretrain import dist
 from pretrain.config import resolve
 from pretrain.engine.deepspeed import build_model
+from pretrain.train.run import build_module
 from tests.conftest import compose_config
 
 cfg = compose_config(["model=tiny", "deepspeed=zero3", "logger.wandb.mode=disabled"])
 run = resolve(cfg, world_size=dist.world_size(), cuda_available=False)
 dist.init("cpu")
-model = build_model(run, lambda: instantiate(run.model))
+model = build_model(run, lambda: build_module(run))
 world = dist.world_size()
 for name, p in model.named_parameters():
     assert p.numel() == 0, f"{name} is materialised whole on rank {dist.rank()}"

@@ -1,0 +1,133 @@
+"""Runs that are interrupted: stop signals, a second signal, and `kill -9` at random moments.
+
+Each interrupted run is restarted with the same command and must end exactly where an
+uninterrupted run ends: the same losses at every step, bit for bit (fp32, CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint import manager
+from pretrain.train.signals import EXIT_PREEMPTED
+from tests.conftest import REPO, TINY, read_metrics, start, subprocess_env, train
+
+pytestmark = pytest.mark.multiprocess
+
+RUN = [
+    "precision=fp32", "trainer.max_steps=30", "trainer.global_batch_size=8",
+    "trainer.micro_batch_size=2", "optim.lr=3e-3", "optim.warmup_steps=2",
+]  # fmt: skip
+
+
+def _curve(metrics: list[dict]) -> list[tuple[int, float, float]]:
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in metrics]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, float, float]]:
+    """The uninterrupted run every interrupted one must reproduce."""
+    return _curve(train(tmp_path_factory.mktemp("straight"), RUN))
+
+
+def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int) -> None:
+    """Wait until `proc` itself has logged `step` (not a killed predecessor's records)."""
+    started = time.time()
+    deadline = time.monotonic() + 120
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            fresh = metrics.stat().st_mtime > started
+            lines = metrics.read_text().splitlines()
+        except FileNotFoundError:
+            fresh, lines = False, []
+        if fresh and lines and json.loads(lines[-1])["step"] >= step:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run did not reach step {step} (exit {proc.poll()})")
+
+
+def _newest(run_dir: Path) -> int | None:
+    ckpts = manager.complete_checkpoints(run_dir / "checkpoints")
+    return int(ckpts[-1].name.removeprefix("step_")) if ckpts else None
+
+
+def test_sigterm_saves_that_step_exits_75_and_resume_continues(
+    tmp_path: Path, straight: list
+) -> None:
+    """SIGTERM here; SIGUSR1 (Slurm's --signal) in the two-rank test below."""
+    proc = start([*TINY, f"run_dir={tmp_path}", *RUN], tmp_path / "out.log")
+    _wait_for_step(tmp_path, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "out.log").read_text()[-3000:]
+    stopped_at = read_metrics(tmp_path)[-1]["step"]
+    assert 3 <= stopped_at < 30
+    assert _newest(tmp_path) == stopped_at  # saved at the step it stopped after
+    assert "checkpoint saved; run the same command to resume" in (tmp_path / "out.log").read_text()
+    assert _curve(train(tmp_path, RUN)) == straight
+
+
+def test_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    proc = start([*TINY, f"run_dir={tmp_path}", *RUN, "deepspeed.zero_stage=2"],
+                 tmp_path / "out.log", nproc=2)  # fmt: skip
+    _wait_for_step(tmp_path, proc, 3)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2
+    subprocess.run(["kill", "-USR1", workers[-1]], check=True)  # one rank only
+    proc.wait(timeout=120)
+    out = (tmp_path / "out.log").read_text()
+    # torchrun reports each worker's exit code (75) and itself exits 1, as for any failure.
+    assert len(re.findall(rf"exitcode\s*: {EXIT_PREEMPTED}\b", out)) >= 1, out[-3000:]
+    stopped_at = read_metrics(tmp_path)[-1]["step"]
+    ckpt = manager.complete_checkpoints(tmp_path / "checkpoints")[-1]
+    assert ckpt.name == f"step_{stopped_at}"
+    assert (ckpt / "rank_0.pt").is_file() and (ckpt / "rank_1.pt").is_file()
+
+
+def test_second_signal_aborts_without_saving(tmp_path: Path) -> None:
+    """The handler on its own, in a child process: the second signal ends it at once."""
+    script = (
+        "import os, signal, time\n"
+        "from pretrain.train.signals import StopSignals\n"
+        "with StopSignals() as s:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    assert s.received == signal.SIGTERM\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(10)\n"
+        "raise SystemExit(0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "second stop signal (SIGINT): aborting now" in proc.stderr
+
+
+def test_kill_9_at_random_moments_then_the_run_finishes_as_if_never_killed(
+    tmp_path: Path, straight: list
+) -> None:
+    """Saves every step, so kills land in steps and in saves alike; three trials."""
+    args = [*TINY, f"run_dir={tmp_path}", *RUN, "checkpoint.every_steps=1"]
+    rng = random.Random(4)
+    for trial in range(3):
+        before = _newest(tmp_path)
+        proc = start(args, tmp_path / f"kill{trial}.log")
+        _wait_for_step(tmp_path, proc, (before or 0) + 1)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.kill()
+        proc.wait(timeout=60)
+        out = (tmp_path / f"kill{trial}.log").read_text()
+        if before is not None:  # the restart resumed from the newest complete checkpoint
+            assert f"resumed from {tmp_path / 'checkpoints' / f'step_{before}'} " in out
+        assert _newest(tmp_path) is not None
+        for ckpt in manager.complete_checkpoints(tmp_path / "checkpoints"):
+            assert manager.read_client_state(ckpt)["trainer"]["step"] == int(ckpt.name[5:])
+    assert _curve(train(tmp_path, [*RUN, "checkpoint.every_steps=1"])) == straight

@@ -27,7 +27,7 @@ def _cfg(**kw: object) -> LlamaConfig:
 
 def _preset(name: str) -> LlamaConfig:
     model = OmegaConf.to_object(compose_config([f"model={name}"]).model)
-    fields = {k: v for k, v in vars(model).items() if k != "_target_"}
+    fields = {k: v for k, v in vars(model).items() if k not in ("_target_", "init_from")}
     return LlamaConfig(**fields)
 
 

@@ -159,6 +159,16 @@ class ReaderState:
         return cls(sources, int(d["rows"]), int(d.get("skipped_shards", 0)))
 
 
+def deal_shards(
+    urls: list[str], seed: int, source: int, epoch: int, reader: int, readers: int,
+    done: frozenset[str] = frozenset(),
+) -> list[str]:  # fmt: skip
+    """Global reader `reader`'s share (of `readers`) of a source's shards in `epoch`: a
+    permutation keyed on (seed, source, epoch), dealt out round-robin, minus `done`."""
+    order = np.random.default_rng([seed, source, epoch]).permutation(len(urls))
+    return [u for u in (urls[i] for i in order) if u not in done][reader::readers]
+
+
 class ShardStream(IterableDataset):
     """Yields chunks of micro-batches with each reader's state after every micro-batch.
 
@@ -195,16 +205,18 @@ class ShardStream(IterableDataset):
         self.rotation = 0  # physical worker w plays reader (w + rotation) % readers
         self.chunk = 1  # micro-batches per transfer from a worker (IPC cost is per transfer)
         self.first_chunk = 0  # after a restore: what was left of the interrupted chunk
+        self.done: dict[tuple[int, int], frozenset[str]] = {}
+        """(source, epoch) -> shards read before a resume on another number of ranks; the
+        new layout deals out only the rest of that epoch."""
 
     def initial_state(self) -> ReaderState:
         return ReaderState(tuple(Position() for _ in self.sources))
 
     def reader_shards(self, reader: int, epoch: int, source: int = 0) -> list[str]:
         """The shards of `source` that reader `reader` of this rank reads in `epoch`."""
-        urls = self.sources[source]
-        order = np.random.default_rng([self.seed, source, epoch]).permutation(len(urls))
-        total = self.world * self.readers
-        return [urls[i] for i in order[self.rank * self.readers + reader :: total]]
+        return deal_shards(self.sources[source], self.seed, source, epoch,
+                           self.rank * self.readers + reader, self.world * self.readers,
+                           self.done.get((source, epoch), frozenset()))  # fmt: skip
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, list[ReaderState]]]:
         """Chunks of micro-batches: (K, B, T + 1), reader id, the state after each one."""
@@ -404,7 +416,58 @@ class TokenLoader:
             "next_reader": self.next_reader,
             "chunk_left": self.chunk_left,
             "positions": {r: p.to_dict() for r, p in self.positions.items()},
+            "done": [[s, e, sorted(urls)] for (s, e), urls in self.dataset.done.items()],
         }
+
+    def load_resharded_state(self, states: list[dict[str, Any]], step: int) -> None:
+        """Continue from the states of every rank of a run with another number of ranks (or
+        readers per rank), at shard granularity.
+
+        Per source, the new readers restart the earliest epoch any old reader was in, with
+        the shards that any old reader had begun in that epoch set aside: no window is read
+        twice within the epoch. The unread rest of the shards under each old reader's current
+        shuffle block is skipped (data.shuffle_windows x seq_len tokens span a shard or two),
+        and what old readers had already read of the next epoch is read again then.
+        """
+        del step  # positions say more than the step count
+        ds = self.dataset
+        old_readers = [(r, k) for r, st in enumerate(states) for k in range(int(st["readers"]))]
+        total = len(old_readers)
+        done_before = {(int(s), int(e)): frozenset(urls) for st in states[:1]
+                       for s, e, urls in st.get("done", [])}  # fmt: skip
+        starts = []
+        for source, urls in enumerate(ds.sources):
+            positions = []
+            for g, (r, k) in enumerate(old_readers):
+                saved = states[r]["positions"].get(k, states[r]["positions"].get(str(k)))
+                pos = ReaderState.from_dict(saved).sources[source] if saved else Position()
+                positions.append((g, pos))
+            epoch = min(p.epoch for _, p in positions)
+            before = done_before.get((source, epoch), frozenset())
+            done = set(before)
+            for g, pos in positions:
+                if pos.epoch < epoch:
+                    continue
+                mine = deal_shards(urls, ds.seed, source, epoch, g, total, before)
+                done.update(mine if pos.epoch > epoch else mine[: self._begun(mine, pos)])
+            ds.done[(source, epoch)] = frozenset(done)
+            starts.append(Position(epoch=epoch))
+        fresh = ReaderState(tuple(starts))
+        self.positions = dict.fromkeys(range(ds.readers), fresh)
+        self.next_reader, self.chunk_left = 0, 0
+        self._pending, self._it = [], None
+
+    def _begun(self, shards: list[str], pos: Position) -> int:
+        """How many of a reader's `shards` it had begun at `pos`: those before the current
+        shuffle block, and, once the block has emitted a window, all that the block spans."""
+        if not pos.emitted:
+            return pos.shard + (1 if pos.offset else 0)
+        left = pos.offset + self.dataset.shuffle_windows * self.dataset.seq_len + 1
+        i = pos.shard
+        while i < len(shards) and left > 0:
+            left -= self.dataset._shard_length(shards[i])
+            i += 1
+        return i
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = (state["readers"], state["chunk_batches"])
@@ -416,6 +479,7 @@ class TokenLoader:
                 "data.chunk_batches as in the saved run to resume exactly"
             )
         self.positions = {int(r): ReaderState.from_dict(p) for r, p in state["positions"].items()}
+        self.dataset.done = {(int(s), int(e)): frozenset(u) for s, e, u in state.get("done", [])}
         self.next_reader = int(state["next_reader"])
         self.chunk_left = int(state["chunk_left"])
         self._pending, self._it = [], None

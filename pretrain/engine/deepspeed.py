@@ -74,17 +74,23 @@ def checkpoint_activations(block: nn.Module) -> None:
     block.forward = checkpointed
 
 
-def build_engine(run: RunConfig, model: nn.Module) -> Any:
-    """deepspeed.initialize with our AdamW groups and warmup + cosine schedule."""
+def build_engine(run: RunConfig, model: nn.Module, load_universal: bool = False) -> Any:
+    """deepspeed.initialize with our AdamW groups and warmup + cosine schedule.
+
+    `load_universal`: the engine will load a universal checkpoint (another layout's).
+    """
     deepspeed = _import_deepspeed(run.device_type)
     optimizer = build_optimizer(
         model, run.optim, run.device_type, offload=run.deepspeed.offload_optimizer
     )
+    config = deepspeed_config(run)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=lambda opt: lr_scheduler(opt, run.optim, run.trainer.max_steps),
-        config=deepspeed_config(run),
+        config=config,
     )
     return engine
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from pretrain import dist
 from pretrain.checkpoint import manager as checkpoint
+from pretrain.checkpoint import reshard
 from pretrain.checkpoint.export import TOKENIZER_FILE, export_hf, load_hf_weights
 from pretrain.config import RunConfig
 from pretrain.data.tokenizer import load as load_tokenizer
@@ -45,20 +46,36 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
     data = build_data(run)
     ckpt_dir = checkpoint.checkpoint_dir(run.run_dir)
     resume_from = resume_path(run, ckpt_dir)
+    layout = (run.world_size, run.deepspeed.zero_stage)
+    saved_layout, universal = layout, False
     if resume_from is not None and checkpoint.is_complete(resume_from):
-        check_same_model(checkpoint.read_client_state(resume_from)["config"], run, resume_from)
+        saved = checkpoint.read_client_state(resume_from)["config"]
+        check_same_model(saved, run, resume_from)
+        saved_layout = reshard.saved_layout(saved)
+        universal = reshard.needs_universal(saved_layout, layout, resume_from)
+        if universal:
+            reshard.convert(resume_from)
     model = build_model(run, lambda: build_module(run))
     init_from = run.model.get("init_from")
     if init_from and resume_from is None:
         load_hf_weights(model, Path(init_from), run.as_dict["model"])
-    engine = build_engine(run, model)
+    engine = build_engine(run, model, load_universal=universal)
     state = TrainState()
     wandb_run_id = None
-    if resume_from is not None:
+    if resume_from is not None and saved_layout == layout:
         client_state, rank_state = checkpoint.load(engine, resume_from)
+        data.load_state_dict(rank_state["data"])
+    elif resume_from is not None:
+        client_state, rank_states = reshard.load(engine, resume_from, universal)
+        _hand_over_data(data, [r["data"] for r in rank_states], client_state, run)
+        log.warning(
+            "resumed %s, saved by %d rank(s) with ZeRO-%d, on %d rank(s) with ZeRO-%d: "
+            "weights, Adam moments and LR schedule carried over exactly%s", resume_from,
+            *saved_layout, *layout, " (via DeepSpeed's universal checkpoint)" if universal else "",
+        )  # fmt: skip
+    if resume_from is not None:
         state.load_state_dict(client_state["trainer"])
         wandb_run_id = client_state.get("wandb_run_id")
-        data.load_state_dict(rank_state["data"])
         log.info("resumed from %s at step %d (%s tokens)", resume_from, state.step,
                  f"{state.tokens:,}")  # fmt: skip
     loggers = None
@@ -137,6 +154,15 @@ def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:
             + "\nUse the checkpoint's model settings, or checkpoint.resume=none (or another "
             "run_dir) to start afresh."
         )
+
+
+def _hand_over_data(data: object, states: list[dict], client_state: dict, run: RunConfig) -> None:
+    """Give the data stream the saved ranks' positions, from another number of ranks."""
+    resume = getattr(data, "load_resharded_state", None)
+    if resume is None:
+        log.warning("the data source cannot continue from another number of ranks: it restarts")
+        return
+    resume(states, int(client_state["trainer"]["step"]))
 
 
 def build_module(run: RunConfig) -> torch.nn.Module:

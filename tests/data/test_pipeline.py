@@ -361,3 +361,38 @@ def test_zstd_jsonl_corpus(tmp_path: Path) -> None:
     (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
     docs = list(shards.read_documents([tmp_path / "c.jsonl.zst"]))
     assert docs == [f"doc {i}" for i in range(5)]
+
+
+def test_resume_on_another_number_of_ranks_reads_no_window_twice(
+    dataset: tuple[Path, list[str]],
+) -> None:
+    """2 ranks x 1 reader stop; 1 rank x 2 workers take over the rest of the epoch."""
+    shard_dir, _ = dataset
+
+    def loader(rank: int, world: int, workers: int) -> TokenLoader:
+        return build_loader(str(shard_dir), 259, SEQ, 1, seed=3, rank=rank, world_size=world,
+                            num_workers=workers, epochs=1, shuffle_windows=7)  # fmt: skip
+
+    before, states = [], []
+    for rank in (0, 1):
+        old = loader(rank, 2, 0)
+        before += [b.numpy().tobytes() for b in _take(old, 5)]
+        states.append(json.loads(json.dumps(old.state_dict())))  # as a checkpoint keeps it
+    new = loader(0, 1, 2)
+    new.load_resharded_state(states, step=5)
+    head = [b.numpy().tobytes() for b in _take(new, 3)]
+    saved = json.loads(json.dumps(new.state_dict()))
+    resumed = loader(0, 1, 2)  # and the new layout itself resumes exactly
+    resumed.load_state_dict(saved)
+    after = head + [b.numpy().tobytes() for b in resumed]
+
+    assert set(before).isdisjoint(after) and len(set(after)) == len(after)
+    begun = new.dataset.done[(0, 0)]
+    assert 2 <= len(begun) < len(list(shard_dir.glob("train-*.tar")))
+    # Every shard not begun before the stop is read whole by the new readers.
+    expected = 0
+    for reader in range(2):
+        urls = resumed.dataset.reader_shards(reader, epoch=0)
+        assert not set(urls) & begun
+        expected += (sum(len(t) for u in urls for t in read_members(u)) - 1) // SEQ
+    assert len(after) == expected

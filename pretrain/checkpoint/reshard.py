@@ -1,0 +1,170 @@
+"""Resume on another number of ranks or another ZeRO stage (1, 2 and 3 among themselves).
+
+DeepSpeed's own checkpoints only load into the layout that saved them. When the layout
+changes, rank 0 converts the checkpoint once with DeepSpeed's `ds_to_universal` into
+`step_N/universal/` (one directory per parameter: fp32 weights, Adam moments, step), and
+every rank then loads its new partition with `checkpoint.load_universal`. Weights, Adam
+moments and step counts carry over exactly; only the order of floating-point sums changes.
+
+DeepSpeed's universal loader reads the optimizer's global state in the format of the stage
+that wrote it; `_normalize` adds the other family's format (stages 1-2 vs 3), so one
+converted directory serves every target stage. Stage 0 keeps no partitioned optimizer state
+that the universal format could express: a run with ZeRO-0 resumes on any number of ranks
+(everything is replicated), but moving to or from stage 0 is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain import dist
+
+log = logging.getLogger("pretrain")
+
+UNIVERSAL = "universal"
+_DONE = "CONVERTED"
+
+
+def saved_layout(config: dict[str, Any]) -> tuple[int, int]:
+    """(world size, ZeRO stage) that a checkpoint's saved config ran with."""
+    return int(config["derived"]["world_size"]), int(config["deepspeed"]["zero_stage"])
+
+
+def needs_universal(saved: tuple[int, int], now: tuple[int, int], path: Path) -> bool:
+    """Whether resuming `path` (saved with layout `saved`) in layout `now` needs conversion;
+    raises when the change cannot be done."""
+    old_stage, stage = saved[1], now[1]
+    if saved == now:
+        return False
+    if old_stage == 0 and stage == 0:
+        return False  # ZeRO-0 replicates everything: any number of ranks loads it directly
+    if 0 in (old_stage, stage):
+        raise ValueError(
+            f"{path} was saved with deepspeed.zero_stage={old_stage}; this run has "
+            f"zero_stage={stage}. Moving between ZeRO-0 and ZeRO 1-3 is not supported: resume "
+            f"with deepspeed.zero_stage={old_stage} (any number of ranks), or start a new run "
+            "from its weights alone (tools/export_hf.py, then model.init_from=<that dir>)"
+        )
+    return True
+
+
+def convert(ckpt: Path) -> Path:
+    """`ckpt/universal`, written once by rank 0 (aside, then renamed); every rank waits."""
+    out = ckpt / UNIVERSAL
+    if dist.is_main() and not (out / _DONE).is_file():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = ckpt / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        log.info("converting %s to DeepSpeed's universal format for the new layout", ckpt)
+        args = argparse.Namespace(
+            input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+        )  # fmt: skip
+        ds_to_universal.main(args)
+        _normalize(tmp)
+        (tmp / _DONE).touch()
+        os.replace(tmp, out)
+    dist.barrier()
+    return out
+
+
+def _normalize(universal: Path) -> None:
+    """Make a converted directory loadable by ZeRO 1-2 and ZeRO-3 alike."""
+    flat, z3 = "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if not (universal / flat).exists():
+        shutil.copyfile(universal / z3, universal / flat)
+    if not (universal / z3).exists():
+        shutil.copyfile(universal / flat, universal / z3)
+    zero = universal / "zero"
+    state_file = zero / "optimizer_state.pt"
+    sd = torch.load(state_file, weights_only=False)
+    groups = sd.get("param_groups") or sd["optimizer_state_dict"]["param_groups"]
+    step = _adam_step(zero, sd)
+    sd.setdefault("param_groups", groups)
+    sd.setdefault("ds_version", _ds_version())
+    sd.setdefault("clip_grad", 0.0)  # ZeRO-3 keeps none; restore_hyperparameters sets it
+    sd.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": groups})
+    torch.save(sd, state_file)
+    # ZeRO-3 writes each state as a flat tensor; the stage 1-2 loader wants {"param": shaped}
+    # (which the ZeRO-3 loader reads too) and a step per parameter.
+    model_states = torch.load(universal / flat, map_location="cpu", weights_only=False)
+    shapes = {n: s for group in model_states["param_shapes"] for n, s in group.items()}
+    for param_dir in zero.iterdir():
+        if not param_dir.is_dir():
+            continue
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            f = param_dir / f"{key}.pt"
+            value = torch.load(f, weights_only=False) if f.exists() else None
+            if isinstance(value, torch.Tensor):
+                torch.save({"param": value.view(shapes[param_dir.name])}, f)
+        if not (param_dir / "step.pt").exists():
+            torch.save(step, param_dir / "step.pt")
+
+
+def _adam_step(zero: Path, sd: dict[str, Any]) -> Any:
+    if "optimizer_state_dict" in sd:  # written from ZeRO-3
+        return sd["optimizer_state_dict"]["state"][0]["step"]
+    return torch.load(next(zero.glob("*/step.pt")), weights_only=False)
+
+
+def _ds_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def restore_hyperparameters(engine: Any, before: list[dict[str, Any]]) -> None:
+    """After a universal load: this run's optimizer settings, and the schedule's current LR.
+
+    DeepSpeed's loaders copy the saved groups' settings over the live ones (ZeRO-3 copies the
+    first group's into every group, which would put weight decay on norms and embeddings).
+    The run's own config is what should hold (gradient clipping included); the LR comes from
+    the restored schedule.
+    """
+    groups = engine.optimizer.param_groups
+    for group, saved in zip(groups, before, strict=True):
+        group.update(saved)
+    if hasattr(engine.optimizer, "clip_grad"):  # ZeRO 1-2 take the checkpoint's clipping
+        engine.optimizer.clip_grad = engine.gradient_clipping()
+    scheduler = engine.lr_scheduler
+    if scheduler is not None:
+        for group, lr in zip(groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+
+
+def hyperparameters(engine: Any) -> list[dict[str, Any]]:
+    """The optimizer groups' settings (all but their parameters), to restore after a load."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+
+
+def load(engine: Any, path: Path, universal: bool) -> tuple[dict[str, Any], list[dict]]:
+    """Load checkpoint `path`, saved in another layout, into `engine`.
+
+    `universal`: from the converted `path/universal` (the engine was built with
+    `checkpoint.load_universal`); else directly (ZeRO-0 on another number of ranks).
+    Returns (client_state, every saved rank's own state, in rank order); this rank's RNG
+    comes from the saved rank of the same number, or the last one.
+    """
+    from pretrain.checkpoint import manager
+
+    kwargs = dict(load_optimizer_states=True, load_lr_scheduler_states=True)
+    if universal:
+        before = hyperparameters(engine)
+        engine.load_checkpoint(str(path), tag=UNIVERSAL, **kwargs)
+        restore_hyperparameters(engine, before)
+    else:
+        engine.load_checkpoint(str(path.parent), tag=path.name, **kwargs)
+    client_state = manager.read_client_state(path)
+    old_world, _ = saved_layout(client_state["config"])
+    saved = [torch.load(path / f"rank_{r}.pt", weights_only=False) for r in range(old_world)]
+    manager.set_rng_state(saved[min(dist.rank(), old_world - 1)]["rng"])
+    return client_state, saved

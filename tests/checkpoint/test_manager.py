@@ -51,3 +51,14 @@ def test_load_refuses_an_incomplete_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "step_9").mkdir()
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         manager.load(object(), tmp_path / "step_9")
+
+
+def test_which_layout_changes_convert_and_which_are_refused(tmp_path: Path) -> None:
+    from pretrain.checkpoint.reshard import needs_universal
+
+    assert not needs_universal((2, 3), (2, 3), tmp_path)  # same layout: DeepSpeed loads it
+    assert not needs_universal((2, 0), (1, 0), tmp_path)  # ZeRO-0 is replicated
+    assert needs_universal((2, 3), (1, 1), tmp_path)
+    assert needs_universal((1, 2), (4, 2), tmp_path)
+    with pytest.raises(ValueError, match="zero_stage=0; this run has zero_stage=2"):
+        needs_universal((1, 0), (1, 2), tmp_path)

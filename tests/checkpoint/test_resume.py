@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pretrain.checkpoint import export, manager
+from pretrain.data.synthetic import SyntheticStream
 from pretrain.model.llama import Transformer
 from tests.conftest import REPO, launch, subprocess_env, train
 
@@ -82,6 +84,16 @@ def test_stop_and_resume_equals_an_uninterrupted_run(
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() < 1e-5
 
+    if nproc == 1:  # model.init_from: a new run (ZeRO-3, sharded at birth) starts from it
+        started = train(tmp_path / "init", [*RUN, "trainer.max_steps=1", f"model.init_from={out}",
+                                            "deepspeed.zero_stage=3"])  # fmt: skip
+        with torch.no_grad():  # its first loss is that of the exported weights on batch 1
+            batch = next(iter(SyntheticStream(512, 32, 8, 1, seed=1234)))
+            logits = hf(batch[:, :-1]).logits
+            expected = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
+        assert started[0]["loss"] == pytest.approx(expected, rel=1e-4)
+        assert started[0]["loss"] < straight[0][1] - 0.1  # far from a fresh model's
+
     if nproc == 2:  # ZeRO-3 on 2 ranks -> ZeRO-1 on 1 rank, from the stopped run's step 4
         moved = tmp_path / "moved"
         (moved / "checkpoints").mkdir(parents=True)
@@ -98,18 +110,32 @@ def test_stop_and_resume_equals_an_uninterrupted_run(
 
 
 def test_resume_with_data_workers_is_exact(tmp_path: Path) -> None:
-    """The shard loader's reader positions travel in the checkpoint (2 DataLoader workers)."""
+    """The shard loader's reader positions travel in the checkpoint (2 DataLoader workers);
+    so do the tokenizer (for export) and the W&B run id (a resumed run continues it)."""
     extra = ["data=demo", "data.max_bytes=300000", "data.num_workers=2", "trainer.seq_len=32"]
-    env_dir = {"PRETRAIN_DATA_DIR": str(tmp_path / "data")}
-    straight = _curve(train(tmp_path / "straight", [*RUN, *extra], env=env_dir))
-    resumed = _curve(_stopped_then_resumed_env(tmp_path / "resumed", extra, env_dir))
-    assert resumed == straight
+    env = {"PRETRAIN_DATA_DIR": str(tmp_path / "data")}
+    straight = _curve(train(tmp_path / "straight", [*RUN, *extra], env=env))
 
+    run_dir, wandb = tmp_path / "resumed", ["logger.wandb.mode=offline"]
+    env_wandb = {**env, "WANDB_MODE": "offline"}
+    train(run_dir, [*RUN, *extra, *wandb, "trainer.stop_at_step=3", "checkpoint.save_final=true"],
+          env=env_wandb)  # fmt: skip
+    ckpt = manager.complete_checkpoints(run_dir / "checkpoints")[-1]
+    assert ckpt.name == "step_3" and (ckpt / "tokenizer.json").is_file()
+    run_id = manager.read_client_state(ckpt)["wandb_run_id"]
+    resumed = train(run_dir, [*RUN, *extra, *wandb, "checkpoint.export_hf=true"], env=env_wandb)
+    assert _curve(resumed) == straight
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in wandb_runs)
 
-def _stopped_then_resumed_env(run_dir: Path, extra: list[str], env: dict) -> list[dict]:
-    train(run_dir, [*RUN, *extra, "trainer.stop_at_step=3", "checkpoint.save_final=true"], env=env)
-    assert manager.complete_checkpoints(run_dir / "checkpoints")[-1].name == "step_3"
-    return train(run_dir, [*RUN, *extra], env=env)
+    # checkpoint.export_hf=true: <run_dir>/hf with the run's tokenizer, usable by transformers.
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(run_dir / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    prompt = tok("import os\n", return_tensors="pt")
+    out = hf.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 8
+    assert isinstance(tok.decode(out[0]), str)
 
 
 def test_resume_with_another_model_shape_is_refused(tmp_path: Path) -> None:
@@ -136,3 +162,11 @@ def test_retention_and_a_truncated_file(tmp_path: Path) -> None:
     victim.write_bytes(victim.read_bytes()[:-1])
     assert not manager.is_complete(ckpt)
     assert manager.complete_checkpoints(tmp_path / "checkpoints")[-1].name == "step_7"
+
+    listing = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_ckpt.py"),
+                              str(tmp_path)], capture_output=True, text=True, check=True,
+                             cwd=REPO, env=subprocess_env()).stdout.splitlines()  # fmt: skip
+    rows = {line.split()[0]: line for line in listing[1:]}
+    assert list(rows) == ["step_3", "step_6", "step_7", "step_8"]
+    assert rows["step_7"].split()[1:3] == ["7", "1,792"] and rows["step_7"].endswith("complete")
+    assert "INCOMPLETE" in rows["step_8"]

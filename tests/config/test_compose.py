@@ -127,3 +127,16 @@ def test_global_batch_tokens_must_hold_whole_sequences() -> None:
     cfg = compose_config(["trainer.global_batch_tokens=1000", "trainer.seq_len=64"])
     with pytest.raises(ConfigError, match=r"global_batch_tokens=1000 is not a positive multiple"):
         resolve(cfg, world_size=1, cuda_available=False)
+
+
+def test_checkpoint_and_bad_step_settings_are_checked(tmp_path) -> None:
+    cfg = compose_config([
+        "trainer.max_bad_steps=0", "checkpoint.every_minutes=-1",
+        f"model.init_from={tmp_path / 'nothing'}",
+    ])  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        resolve(cfg, world_size=1, cuda_available=False)
+    text = str(info.value)
+    assert "trainer.max_bad_steps=0: must be >= 1" in text
+    assert "checkpoint.every_minutes=-1.0: must be >= 0" in text
+    assert f"model.init_from={tmp_path / 'nothing'}: no config.json there" in text

@@ -66,3 +66,23 @@ def test_wandb_online_without_a_key_falls_back_to_offline(
     loggers.log(METRICS, 1)
     loggers.close()
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run was written"
+
+
+def test_wandb_run_id_continues_the_same_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = build_loggers(WandbConfig(mode="offline"), "t", tmp_path, {"a": 1}, 1, 4)
+    first.log(METRICS, 1)
+    run_id = first.wandb_run_id
+    first.close()
+    assert run_id
+    again = build_loggers(WandbConfig(mode="offline"), "t", tmp_path, {"a": 1}, 1, 4,
+                          resume_step=1, wandb_run_id=run_id)  # fmt: skip
+    again.log(METRICS, 2)
+    assert again.wandb_run_id == run_id
+    again.close()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)

@@ -17,7 +17,9 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from pretrain.checkpoint import export, manager
 from pretrain.config import compose
+from pretrain.model.llama import Transformer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,3 +105,20 @@ def train(
 def read_metrics(run_dir: Path) -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def export_and_compare(run_dir: Path, weights: dict, out: Path) -> object:
+    """tools/export_hf.py RUN OUT, then transformers' logits against ours with `weights`."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(run_dir),
+                           str(out)], capture_output=True, text=True, cwd=REPO,
+                          env=subprocess_env(), timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    model = manager.read_client_state(export.find_checkpoint(run_dir))["config"]["model"]
+    ours = Transformer(**{k: v for k, v in model.items() if k not in ("_target_", "init_from")})
+    ours.load_state_dict(weights)
+    tokens = torch.randint(0, model["vocab_size"], (2, 17))
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours.eval()(tokens)).abs().max().item() < 1e-5
+    return hf

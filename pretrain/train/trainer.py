@@ -117,8 +117,10 @@ class Trainer:
             )
             self._check_bad_steps(result.skipped)
             periodic = self.save_every and self.state.step % self.save_every == 0
-            # No checkpoint in a run of NaN steps: resuming it would resume the divergence.
-            if self.save and (periodic or result.save_due or result.stop) and not result.skipped:
+            # No scheduled checkpoint in a run of NaN steps (resuming it would resume the
+            # divergence); a stop request saves regardless: the weights are the last good ones.
+            due = (periodic or result.save_due) and not result.skipped
+            if self.save and (due or result.stop):
                 self.save(self.state)
                 self.last_saved_step = self.state.step
                 self._last_save_time = time.monotonic()

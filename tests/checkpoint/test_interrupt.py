@@ -16,16 +16,28 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
-from pretrain.checkpoint import manager
+from pretrain.checkpoint import export, manager
+from pretrain.data.synthetic import SyntheticStream
 from pretrain.train.signals import EXIT_PREEMPTED
-from tests.conftest import REPO, TINY, read_metrics, start, subprocess_env, train
+from tests.conftest import (
+    REPO,
+    TINY,
+    export_and_compare,
+    read_metrics,
+    start,
+    subprocess_env,
+    train,
+)  # fmt: skip
 
 pytestmark = pytest.mark.multiprocess
 
 RUN = [
     "precision=fp32", "trainer.max_steps=30", "trainer.global_batch_size=8",
     "trainer.micro_batch_size=2", "optim.lr=3e-3", "optim.warmup_steps=2",
+    "checkpoint.save_final=true",
 ]  # fmt: skip
 
 
@@ -34,9 +46,20 @@ def _curve(metrics: list[dict]) -> list[tuple[int, float, float]]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, float, float]]:
+def straight_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run every interrupted one must reproduce."""
-    return _curve(train(tmp_path_factory.mktemp("straight"), RUN))
+    run_dir = tmp_path_factory.mktemp("straight")
+    train(run_dir, RUN)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def straight(straight_dir: Path) -> list[tuple[int, float, float]]:
+    return _curve(read_metrics(straight_dir))
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return export.consolidated_state_dict(run_dir / "checkpoints" / "step_30")
 
 
 def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int) -> None:
@@ -62,18 +85,38 @@ def _newest(run_dir: Path) -> int | None:
 
 
 def test_sigterm_saves_that_step_exits_75_and_resume_continues(
-    tmp_path: Path, straight: list
+    tmp_path: Path, straight: list, straight_dir: Path
 ) -> None:
-    """SIGTERM here; SIGUSR1 (Slurm's --signal) in the two-rank test below."""
-    proc = start([*TINY, f"run_dir={tmp_path}", *RUN], tmp_path / "out.log")
+    """SIGTERM here; SIGUSR1 (Slurm's --signal) in the two-rank test below. Timed
+    checkpoints too: every 6 ms is every step."""
+    timed = [*RUN, "checkpoint.every_minutes=0.0001", "checkpoint.keep_last=2"]
+    proc = start([*TINY, f"run_dir={tmp_path}", *timed], tmp_path / "out.log")
     _wait_for_step(tmp_path, proc, 3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "out.log").read_text()[-3000:]
     stopped_at = read_metrics(tmp_path)[-1]["step"]
     assert 3 <= stopped_at < 30
     assert _newest(tmp_path) == stopped_at  # saved at the step it stopped after
+    kept = [p.name for p in manager.complete_checkpoints(tmp_path / "checkpoints")]
+    assert kept == [f"step_{stopped_at - 1}", f"step_{stopped_at}"]  # the clock saved too
     assert "checkpoint saved; run the same command to resume" in (tmp_path / "out.log").read_text()
     assert _curve(train(tmp_path, RUN)) == straight
+    final, reference = _final_weights(tmp_path), _final_weights(straight_dir)
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in final)  # the weights, bit for bit
+
+    # The final checkpoint (ZeRO-0) exports to transformers with our logits, and a new run
+    # with model.init_from (ZeRO-3: sharded at birth) starts from those weights.
+    hf = export_and_compare(straight_dir, reference, tmp_path / "hf")
+    started = train(tmp_path / "init", [*RUN, "trainer.max_steps=1",
+                                        f"model.init_from={tmp_path / 'hf'}",
+                                        "deepspeed.zero_stage=3"])  # fmt: skip
+    with torch.no_grad():  # its first loss is the exported weights' loss on batch 1
+        batch = next(SyntheticStream(512, 32, 8, 1, seed=1234))
+        logits = hf(batch[:, :-1]).logits
+        expected = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
+    assert started[0]["loss"] == pytest.approx(expected, rel=1e-4)
+    assert started[0]["loss"] < straight[0][1] - 0.1  # far from a fresh model's
 
 
 def test_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
@@ -90,7 +133,9 @@ def test_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Pat
     stopped_at = read_metrics(tmp_path)[-1]["step"]
     ckpt = manager.complete_checkpoints(tmp_path / "checkpoints")[-1]
     assert ckpt.name == f"step_{stopped_at}"
-    assert (ckpt / "rank_0.pt").is_file() and (ckpt / "rank_1.pt").is_file()
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"rank_0.pt", "rank_1.pt", "COMMITTED.json", "client_state.json"} <= files
+    assert sum("optim_states" in f for f in files) == 2  # one optimizer shard per rank
 
 
 def test_second_signal_aborts_without_saving(tmp_path: Path) -> None:

@@ -34,6 +34,12 @@ TINY = [
     "trainer.log_every=1",
 ]
 
+# fp32, accumulation 4 on 1 rank (2 on 2), a warm-up then cosine: the checkpoint tests' run.
+EXACT = [
+    "precision=fp32", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
+    "optim.lr=3e-3", "optim.warmup_steps=2",
+]  # fmt: skip
+
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -100,6 +106,11 @@ def train(
             f"stderr:\n{proc.stderr[-6000:]}"
         )
     return read_metrics(run_dir)
+
+
+def curve(metrics: list[dict]) -> list[tuple[int, float, float]]:
+    """(step, loss, grad norm) per step: what exact-resume tests compare bit for bit."""
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in metrics]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

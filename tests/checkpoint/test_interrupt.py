@@ -23,26 +23,20 @@ from pretrain.checkpoint import export, manager
 from pretrain.data.synthetic import SyntheticStream
 from pretrain.train.signals import EXIT_PREEMPTED
 from tests.conftest import (
+    EXACT,
     REPO,
     TINY,
+    curve,
     export_and_compare,
     read_metrics,
     start,
     subprocess_env,
     train,
-)  # fmt: skip
+)
 
 pytestmark = pytest.mark.multiprocess
 
-RUN = [
-    "precision=fp32", "trainer.max_steps=30", "trainer.global_batch_size=8",
-    "trainer.micro_batch_size=2", "optim.lr=3e-3", "optim.warmup_steps=2",
-    "checkpoint.save_final=true",
-]  # fmt: skip
-
-
-def _curve(metrics: list[dict]) -> list[tuple[int, float, float]]:
-    return [(m["step"], m["loss"], m["grad_norm"]) for m in metrics]
+RUN = [*EXACT, "trainer.max_steps=30", "checkpoint.save_final=true"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +49,7 @@ def straight_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def straight(straight_dir: Path) -> list[tuple[int, float, float]]:
-    return _curve(read_metrics(straight_dir))
+    return curve(read_metrics(straight_dir))
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -100,7 +94,7 @@ def test_sigterm_saves_that_step_exits_75_and_resume_continues(
     kept = [p.name for p in manager.complete_checkpoints(tmp_path / "checkpoints")]
     assert kept == [f"step_{stopped_at - 1}", f"step_{stopped_at}"]  # the clock saved too
     assert "checkpoint saved; run the same command to resume" in (tmp_path / "out.log").read_text()
-    assert _curve(train(tmp_path, RUN)) == straight
+    assert curve(train(tmp_path, RUN)) == straight
     final, reference = _final_weights(tmp_path), _final_weights(straight_dir)
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[k], reference[k]) for k in final)  # the weights, bit for bit
@@ -175,4 +169,4 @@ def test_kill_9_at_random_moments_then_the_run_finishes_as_if_never_killed(
         assert _newest(tmp_path) is not None
         for ckpt in manager.complete_checkpoints(tmp_path / "checkpoints"):
             assert manager.read_client_state(ckpt)["trainer"]["step"] == int(ckpt.name[5:])
-    assert _curve(train(tmp_path, [*RUN, "checkpoint.every_steps=1"])) == straight
+    assert curve(train(tmp_path, [*RUN, "checkpoint.every_steps=1"])) == straight

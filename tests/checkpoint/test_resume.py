@@ -16,19 +16,20 @@ import pytest
 import torch
 
 from pretrain.checkpoint import export, manager
-from tests.conftest import REPO, TINY, export_and_compare, launch, subprocess_env, train
+from tests.conftest import (
+    EXACT,
+    REPO,
+    TINY,
+    curve,
+    export_and_compare,
+    launch,
+    subprocess_env,
+    train,
+)
 
 pytestmark = pytest.mark.multiprocess
 
-RUN = [
-    "precision=fp32", "trainer.max_steps=8", "trainer.global_batch_size=8",
-    "trainer.micro_batch_size=2", "optim.lr=3e-3", "optim.warmup_steps=2",
-    "checkpoint.every_steps=2",
-]  # fmt: skip
-
-
-def _curve(metrics: list[dict]) -> list[tuple[int, float, float]]:
-    return [(m["step"], m["loss"], m["grad_norm"]) for m in metrics]
+RUN = [*EXACT, "trainer.max_steps=8", "checkpoint.every_steps=2"]
 
 
 def _stopped_then_resumed(run_dir: Path, extra: list[str], nproc: int) -> list[dict]:
@@ -46,8 +47,8 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     """2 ranks under ZeRO-3 (ZeRO-2 passed the same way when this was written). One rank is
     tested in tests/checkpoint/test_interrupt.py, through SIGTERM and kill -9."""
     nproc, extra = 2, ["deepspeed.zero_stage=3"]
-    straight = _curve(train(tmp_path / "straight", [*RUN, *extra], nproc=nproc))
-    resumed = _curve(_stopped_then_resumed(tmp_path / "resumed", extra, nproc))
+    straight = curve(train(tmp_path / "straight", [*RUN, *extra], nproc=nproc))
+    resumed = curve(_stopped_then_resumed(tmp_path / "resumed", extra, nproc))
     assert [s for s, _, _ in resumed] == list(range(1, 9))
     assert resumed == straight  # bit for bit
     final = [export.consolidated_state_dict(tmp_path / run / "checkpoints" / "step_8")
@@ -64,7 +65,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     (moved / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "resumed" / "checkpoints" / "step_4",
                     moved / "checkpoints" / "step_4")  # fmt: skip
-    other = _curve(train(moved, [*RUN, "deepspeed.zero_stage=1"], nproc=1))
+    other = curve(train(moved, [*RUN, "deepspeed.zero_stage=1"], nproc=1))
     assert [s for s, _, _ in other] == [5, 6, 7, 8]
     # Weights, Adam moments, LR schedule and clipping carried over: the same curve up to the
     # order of floating-point sums (bit-exact needs the same layout).
@@ -79,7 +80,7 @@ def test_resume_with_data_workers_is_exact(tmp_path: Path) -> None:
     so do the tokenizer (for export) and the W&B run id (a resumed run continues it)."""
     extra = ["data=demo", "data.max_bytes=300000", "data.num_workers=2", "trainer.seq_len=32"]
     env = {"PRETRAIN_DATA_DIR": str(tmp_path / "data")}
-    straight = _curve(train(tmp_path / "straight", [*RUN, *extra], env=env))
+    straight = curve(train(tmp_path / "straight", [*RUN, *extra], env=env))
 
     run_dir, wandb = tmp_path / "resumed", ["logger.wandb.mode=offline"]
     env_wandb = {**env, "WANDB_MODE": "offline"}
@@ -89,7 +90,7 @@ def test_resume_with_data_workers_is_exact(tmp_path: Path) -> None:
     assert ckpt.name == "step_3" and (ckpt / "tokenizer.json").is_file()
     run_id = manager.read_client_state(ckpt)["wandb_run_id"]
     resumed = train(run_dir, [*RUN, *extra, *wandb, "checkpoint.export_hf=true"], env=env_wandb)
-    assert _curve(resumed) == straight
+    assert curve(resumed) == straight
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(f"-{run_id}" in r.name for r in wandb_runs)
 

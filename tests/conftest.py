@@ -7,6 +7,7 @@ its own process, so process groups and DeepSpeed's global state never leak betwe
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -39,6 +40,9 @@ EXACT = [
     "precision=fp32", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
     "optim.lr=3e-3", "optim.warmup_steps=2",
 ]  # fmt: skip
+
+# The equivalence runs (tests/train): 6 steps of EXACT, a high lr so steps differ a lot.
+EQUIV = [*EXACT, "trainer.max_steps=6"]
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -106,6 +110,16 @@ def train(
             f"stderr:\n{proc.stderr[-6000:]}"
         )
     return read_metrics(run_dir)
+
+
+def loss_list(metrics: list[dict]) -> list[float]:
+    return [m["loss"] for m in metrics]
+
+
+def assert_close(a: list[float], b: list[float], rel: float) -> None:
+    assert len(a) == len(b)
+    for step, (x, y) in enumerate(zip(a, b, strict=True), start=1):
+        assert math.isclose(x, y, rel_tol=rel), f"step {step}: {x} vs {y}"
 
 
 def curve(metrics: list[dict]) -> list[tuple[int, float, float]]:

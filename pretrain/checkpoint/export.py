@@ -197,6 +197,24 @@ def write_tokenizer(tokenizer: Any, out: Path, model_max_length: int) -> None:
     )
 
 
+def check_same_tokenizer(ckpt: Path, tokenizer: str | None) -> None:
+    """Refuse to resume `ckpt` with data made by another tokenizer than the one it carries."""
+    saved = _checkpoint_tokenizer(ckpt)
+    if saved is None or tokenizer is None:
+        return
+    from pretrain.data.tokenizer import fingerprint
+    from pretrain.data.tokenizer import load as load_tokenizer
+
+    theirs, ours = fingerprint(saved), fingerprint(load_tokenizer(tokenizer))
+    if theirs != ours:
+        raise ValueError(
+            f"{ckpt} was trained with another tokenizer (sha256 {theirs[:12]}) than this run's "
+            f"data uses ({tokenizer}, sha256 {ours[:12]}): the token ids would mean other "
+            "things. Use the data the run was trained on, or checkpoint.resume=none (or "
+            "another run_dir) to start afresh."
+        )
+
+
 def _checkpoint_tokenizer(ckpt: Path) -> Any | None:
     path = ckpt / TOKENIZER_FILE
     if not path.is_file():

@@ -17,7 +17,12 @@ from omegaconf import OmegaConf
 from pretrain import dist
 from pretrain.checkpoint import manager as checkpoint
 from pretrain.checkpoint import reshard
-from pretrain.checkpoint.export import TOKENIZER_FILE, export_hf, load_hf_weights
+from pretrain.checkpoint.export import (
+    TOKENIZER_FILE,
+    check_same_tokenizer,
+    export_hf,
+    load_hf_weights,
+)
 from pretrain.config import RunConfig
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model
@@ -51,6 +56,7 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
     if resume_from is not None and checkpoint.is_complete(resume_from):
         saved = checkpoint.read_client_state(resume_from)["config"]
         check_same_model(saved, run, resume_from)
+        check_same_tokenizer(resume_from, getattr(data, "tokenizer", None))
         saved_layout = reshard.saved_layout(saved)
         universal = reshard.needs_universal(saved_layout, layout, resume_from)
         if universal:

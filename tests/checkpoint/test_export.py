@@ -106,3 +106,18 @@ def test_import_refuses_another_shape_naming_each_key(tmp_path: Path) -> None:
         load_hf_weights(Transformer(LlamaConfig(**other)), tmp_path, other)
     assert "num_hidden_layers: checkpoint has 2, model has 3" in str(e.value)
     assert "num_key_value_heads: checkpoint has 4, model has 2" in str(e.value)
+
+
+def test_resuming_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    from pretrain.checkpoint.export import check_same_tokenizer
+    from pretrain.data.tokenizer import train_bpe
+
+    ckpt = tmp_path / "step_2"
+    ckpt.mkdir()
+    byte_tokenizer().save(str(ckpt / "tokenizer.json"))
+    check_same_tokenizer(ckpt, "bytes")  # the same one: fine
+    other = tmp_path / "bpe.json"
+    train_bpe(["def f(x):\n    return x\n"] * 50, 300).save(str(other))
+    with pytest.raises(ValueError, match="trained with another tokenizer"):
+        check_same_tokenizer(ckpt, str(other))
+    check_same_tokenizer(tmp_path, str(other))  # a checkpoint without one: nothing to check

@@ -100,14 +100,14 @@ def save(
     _fsync_tree(path)
     _barrier()  # every rank's files are on disk
     if _rank() == 0:
-        files = {
+        listed = {
             str(f.relative_to(path)): f.stat().st_size
             for f in sorted(path.rglob("*"))
             if f.is_file() and f.name != MARKER
         }
         tmp = path / f".{MARKER}.tmp"
         with tmp.open("w") as fh:
-            json.dump({"step": step, "files": files}, fh)
+            json.dump({"step": step, "files": listed}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path / MARKER)

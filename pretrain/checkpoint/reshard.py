@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from pretrain import dist
+from pretrain.checkpoint import manager
 
 log = logging.getLogger("pretrain")
 
@@ -154,8 +155,6 @@ def load(engine: Any, path: Path, universal: bool) -> tuple[dict[str, Any], list
     Returns (client_state, every saved rank's own state, in rank order); this rank's RNG
     comes from the saved rank of the same number, or the last one.
     """
-    from pretrain.checkpoint import manager
-
     kwargs = dict(load_optimizer_states=True, load_lr_scheduler_states=True)
     if universal:
         before = hyperparameters(engine)

@@ -73,7 +73,8 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
         data.load_state_dict(rank_state["data"])
     elif resume_from is not None:
         client_state, rank_states = reshard.load(engine, resume_from, universal)
-        _hand_over_data(data, [r["data"] for r in rank_states], client_state, run)
+        step = int(client_state["trainer"]["step"])
+        _hand_over_data(data, [r["data"] for r in rank_states], step)
         log.warning(
             "resumed %s, saved by %d rank(s) with ZeRO-%d, on %d rank(s) with ZeRO-%d: "
             "weights, Adam moments and LR schedule carried over exactly%s", resume_from,
@@ -116,9 +117,9 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
     try:
         start = state.step
         trainer.fit()
-        saved = trainer.last_saved_step == state.step
+        just_saved = trainer.last_saved_step == state.step
         final = run.checkpoint.save_final or run.checkpoint.export_hf
-        if final and state.step > start and not saved:
+        if final and state.step > start and not just_saved:
             save(state)
         if run.checkpoint.export_hf and trainer.stop_signal is None:
             if dist.is_main():
@@ -162,13 +163,13 @@ def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:
         )
 
 
-def _hand_over_data(data: object, states: list[dict], client_state: dict, run: RunConfig) -> None:
+def _hand_over_data(data: object, states: list[dict], step: int) -> None:
     """Give the data stream the saved ranks' positions, from another number of ranks."""
     resume = getattr(data, "load_resharded_state", None)
     if resume is None:
         log.warning("the data source cannot continue from another number of ranks: it restarts")
         return
-    resume(states, int(client_state["trainer"]["step"]))
+    resume(states, step)
 
 
 def build_module(run: RunConfig) -> torch.nn.Module:

@@ -49,6 +49,9 @@ def bench_one(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    # What stays between steps (weights, gradients, optimizer state): tools/estimate.py's
+    # "states" figure, while the peak adds the activations of one micro-batch.
+    state_mem = torch.cuda.memory_allocated() if cuda else float("nan")
     tokens_per_s = steps * run.tokens_per_step / elapsed
     cfg: LlamaConfig = OmegaConf.to_object(run.model)  # the Llama schema is a LlamaConfig
     model_flops = flops_per_token(cfg, run.trainer.seq_len, causal=True) * tokens_per_s
@@ -60,6 +63,7 @@ def bench_one(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
         "tflops": model_flops / 1e12,
         "mfu": model_flops / peak if peak else float("nan"),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "state_mem_gib": state_mem / 2**30,
         "final_loss": losses[-1],
     }
     del trainer, engine, model, data

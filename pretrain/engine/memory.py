@@ -1,0 +1,106 @@
+"""Memory per GPU of a training run, by ZeRO stage: pure arithmetic on the config.
+
+The model states follow the ZeRO paper (Rajbhandari et al. 2020, section 3.1) as DeepSpeed
+implements mixed precision: the model's own weights in the compute dtype (2 bytes for
+bf16/fp16), their gradients in the same dtype, and the optimizer's share, which for AdamW is
+an fp32 master copy (4 bytes, absent in fp32 training) plus two fp32 moments (8 bytes).
+ZeRO-1 divides the optimizer share by the data-parallel size, ZeRO-2 the gradients too,
+ZeRO-3 the weights too.
+
+Activations are what autograd keeps for backward, per token of a micro-batch. Per
+Transformer block, with a fused attention kernel (no T x T score matrix is kept), in bytes,
+w being the compute dtype's width (h = d_model, F = ffn_hidden, kv = n_kv_heads * head_dim):
+
+    each of the 2 RMSNorms   4h (its fp32 input) + w*h (normed) + w*h (gained: next input)
+    q, k, v after RoPE       w * (h + 2 kv)
+    attention output         w * h (the kernel's output, which o_proj reads as a view)
+    SwiGLU                   w * 4F (gate, up, silu(gate), their product)
+
+which is Korthikanti et al. 2022's count redone for RMSNorm, GQA and SwiGLU, and which
+tests/engine/test_memory.py checks against the tensors autograd really saves. The final
+norm keeps 4h + 2wh; the loss keeps fp32 log-probabilities (4 bytes per vocabulary entry)
+and, when backward starts, their fp32 gradient as much again. With activation
+checkpointing a block keeps only its input (w*h), and one block's full set lives again
+while it is recomputed.
+
+Checked on one H100 (llama_1b, bf16, seq 2048; docs/performance.md): the states and the
+peak agree with `torch.cuda` to within 2%. Allocator fragmentation, communication buckets
+and ZeRO-3's prefetch buffers come on top; leave 10-20% headroom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.model.flops import num_params
+from pretrain.model.llama import LlamaConfig
+
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# What torch.cuda reports as total memory (GiB), by the GPU names of flops.PEAK_FLOPS.
+GPU_MEMORY_GIB = {"H100": 79.2, "H100 PCIe": 79.2, "H200": 139.8, "A100": 79.2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU of one training configuration."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    """fp32 master weights (mixed precision only) and AdamW's two moments."""
+    activations: int
+    """Kept for backward by one micro-batch."""
+
+    @property
+    def states(self) -> int:
+        """What persists between steps; gradients are freed once the optimizer has stepped."""
+        return self.weights + self.optimizer
+
+    @property
+    def total(self) -> int:
+        """The peak: states, gradients and one micro-batch's activations at once."""
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+def activation_bytes_per_token(
+    cfg: LlamaConfig, precision: str, activation_checkpointing: bool = False
+) -> int:
+    """Bytes autograd keeps per token of a micro-batch (see the module docstring)."""
+    w, h = BYTES[precision], cfg.d_model
+    norm = 4 * h + 2 * w * h
+    block = 2 * norm + w * (h + 2 * cfg.n_kv_heads * cfg.head_dim) + w * h
+    block += w * 4 * cfg.ffn_hidden
+    blocks = cfg.n_layers * w * h + block if activation_checkpointing else cfg.n_layers * block
+    return blocks + norm + 8 * cfg.vocab_size
+
+
+def estimate_memory(
+    cfg: LlamaConfig,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    dp: int,
+    zero_stage: int,
+    precision: str = "bf16",
+    activation_checkpointing: bool = False,
+    offload_optimizer: bool = False,
+) -> MemoryEstimate:
+    """Bytes per GPU for `dp` data-parallel ranks at ZeRO `zero_stage` (0-3)."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage={zero_stage}: choose 0, 1, 2 or 3")
+    n = num_params(cfg)
+    width = BYTES[precision]
+    master = 4 if precision != "fp32" else 0
+    weights, grads, optimizer = width * n, width * n, (master + 8) * n
+    if zero_stage >= 1:
+        optimizer //= dp
+    if zero_stage >= 2:
+        grads //= dp
+    if zero_stage >= 3:
+        weights //= dp
+    if offload_optimizer:
+        optimizer = 0  # master weights and moments live in host memory
+    tokens = seq_len * micro_batch_size
+    activations = tokens * activation_bytes_per_token(cfg, precision, activation_checkpointing)
+    return MemoryEstimate(weights, grads, optimizer, activations)

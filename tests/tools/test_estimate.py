@@ -1,0 +1,62 @@
+"""tools/estimate.py sizes a run: every figure checked against arithmetic done by hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, subprocess_env
+
+LLAMA_7B = ["model=llama_7b", "trainer.seq_len=4096", "trainer.global_batch_tokens=4194304",
+            "trainer.micro_batch_size=1", "deepspeed.zero_stage=3"]  # fmt: skip
+
+
+def estimate(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "estimate.json"
+    proc = subprocess.run(
+        [sys.executable, "tools/estimate.py", "--json", str(out), *args],
+        cwd=REPO, env={**subprocess_env(), "PYTHONPATH": str(REPO)}, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    return proc, json.loads(out.read_text()) if proc.returncode == 0 else {}
+
+
+def test_llama_7b_on_64_h100s_by_hand(tmp_path: Path) -> None:
+    proc, e = estimate(tmp_path, "--tokens", "1e12", "--nodes", "8", "--gpus-per-node", "8",
+                       "--gpu", "H100", "--mfu", "0.45", *LLAMA_7B)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    n = 6_738_415_616  # Llama 2 7B's published count
+    assert e["params"] == n
+    # Matmul weights: all but the 32000 x 4096 input embedding and the 65 norm gains.
+    assert e["matmul_params"] == n - 32000 * 4096 - 65 * 4096 == 6_607_077_376
+    # 6 N_matmul + 12 L T d / 2 (causal attention).
+    flops = 6 * 6_607_077_376 + 12 * 32 * 4096 * 4096 // 2
+    assert e["flops_per_token"] == flops == 42_863_689_728
+    assert (e["global_batch_size"], e["grad_accum"], e["gpus"]) == (1024, 16, 64)
+    assert e["steps"] == 238_419  # ceil(1e12 / 4,194,304)
+    tokens_per_s = 0.45 * 989e12 * 64 / flops  # about 664.5K tokens/s
+    assert e["tokens_per_s"] == pytest.approx(tokens_per_s)
+    hours = 238_419 * 4_194_304 / tokens_per_s / 3600  # about 418 h
+    assert e["hours"] == pytest.approx(hours) and e["gpu_hours"] == pytest.approx(64 * hours)
+    # ZeRO-3 on 64 ranks: every state divided by 64; bf16 activations of one 4096-token
+    # sequence: 32 blocks x 186,368 B + final norm 32,768 B + loss 8 x 32000 B per token.
+    z3 = e["memory"]["3"]
+    assert (z3["weights"], z3["grads"], z3["optimizer"]) == (2 * n // 64, 2 * n // 64, 12 * n // 64)
+    assert z3["activations"] == 4096 * (32 * 186_368 + 32_768 + 256_000)
+    assert e["memory"]["0"]["optimizer"] == 12 * n  # unsharded: 75 GiB, more than an H100 holds
+    assert "0   " in proc.stdout and "too big" in proc.stdout and "<- configured" in proc.stdout
+
+
+def test_bad_input_is_named(tmp_path: Path) -> None:
+    proc, _ = estimate(tmp_path, "--tokens", "1e9", "--gpus-per-node", "1", "--gpu", "V100",
+                       "model=llama_1b")  # fmt: skip
+    assert proc.returncode == 2 and "--gpu V100" in proc.stderr and "--peak-tflops" in proc.stderr
+    proc, _ = estimate(tmp_path, "--tokens", "1e9", "--gpus-per-node", "3", "model=llama_1b",
+                       "trainer.global_batch_size=8", "trainer.micro_batch_size=1")  # fmt: skip
+    assert proc.returncode == 2 and "trainer.global_batch_size=8 is not divisible" in proc.stderr
+    proc, _ = estimate(tmp_path, "--tokens", "1e9", "--gpus-per-node", "1", "model=lstm")
+    assert proc.returncode == 2 and "model=llama_*" in proc.stderr

@@ -137,20 +137,24 @@ def test_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Pat
 
 
 def test_second_signal_aborts_without_saving(tmp_path: Path) -> None:
-    """The handler on its own, in a child process: the second signal ends it at once."""
+    """The handler on its own, in a child process: copies of the first signal, as launchers
+    deliver them, are one request; a signal after the repeat window ends the process at once."""
     script = (
         "import os, signal, time\n"
-        "from pretrain.train.signals import StopSignals\n"
+        "from pretrain.train.signals import REPEAT_WINDOW_S, StopSignals\n"
         "with StopSignals() as s:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # Slurm's copy and torchrun's\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
         "    assert s.received == signal.SIGTERM\n"
+        "    time.sleep(REPEAT_WINDOW_S + 0.1)\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    time.sleep(10)\n"
         "raise SystemExit(0)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert proc.returncode == 128 + signal.SIGINT
+    assert proc.returncode == 128 + signal.SIGINT  # not SIGTERM's: its copies did not abort
     assert "second stop signal (SIGINT): aborting now" in proc.stderr
 
 

@@ -60,6 +60,9 @@ def free_port() -> int:
 
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
+    # This venv's programs first (torchrun for the launch scripts, and ninja: DeepSpeed's JIT
+    # ops rebuild from scratch whenever another ninja than the last one looks at their cache).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(
         WANDB_MODE=env.get("WANDB_MODE", "disabled"),
         WANDB_SILENT="true",

@@ -101,7 +101,7 @@ def report(e: dict, gpu: str) -> str:
         f"batch: {e['global_batch_size']:,} sequences = {e['tokens_per_step']:,} tokens/step "
         f"(micro-batch {e['micro_batch_size']} x accumulation {e['grad_accum']} "
         f"x {e['gpus']} GPUs)",
-        f"budget: {e['tokens']:.3g} tokens = {e['steps']:,} steps",
+        f"budget: {e['tokens']:.3g} tokens = {e['steps']:,} steps (trainer.max_steps={e['steps']})",
         f"speed at {e['mfu']:.0%} MFU of {e['peak_flops'] / 1e12:.0f} TFLOP/s ({gpu}, "
         f"{e['precision']}): {e['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, "
         f"{e['tokens_per_s']:,.0f} in all",

@@ -186,6 +186,13 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
 
     if logger.wandb.mode not in WANDB_MODES:
         errors.append(f"logger.wandb.mode={logger.wandb.mode!r}: choose {', '.join(WANDB_MODES)}")
+    if logger.wandb.id is not None and (
+        not logger.wandb.id or any(c in logger.wandb.id for c in "/\\#?%: ")
+    ):
+        errors.append(
+            f"logger.wandb.id={logger.wandb.id!r}: W&B run ids cannot be empty or hold "
+            "/ \\ # ? % : or spaces; use letters, digits, - and _"
+        )
     if checkpoint.resume not in ("auto", "none") and not Path(checkpoint.resume).is_dir():
         errors.append(
             f"checkpoint.resume={checkpoint.resume}: not a directory; give a step_N checkpoint "

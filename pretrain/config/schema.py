@@ -202,6 +202,10 @@ class WandbConfig:
     entity: str | None = None
     name: str | None = None
     """Run name; null uses the config's run_name."""
+    id: str | None = None
+    """Run id (unique in the project); null: a new one. A resumed run keeps the id its
+    checkpoint carries; slurm/pretrain.sh sets this from the job, so a requeued job
+    continues its W&B run even when it stopped before its first checkpoint."""
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     dir: str | None = None

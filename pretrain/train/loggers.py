@@ -75,6 +75,8 @@ class WandbLogger:
         """`run_id` (kept in checkpoints) continues that W&B run after a resume or requeue."""
         import wandb
 
+        run_id = run_id or cfg.id
+
         mode = cfg.mode
         if mode == "online" and not _has_wandb_credentials(wandb):
             log.warning(

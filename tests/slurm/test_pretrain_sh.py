@@ -1,0 +1,152 @@
+"""`sbatch slurm/pretrain.sh` on a real two-node Slurm cluster: rendezvous, training,
+preemption and requeue, a node that never joins, a sweep; and slurm/launch_node.sh on two
+"nodes" without Slurm. Every run is checked against `torchrun --nproc_per_node=2`."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    EXACT,
+    REPO,
+    TINY,
+    curve,
+    free_port,
+    read_metrics,
+    subprocess_env,
+    train,
+)
+from tests.slurm.cluster import SlurmCluster
+
+pytestmark = pytest.mark.multiprocess
+
+# Long enough (about 10 s on 2 CPU ranks) for a signal to land mid-run.
+STEPS = 300
+RUN = [*TINY, *EXACT, f"trainer.max_steps={STEPS}", "trainer.log_every=1"]
+# The test nodes have one CPU and no GPU: override the script's GPU-cluster defaults.
+SBATCH = ["--cpus-per-task=1", "--gpus-per-node=0", "--job-name=t"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, float, float]]:
+    """The same run under plain torchrun, one node with two processes."""
+    return curve(train(tmp_path_factory.mktemp("torchrun"), RUN, nproc=2))
+
+
+def submit(
+    slurm: SlurmCluster,
+    cwd: Path,
+    options: list[str],
+    args: list[str],
+    script: str = "pretrain.sh",
+) -> int:
+    """`sbatch OPTIONS slurm/SCRIPT ARGS` from `cwd`, where the job also runs."""
+    (cwd / "logs").mkdir(exist_ok=True)
+    return slurm.sbatch(f"--chdir={cwd}", *SBATCH, *options, str(REPO / "slurm" / script),
+                        *args, env=subprocess_env(), cwd=cwd)  # fmt: skip
+
+
+def job_log(cwd: Path, job_id: int, name: str = "t") -> str:
+    return (cwd / "logs" / f"{name}-{job_id}.out").read_text()
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= step):
+        assert time.monotonic() < deadline, f"{run_dir} did not reach step {step}"
+        time.sleep(0.2)
+
+
+def test_two_nodes_train_like_torchrun_on_one(
+    slurm: SlurmCluster,
+    tmp_path: Path,
+    reference: list,
+) -> None:
+    job = submit(slurm, tmp_path, ["-N2"], RUN)
+    state = slurm.wait(job)
+    log = job_log(tmp_path, job)
+    assert state == "COMPLETED", log[-4000:]
+    assert "2 node(s)" in log and "world 2" in log
+    # Run dir and W&B id derive from the job name and id.
+    run_dir = tmp_path / "runs" / f"t-{job}"
+    assert curve(read_metrics(run_dir)) == reference
+    config = (run_dir / "config.yaml").read_text()
+    assert f"id: t-{job}" in config
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [
+        (["scancel", "-s", "USR1", "--full"], "stopped by a signal, checkpoint saved; requeueing"),
+        (["scontrol", "requeue"], "SIGTERM (requeue, preemption or cancel)"),
+    ],
+    ids=["usr1", "scontrol-requeue"],
+)
+def test_preempted_job_saves_requeues_and_resumes(
+    slurm: SlurmCluster,
+    tmp_path: Path,
+    reference: list,
+    how: list[str],
+    said: str,
+) -> None:
+    """USR1 (what --signal sends before the time limit): the script requeues the job.
+    `scontrol requeue` (SIGTERM, as preemption sends): Slurm does. Both save first."""
+    job = submit(slurm, tmp_path, ["-N2"], RUN)
+    run_dir = tmp_path / "runs" / f"t-{job}"
+    slurm.wait(job, until=("RUNNING",))
+    wait_for_step(run_dir, 20)
+    slurm.run(*how, str(job))
+    state = slurm.wait(job, timeout=300)
+    log = job_log(tmp_path, job)
+    assert state == "COMPLETED", log[-4000:]
+    assert slurm.job(job).get("Restarts") == "1", log[-4000:]
+    assert said in log
+    assert "(start 2)" in log and f"resumed from runs/t-{job}/checkpoints/step_" in log
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert saved and saved[0] != f"step_{STEPS}", saved
+    assert curve(read_metrics(run_dir)) == reference  # as if never stopped
+
+
+def test_node_that_never_joins_times_out_with_a_message(
+    slurm: SlurmCluster,
+    tmp_path: Path,
+) -> None:
+    """One node allocated, two expected: the rendezvous gives up and says where and why."""
+    job = submit(slurm, tmp_path, ["-N1", "--export=ALL,NNODES=2,RDZV_TIMEOUT=5"], RUN)
+    state = slurm.wait(job, timeout=180)
+    log = job_log(tmp_path, job)
+    assert state == "FAILED" and slurm.job(job).get("ExitCode") == "124:0", log[-3000:]
+    port = 20000 + job % 20000
+    assert f"rendezvous at 127.0.0.1:{port} failed: not all 2 nodes joined within 5s" in log
+    assert "RDZV_TIMEOUT" in log
+
+
+def test_sweep_runs_one_job_per_line(slurm: SlurmCluster, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# lr sweep\noptim.lr=1e-3\n\noptim.lr=3e-3\n")
+    job = submit(slurm, tmp_path, ["--array=0-1"], [str(sweep), *TINY, "trainer.max_steps=5"],
+                 script="sweep.sh")  # fmt: skip
+    for task in (0, 1):
+        assert slurm.wait(f"{job}_{task}") == "COMPLETED"  # type: ignore[arg-type]
+    lrs = {}
+    for task in (0, 1):
+        config = (tmp_path / "runs" / f"t-{job}_{task}" / "config.yaml").read_text()
+        lrs[task] = next(line.split()[-1] for line in config.splitlines() if "  lr:" in line)
+    assert lrs == {0: "0.001", 1: "0.003"}
+
+
+def test_launch_node_on_two_nodes_without_slurm(tmp_path: Path, reference: list) -> None:
+    """The documented multi-node command without Slurm: the same script on each "node"."""
+    env = {**subprocess_env(), "NNODES": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+           "RDZV_ID": "two", "NPROC_PER_NODE": "1"}  # fmt: skip
+    command = ["bash", str(REPO / "slurm" / "launch_node.sh"), *RUN, f"run_dir={tmp_path}"]
+    nodes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert curve(read_metrics(tmp_path)) == reference

@@ -64,19 +64,11 @@ torchrun \
 rc=$?
 wait  # for tee to flush the report
 if ((rc != 0)); then
-  if grep -q -e RendezvousTimeoutError -e RendezvousConnectionError "$report"; then
-    cat >&2 <<EOF
-[$host] error: rendezvous at $endpoint failed: not all $nnodes nodes joined within ${join_timeout}s.
-  Check: every node's task started (squeue -s, the job log); '${endpoint%:*}' resolves from
-  every node to the first node; port ${endpoint##*:} is open between the nodes and not taken
-  by another job (set RDZV_PORT); nodes that start slowly need a larger RDZV_TIMEOUT.
-EOF
-    rc=124
-  else
-    # torchrun exits 1 whatever its processes returned; its report lists their codes.
-    # One code shared by all (75: stopped by a signal, checkpoint saved) is passed on.
-    codes=$(grep -oE 'exitcode *: *-?[0-9]+' "$report" | grep -oE -- '-?[0-9]+$' | sort -u)
-    if [[ -n "$codes" && $(wc -l <<<"$codes") -eq 1 ]]; then
+  # torchrun exits 1 whatever its processes returned; its report lists their codes.
+  # One code shared by all (75: stopped by a signal, checkpoint saved) is passed on.
+  codes=$(grep -oE 'exitcode *: *-?[0-9]+' "$report" | grep -oE -- '-?[0-9]+$' | sort -u)
+  if [[ -n "$codes" ]]; then
+    if [[ $(wc -l <<<"$codes") -eq 1 ]]; then
       rc=$codes
       ((rc < 0)) && rc=$((128 - rc))  # killed by signal N: 128 + N, as a shell reports it
     fi
@@ -84,6 +76,16 @@ EOF
       echo "[$host] the training processes stopped on a signal after saving a checkpoint" \
         "(exit 75; torchrun reports that as FAILED above): run again to resume" >&2
     fi
+  elif grep -q -e RendezvousTimeoutError -e RendezvousConnectionError "$report"; then
+    # No process ever ran: the nodes did not meet. (A connection error while shutting
+    # down, after the processes ran, is harmless: their codes are handled above.)
+    cat >&2 <<EOF
+[$host] error: rendezvous at $endpoint failed: not all $nnodes nodes joined within ${join_timeout}s.
+  Check: every node's task started (squeue -s, the job log); '${endpoint%:*}' resolves from
+  every node to the first node; port ${endpoint##*:} is open between the nodes and not taken
+  by another job (set RDZV_PORT); nodes that start slowly need a larger RDZV_TIMEOUT.
+EOF
+    rc=124
   fi
 fi
 rm -f "$report"

@@ -140,3 +140,11 @@ def test_checkpoint_and_bad_step_settings_are_checked(tmp_path) -> None:
     assert "trainer.max_bad_steps=0: must be >= 1" in text
     assert "checkpoint.every_minutes=-1.0: must be >= 0" in text
     assert f"model.init_from={tmp_path / 'nothing'}: no config.json there" in text
+
+
+def test_wandb_run_id_is_checked() -> None:
+    """slurm/pretrain.sh sets logger.wandb.id from the job; W&B rejects some characters."""
+    with pytest.raises(ConfigError, match=r"logger\.wandb\.id='a/b': W&B run ids cannot"):
+        resolve(compose_config(["logger.wandb.id=a/b"]), world_size=1, cuda_available=False)
+    run = resolve(compose_config(["logger.wandb.id=job-12_3"]), world_size=1, cuda_available=False)
+    assert run.logger.wandb.id == "job-12_3"

@@ -9,6 +9,7 @@ conftest.py beside this file).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import time
@@ -42,6 +43,8 @@ def ensure_slurm() -> str | None:
 CONF = """\
 ClusterName=ci
 SlurmctldHost=localhost
+# Job ids (and so slurm/pretrain.sh's rendezvous ports) apart from another cluster's here.
+FirstJobId={first_job_id}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
@@ -86,7 +89,7 @@ class SlurmCluster:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(
             CONF.format(d=self.dir, ctld_port=free_port(), n1_port=free_port(),
-                        n2_port=free_port())
+                        n2_port=free_port(), first_job_id=random.randrange(1000, 19000, 100))
         )  # fmt: skip
         daemons = {"slurmctld": ["slurmctld", "-D"], "n1": ["slurmd", "-D", "-N", "n1"],
                    "n2": ["slurmd", "-D", "-N", "n2"]}  # fmt: skip

@@ -43,11 +43,12 @@ def submit(
     options: list[str],
     args: list[str],
     script: str = "pretrain.sh",
+    env: dict[str, str] | None = None,
 ) -> int:
     """`sbatch OPTIONS slurm/SCRIPT ARGS` from `cwd`, where the job also runs."""
     (cwd / "logs").mkdir(exist_ok=True)
     return slurm.sbatch(f"--chdir={cwd}", *SBATCH, *options, str(REPO / "slurm" / script),
-                        *args, env=subprocess_env(), cwd=cwd)  # fmt: skip
+                        *args, env={**subprocess_env(), **(env or {})}, cwd=cwd)  # fmt: skip
 
 
 def job_log(cwd: Path, job_id: int, name: str = "t") -> str:
@@ -95,8 +96,10 @@ def test_preempted_job_saves_requeues_and_resumes(
     said: str,
 ) -> None:
     """USR1 (what --signal sends before the time limit): the script requeues the job.
-    `scontrol requeue` (SIGTERM, as preemption sends): Slurm does. Both save first."""
-    job = submit(slurm, tmp_path, ["-N2"], RUN)
+    `scontrol requeue` (SIGTERM, as preemption sends): Slurm does. Both save first, and
+    both starts log to one W&B run (offline here), named after the job."""
+    wandb = {"WANDB_MODE": "offline"}
+    job = submit(slurm, tmp_path, ["-N2"], [*RUN, "logger.wandb.mode=offline"], env=wandb)
     run_dir = tmp_path / "runs" / f"t-{job}"
     slurm.wait(job, until=("RUNNING",))
     wait_for_step(run_dir, 20)

@@ -24,8 +24,8 @@ from tests.slurm.cluster import SlurmCluster
 
 pytestmark = pytest.mark.multiprocess
 
-# Long enough (about 10 s on 2 CPU ranks) for a signal to land mid-run.
-STEPS = 300
+# Long enough (about 7 s on 2 CPU ranks) for a signal to land mid-run.
+STEPS = 200
 RUN = [*TINY, *EXACT, f"trainer.max_steps={STEPS}", "trainer.log_every=1"]
 # The test nodes have one CPU and no GPU: override the script's GPU-cluster defaults.
 SBATCH = ["--cpus-per-task=1", "--gpus-per-node=0", "--job-name=t"]

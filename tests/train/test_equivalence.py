@@ -1,23 +1,17 @@
-"""ZeRO 0-3, CPU offload, activation checkpointing, compiled blocks and two torchrun "nodes"
-against one process: the same losses (fp32, 2 gloo ranks)."""
+"""ZeRO 0-3, CPU offload, activation checkpointing and compiled blocks against one process:
+the same losses (fp32, 2 gloo ranks). Two torchrun "nodes" on one c10d endpoint are in
+tests/slurm/test_pretrain_sh.py, through slurm/launch_node.sh."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import (
     EQUIV,
-    REPO,
-    TINY,
     assert_close,
-    free_port,
     loss_list,
-    read_metrics,
-    subprocess_env,
     train,
 )
 
@@ -62,22 +56,3 @@ def test_compiled_blocks_give_the_same_losses(
     """torch.compile fuses kernels (inductor's C++ backend on CPU) without changing the math."""
     losses = loss_list(train(tmp_path, [*EQUIV, "trainer.compile=true"]))
     assert_close(losses, single_process_losses, rel=1e-4)
-
-
-def test_two_nodes_via_c10d_rendezvous_match_one_process(
-    tmp_path: Path, single_process_losses: list[float]
-) -> None:
-    """Two torchrun agents ("nodes") of one process each, joined on one c10d endpoint."""
-    endpoint = f"127.0.0.1:{free_port()}"
-    overrides = [*TINY, f"run_dir={tmp_path}", *EQUIV, "deepspeed.zero_stage=1"]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=two-nodes",
-        "-m", "pretrain", *overrides,
-    ]  # fmt: skip
-    popen = dict(cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    agents = [subprocess.Popen(command, env=subprocess_env(), **popen) for _ in range(2)]
-    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
-    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    assert any("world 2 | ZeRO-1" in o for o in outputs)
-    assert_close(loss_list(read_metrics(tmp_path)), single_process_losses, rel=1e-4)

@@ -64,6 +64,7 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
             precision=run.precision,
             activation_checkpointing=run.trainer.activation_checkpointing,
             offload_optimizer=run.deepspeed.offload_optimizer and stage >= 1,
+            grad_accum=run.grad_accum,
         )
         memory[stage] = {**asdict(est), "states": est.states, "total": est.total}
     return {
@@ -108,7 +109,9 @@ def report(e: dict, gpu: str) -> str:
         f"time: {e['hours']:,.1f} h on {e['gpus']} GPU(s) = {e['gpu_hours']:,.0f} GPU-hours",
         "",
         f"memory per GPU (GiB) at micro-batch {e['micro_batch_size']}, "
-        f"data-parallel size {e['gpus']}:",
+        f"data-parallel size {e['gpus']}; total = weights + optim + "
+        + ("grads + activ." if e["grad_accum"] > 1 else "the larger of grads and activ.")
+        + ":",
         f"{'ZeRO':>6} {'weights':>8} {'grads':>8} {'optim':>8} {'activ.':>8} {'total':>8}",
     ]
     capacity = e["gpu_memory_gib"]

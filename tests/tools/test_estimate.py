@@ -43,10 +43,12 @@ def test_llama_7b_on_64_h100s_by_hand(tmp_path: Path) -> None:
     hours = 238_419 * 4_194_304 / tokens_per_s / 3600  # about 418 h
     assert e["hours"] == pytest.approx(hours) and e["gpu_hours"] == pytest.approx(64 * hours)
     # ZeRO-3 on 64 ranks: every state divided by 64; bf16 activations of one 4096-token
-    # sequence: 32 blocks x 186,368 B + final norm 32,768 B + loss 8 x 32000 B per token.
+    # sequence: 32 blocks x 186,368 B + final norm 32,768 B + loss 12 x 32000 B per token.
     z3 = e["memory"]["3"]
     assert (z3["weights"], z3["grads"], z3["optimizer"]) == (2 * n // 64, 2 * n // 64, 12 * n // 64)
-    assert z3["activations"] == 4096 * (32 * 186_368 + 32_768 + 256_000)
+    assert z3["activations"] == 4096 * (32 * 186_368 + 32_768 + 384_000)
+    # 16 micro-batches per step: gradients and activations count together.
+    assert z3["total"] == z3["weights"] + z3["grads"] + z3["optimizer"] + z3["activations"]
     assert e["memory"]["0"]["optimizer"] == 12 * n  # unsharded: 75 GiB, more than an H100 holds
     assert "0   " in proc.stdout and "too big" in proc.stdout and "<- configured" in proc.stdout
 

@@ -9,7 +9,7 @@
 # Environment (all optional on one node):
 #   NNODES          nodes in the run (torchrun --nnodes)                [SLURM_NNODES, else 1]
 #   RDZV_ENDPOINT   host:port of the rendezvous, an open port on the first node
-#                                                                       [127.0.0.1:29500]
+#                                                [required with NNODES > 1; else 127.0.0.1:29500]
 #   RDZV_ID         the same on every node, unique per run              [SLURM_JOB_ID, else pretrain]
 #   RDZV_TIMEOUT    seconds to wait for all nodes to join               [600]
 #   NPROC_PER_NODE  training processes on this node    [Slurm's GPUs on the node, else nvidia-smi's
@@ -23,6 +23,11 @@
 set -uo pipefail
 
 nnodes=${NNODES:-${SLURM_NNODES:-1}}
+if [[ "$nnodes" != 1 && -z "${RDZV_ENDPOINT:-}" ]]; then
+  echo "error: NNODES=$nnodes needs RDZV_ENDPOINT=<first node's address>:<free port>, the" \
+    "same on every node (slurm/pretrain.sh sets it under Slurm)" >&2
+  exit 2
+fi
 endpoint=${RDZV_ENDPOINT:-127.0.0.1:29500}
 rdzv_id=${RDZV_ID:-${SLURM_JOB_ID:-pretrain}}
 join_timeout=${RDZV_TIMEOUT:-600}

@@ -33,6 +33,11 @@
 #SBATCH --output=logs/%x-%j.out
 
 set -uo pipefail
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+  echo "error: slurm/pretrain.sh is a batch script: sbatch [options] slurm/pretrain.sh" \
+    "[overrides]. Without Slurm use slurm/launch_node.sh on each node (docs/cluster.md)." >&2
+  exit 2
+fi
 
 # sbatch runs a copy of this file; launch_node.sh sits beside the original.
 script=$(scontrol show job "$SLURM_JOB_ID" | grep -oP '^\s*Command=\K\S+' | head -n 1)

@@ -153,3 +153,13 @@ def test_launch_node_on_two_nodes_without_slurm(tmp_path: Path, reference: list)
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert curve(read_metrics(tmp_path)) == reference
+
+
+def test_scripts_refuse_a_launch_that_cannot_work() -> None:
+    """Outside a job, and several nodes with no rendezvous endpoint: an error, not a hang."""
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith(("SLURM_", "RDZV_"))}
+    run = dict(cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["bash", "slurm/pretrain.sh"], env=env, **run)
+    assert proc.returncode == 2 and "sbatch [options] slurm/pretrain.sh" in proc.stderr
+    proc = subprocess.run(["bash", "slurm/launch_node.sh"], env={**env, "NNODES": "2"}, **run)
+    assert proc.returncode == 2 and "NNODES=2 needs RDZV_ENDPOINT=" in proc.stderr

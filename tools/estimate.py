@@ -25,7 +25,13 @@ from omegaconf import OmegaConf
 from pretrain.config import compose, resolve
 from pretrain.config.resolve import ConfigError
 from pretrain.engine.memory import GPU_MEMORY_GIB, estimate_memory
-from pretrain.model.flops import PEAK_FLOPS, flops_per_token, matmul_params, num_params
+from pretrain.model.flops import (
+    PEAK_FLOPS,
+    flops_per_token,
+    matmul_params,
+    num_params,
+    peak_flops,
+)
 from pretrain.model.llama import LlamaConfig
 
 GIB = 2**30
@@ -41,7 +47,7 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
         raise ValueError("tools/estimate.py sizes Llama models: choose a model=llama_* preset")
     seq_len, micro = run.trainer.seq_len, run.trainer.micro_batch_size
     flops = flops_per_token(model, seq_len, causal=args.attention_flops == "causal")
-    peak = PEAK_FLOPS.get((args.gpu, run.precision))
+    peak = peak_flops(args.gpu, run.precision)  # the table bench_train.py uses, by GPU name
     if args.peak_tflops:
         peak = args.peak_tflops * 1e12
     if peak is None:

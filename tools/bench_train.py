@@ -54,7 +54,7 @@ def bench_one(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
     state_mem = torch.cuda.memory_allocated() if cuda else float("nan")
     tokens_per_s = steps * run.tokens_per_step / elapsed
     cfg: LlamaConfig = OmegaConf.to_object(run.model)  # the Llama schema is a LlamaConfig
-    model_flops = flops_per_token(cfg, run.trainer.seq_len, causal=True) * tokens_per_s
+    model_flops = flops_per_token(cfg, run.trainer.seq_len) * tokens_per_s  # the logged MFU's
     peak = peak_flops(torch.cuda.get_device_name(), run.precision) if cuda else None
     result = {
         "attn": resolve_impl(cfg.attn_impl, engine.device, run.dtype),

@@ -8,8 +8,9 @@ The positional arguments are the Hydra overrides a training run would get, so pr
 batch geometry and their checks are the same as `python -m pretrain`'s. Pure arithmetic:
 no GPU, no model is built. Memory per GPU is printed for every ZeRO stage (the configured
 one marked), from `pretrain/engine/memory.py`; FLOPs per token from
-`pretrain/model/flops.py` (6 x matmul parameters + attention, counted causal like our MFU
-figures unless --attention-flops full).
+`pretrain/model/flops.py` (6 x matmul parameters + attention over the full T x T scores,
+the convention of our logged MFU and of published figures; --attention-flops causal halves
+the attention term).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
     parser.add_argument("--peak-tflops", type=float, help="overrides the GPU's dense peak")
     parser.add_argument("--gpu-mem-gib", type=float, help="overrides the GPU's memory")
-    parser.add_argument("--attention-flops", choices=("causal", "full"), default="causal")
+    parser.add_argument("--attention-flops", choices=("full", "causal"), default="full")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m pretrain")
     args = parser.parse_args()

@@ -25,6 +25,7 @@ from pretrain.config.schema import (
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 WANDB_MODES = ("online", "offline", "disabled")
+PROGRESS_MODES = ("auto", "bar", "lines")
 
 
 class ConfigError(ValueError):
@@ -184,6 +185,19 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     if ds.offload_params and ds.zero_stage != 3:
         errors.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
 
+    if len(trainer.profile_steps) not in (0, 2) or (
+        trainer.profile_steps and not 1 <= trainer.profile_steps[0] <= trainer.profile_steps[1]
+    ):
+        errors.append(
+            f"trainer.profile_steps={list(trainer.profile_steps)}: give [first, last] optimizer "
+            "steps with 1 <= first <= last (e.g. [10,12]), or [] to profile nothing"
+        )
+    if logger.progress not in PROGRESS_MODES:
+        errors.append(f"logger.progress={logger.progress!r}: choose {', '.join(PROGRESS_MODES)}")
+    if logger.peak_tflops is not None and logger.peak_tflops <= 0:
+        errors.append(f"logger.peak_tflops={logger.peak_tflops}: must be > 0, or null")
+    if logger.wandb.init_timeout_s <= 0:
+        errors.append(f"logger.wandb.init_timeout_s={logger.wandb.init_timeout_s}: must be > 0")
     if logger.wandb.mode not in WANDB_MODES:
         errors.append(f"logger.wandb.mode={logger.wandb.mode!r}: choose {', '.join(WANDB_MODES)}")
     if logger.wandb.id is not None and (

@@ -190,6 +190,13 @@ class TrainerConfig:
     max_bad_steps: int = 5
     """A step whose loss is NaN/Inf on any rank is skipped (no update) and counted; this many
     in a row stop the run (exit code 3) without saving over the last good checkpoint."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[first, last]: trace optimizer steps first..last with torch.profiler into
+    <run_dir>/profile/ (Chrome/Perfetto JSON, one file per rank); [] profiles nothing.
+    Skip the first steps: they hold compilation and allocator warm-up."""
+    profile_memory: bool = False
+    """With profile_steps on CUDA: also dump a CUDA memory snapshot of those steps
+    (<run_dir>/profile/*_memory.pickle, for https://pytorch.org/memory_viz)."""
 
 
 @dataclass
@@ -210,11 +217,24 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     dir: str | None = None
     """Where W&B writes its files; null means the run dir."""
+    init_timeout_s: float = 90.0
+    """How long `online` may take to reach the server before the run logs offline instead."""
+    log_checkpoints: bool = False
+    """Record each checkpoint as a W&B model artifact that *references* its directory
+    (file:// path, nothing uploaded), with aliases step_N and latest."""
 
 
 @dataclass
 class LoggerConfig:
+    """Console, metrics.jsonl and W&B (rank 0 only); see pretrain/train/loggers.py."""
+
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: str = "auto"
+    """Console: bar (a live progress bar) | lines (one line per log interval, for files and
+    Slurm logs) | auto (bar when stderr is a terminal, else lines)."""
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device at the run's precision, for MFU; null looks the GPU up
+    in pretrain/model/flops.py (H100 SXM bf16: 989). On CPU, null means no MFU."""
 
 
 @dataclass

@@ -45,14 +45,26 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int, causal: bool = False) -> int
     return 6 * matmul_params(cfg) + attn
 
 
-# Dense peak throughput in FLOP/s by (GPU name fragment, precision), from the vendors' data
-# sheets (no 2:4 sparsity). MFU = achieved model FLOP/s / this peak.
-PEAK_FLOPS = {
-    ("H100 PCIe", "bf16"): 756e12, ("H100 PCIe", "fp16"): 756e12, ("H100 PCIe", "fp32"): 51e12,
-    ("H200", "bf16"): 989e12, ("H200", "fp16"): 989e12, ("H200", "fp32"): 67e12,
-    ("H100", "bf16"): 989e12, ("H100", "fp16"): 989e12, ("H100", "fp32"): 67e12,
-    ("A100", "bf16"): 312e12, ("A100", "fp16"): 312e12, ("A100", "fp32"): 19.5e12,
-}  # fmt: skip
+# Dense peak FLOP/s by (GPU name fragment, precision), from the vendors' data sheets (no 2:4
+# sparsity; fp32 is the CUDA-core rate: torch keeps TF32 off for matmuls by default).
+# MFU = achieved model FLOP/s / this peak. Matched in order against
+# `torch.cuda.get_device_name()`, so a fragment comes before any fragment it contains
+# ("H100 PCIe" before "H100", "GB200" before "B200", "L40S" before "L4").
+# logger.peak_tflops overrides it for anything missing or different (clocks, power caps).
+_TENSOR_PEAKS = [  # (fragment, bf16 = fp16 TFLOP/s, fp32 TFLOP/s)
+    ("H100 PCIe", 756, 51), ("H100 NVL", 835, 60), ("H100", 989, 67), ("H800", 989, 67),
+    ("H200", 989, 67),  # also GH200
+    ("GB200", 2500, 80), ("B200", 2250, 80),
+    ("A100", 312, 19.5), ("A800", 312, 19.5),
+    ("L40S", 362, 91.6), ("L4", 121, 30.3),
+    ("MI300X", 1307.4, 163.4), ("MI250X", 383, 47.9),
+]  # fmt: skip
+PEAK_FLOPS: dict[tuple[str, str], float] = {}
+for _fragment, _half, _fp32 in _TENSOR_PEAKS:
+    PEAK_FLOPS.update({(_fragment, "bf16"): _half * 1e12, (_fragment, "fp16"): _half * 1e12,
+                       (_fragment, "fp32"): _fp32 * 1e12})  # fmt: skip
+PEAK_FLOPS[("V100", "fp16")] = 125e12  # no bf16 on Volta
+PEAK_FLOPS[("V100", "fp32")] = 15.7e12
 
 
 def peak_flops(device_name: str, precision: str) -> float | None:

@@ -27,7 +27,11 @@ from pretrain.config import RunConfig
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model
 from pretrain.model.attention import resolve_impl
-from pretrain.train.loggers import build_loggers
+from pretrain.model.flops import flops_per_token
+from pretrain.model.llama import LlamaConfig
+from pretrain.train.loggers import Loggers, build_loggers
+from pretrain.train.metrics import Throughput, resolve_peak
+from pretrain.train.profiling import StepProfiler
 from pretrain.train.signals import Preempted, StopSignals
 from pretrain.train.state import TrainState
 from pretrain.train.trainer import Trainer
@@ -90,12 +94,18 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(run.as_dict), run.run_dir / "config.yaml")
         loggers = build_loggers(
-            run.logger.wandb, run.run_name, run.run_dir, run.as_dict,
-            run.trainer.log_every, run.trainer.max_steps,
-            resume_step=state.step if resume_from is not None else None,
+            run.logger, run.run_name, run.run_dir, run.as_dict, run.trainer.log_every,
+            last_step(run), resume_step=state.step if resume_from is not None else None,
             wandb_run_id=wandb_run_id,
         )  # fmt: skip
-    _log_summary(run, engine)
+    peak, peak_source = resolve_peak(run.logger.peak_tflops, engine.device, run.precision)
+    throughput = Throughput(run.tokens_per_step, run.world_size, model_flops_per_token(run), peak)
+    _log_summary(run, engine, state, throughput, peak_source, loggers)
+    profiler = None
+    if run.trainer.profile_steps:
+        first, last = run.trainer.profile_steps
+        profiler = StepProfiler(run.run_dir / "profile", first, last, dist.rank(),
+                                engine.device, run.trainer.profile_memory)  # fmt: skip
 
     tokenizer = getattr(data, "tokenizer", None)  # travels with each checkpoint, for export
     files = {TOKENIZER_FILE: load_tokenizer(tokenizer).to_str()} if tokenizer else {}
@@ -106,13 +116,18 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
             "config": run.as_dict,
             "wandb_run_id": loggers.wandb_run_id if loggers else None,
         }
-        checkpoint.save(engine, ckpt_dir, s.step, client_state, {"data": data.state_dict()}, files)
+        path = checkpoint.save(
+            engine, ckpt_dir, s.step, client_state, {"data": data.state_dict()}, files
+        )
         checkpoint.prune(ckpt_dir, run.checkpoint.keep_last, run.checkpoint.keep_every)
+        if loggers is not None:
+            loggers.log_checkpoint(path, s.step)
 
     trainer = Trainer(
         engine, data, run.trainer, run.grad_accum, run.tokens_per_step, loggers, state,
         save=save, save_every=run.checkpoint.every_steps,
         save_every_minutes=run.checkpoint.every_minutes, signals=signals,
+        throughput=throughput, profiler=profiler,
     )  # fmt: skip
     try:
         start = state.step
@@ -126,6 +141,8 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
                 export_hf(checkpoint.complete_checkpoints(ckpt_dir)[-1], run.run_dir / "hf")
             dist.barrier()
     finally:
+        if profiler is not None:
+            profiler.close()
         if loggers is not None:
             loggers.close()
     if trainer.stop_signal is not None:
@@ -192,15 +209,44 @@ def build_data(run: RunConfig) -> Iterator[torch.Tensor]:
     )
 
 
-def _log_summary(run: RunConfig, engine: object) -> None:
+def last_step(run: RunConfig) -> int:
+    """The step this job ends at: trainer.max_steps, or trainer.stop_at_step when earlier."""
+    stop = run.trainer.stop_at_step
+    return run.trainer.max_steps if stop is None else min(stop, run.trainer.max_steps)
+
+
+def model_flops_per_token(run: RunConfig) -> float | None:
+    """Training FLOPs per token of a Llama model (see model/flops.py); None for baselines."""
+    spec = OmegaConf.to_object(run.model)
+    return flops_per_token(spec, run.trainer.seq_len) if isinstance(spec, LlamaConfig) else None
+
+
+def _log_summary(
+    run: RunConfig, engine: object, state: TrainState, throughput: Throughput,
+    peak_source: str, loggers: Loggers | None,
+) -> None:  # fmt: skip
+    """What a person checks first in a log: where, how big, how fast it should be."""
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     attn = getattr(run.model, "attn_impl", None)
     if attn is not None:
         attn = resolve_impl(attn, engine.device, run.dtype)
-    log.info(
-        "world %d | ZeRO-%d | %s | attention %s | %s params | %s tokens/step "
-        "(global %d = micro %d x accum %d x world %d) | run dir %s",
-        run.world_size, run.deepspeed.zero_stage, run.precision, attn or "n/a",
-        f"{n_params:,}", f"{run.tokens_per_step:,}", run.trainer.global_batch_size,
-        run.trainer.micro_batch_size, run.grad_accum, run.world_size, run.run_dir,
-    )  # fmt: skip
+    t = run.trainer
+    end = last_step(run)
+    flops = throughput.flops_per_token
+    lines = [
+        f"run        {run.run_name} -> {run.run_dir}",
+        f"world      {run.world_size} rank(s) on {engine.device.type}"
+        f" | ZeRO-{run.deepspeed.zero_stage} | {run.precision} | attention {attn or 'n/a'}"
+        f" | compile {t.compile}",
+        f"model      {n_params:,} parameters"
+        + (f" | {flops:.4g} FLOP/token (6N + 12*L*T*d, full attention)" if flops else ""),
+        f"batch      {run.tokens_per_step:,} tokens/step = {t.global_batch_size} seqs x {t.seq_len}"
+        f" (micro {t.micro_batch_size} x accum {run.grad_accum} x world {run.world_size})",
+        f"schedule   steps {state.step + 1}-{end} of {t.max_steps}"
+        f" ({(end - state.step) * run.tokens_per_step:,} tokens to go)",
+        f"MFU basis  {peak_source}",
+    ]
+    if loggers is not None:
+        wandb = loggers.wandb
+        lines.append(f"W&B        {wandb.where if wandb else 'disabled'}")
+    log.info("\n".join(lines))

@@ -23,6 +23,8 @@ import torch.distributed as tdist
 from pretrain.config.schema import TrainerConfig
 from pretrain.engine.deepspeed import UpdateGate, grad_norm_fallback_needed, local_grad_norm
 from pretrain.train.loggers import Loggers
+from pretrain.train.metrics import Throughput, fp16_metrics, memory_metrics
+from pretrain.train.profiling import StepProfiler
 from pretrain.train.signals import StopSignals
 from pretrain.train.state import TrainState
 
@@ -56,6 +58,8 @@ class StepResult:
     """Some rank received a stop signal."""
     save_due: bool
     """Rank 0's clock says a timed checkpoint is due."""
+    data_wait_s: float = 0.0
+    """Seconds this rank waited for its micro-batches (the rest of the step is compute)."""
 
 
 class Trainer:
@@ -74,6 +78,8 @@ class Trainer:
         save_every: int = 0,
         save_every_minutes: float = 0.0,
         signals: StopSignals | None = None,
+        throughput: Throughput | None = None,
+        profiler: StepProfiler | None = None,
     ) -> None:
         self.engine, self.data, self.cfg = engine, data, cfg
         self.grad_accum, self.tokens_per_step = grad_accum, tokens_per_step
@@ -81,6 +87,9 @@ class Trainer:
         self.state = state or TrainState()
         self.save, self.save_every, self.save_every_minutes = save, save_every, save_every_minutes
         self.signals = signals
+        world = tdist.get_world_size() if tdist.is_initialized() else 1
+        self.throughput = throughput or Throughput(tokens_per_step, world, None, None)
+        self.profiler = profiler
         self.stop_signal: int | None = None
         """Set when fit() returned early because of a stop signal (on any rank)."""
         self.last_saved_step: int | None = None
@@ -95,26 +104,19 @@ class Trainer:
         if self.cfg.stop_at_step is not None:
             last = min(last, self.cfg.stop_at_step)
         while self.state.step < last:
+            if self.profiler:
+                self.profiler.step_started(self.state.step + 1)
             t0 = time.perf_counter()
             lr = self.engine.get_lr()[0]  # the rate this step uses; step() advances it
             result = self.train_step()
+            # The step's one host sync (in _agree) makes this wall time the device's too.
             step_time = time.perf_counter() - t0
             self.state.step += 1
             self.state.tokens += self.tokens_per_step
             self.state.skipped_steps += result.skipped
-            self.loggers.log(
-                {
-                    "loss": result.loss,
-                    "lr": lr,
-                    "grad_norm": result.grad_norm,
-                    "tokens": self.state.tokens,
-                    "tokens_per_s": self.tokens_per_step / step_time,
-                    "step_time_s": step_time,
-                    "skipped_steps": self.state.skipped_steps,
-                    **data_metrics(self.data),
-                },
-                self.state.step,
-            )
+            if self.profiler:
+                self.profiler.step_finished(self.state.step)
+            self.loggers.log(self._metrics(result, lr, step_time), self.state.step)
             self._check_bad_steps(result.skipped)
             periodic = self.save_every and self.state.step % self.save_every == 0
             # No scheduled checkpoint in a run of NaN steps (resuming it would resume the
@@ -131,6 +133,23 @@ class Trainer:
                     log.warning("another rank received a stop signal: stopping after this step")
                 break
         return self.state
+
+    def _metrics(self, result: StepResult, lr: float, step_time: float) -> dict[str, float]:
+        """One step's record: metrics.jsonl gets each; console and W&B one per log interval."""
+        return {
+            "loss": result.loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "tokens": self.state.tokens,
+            "skipped_steps": self.state.skipped_steps,
+            "step_time_s": step_time,
+            "data_wait_s": result.data_wait_s,
+            "compute_s": step_time - result.data_wait_s,
+            **self.throughput(step_time),
+            **memory_metrics(self.engine.device),
+            **fp16_metrics(self.engine),
+            **data_metrics(self.data),
+        }
 
     def _check_bad_steps(self, skipped: bool) -> None:
         self._bad_in_row = self._bad_in_row + 1 if skipped else 0
@@ -160,8 +179,11 @@ class Trainer:
         losses = []
         grad_norm = None
         agreed = None
+        data_wait = 0.0
         for i in range(self.grad_accum):
+            t0 = time.perf_counter()
             batch = next(self.data).to(engine.device, non_blocking=True)  # (B, T + 1)
+            data_wait += time.perf_counter() - t0
             loss = engine(batch[:, :-1], batch[:, 1:])
             engine.backward(loss)
             losses.append(loss.detach().float())
@@ -175,6 +197,7 @@ class Trainer:
         if grad_norm is None:
             grad_norm = float(engine.get_global_grad_norm() or 0.0)
         agreed.grad_norm = grad_norm
+        agreed.data_wait_s = data_wait
         return agreed
 
     def _agree(self, losses: torch.Tensor) -> StepResult:

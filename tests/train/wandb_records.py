@@ -16,7 +16,7 @@ BLOCK = 32 * 1024
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def _payloads(data: bytes) -> list[bytes]:
+def payloads(data: bytes) -> list[bytes]:
     assert data[:4] == b":W&B", f"not a W&B transaction log: {data[:7]!r}"
     out, pos, pending = [], 7, b""
     while pos + 7 <= len(data):
@@ -45,7 +45,7 @@ def read_run(run_dir: Path) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
 
     (path,) = run_dir.glob("run-*.wandb")
     run_id, config, history = "", {}, []
-    for payload in _payloads(path.read_bytes()):
+    for payload in payloads(path.read_bytes()):
         record = pb.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")

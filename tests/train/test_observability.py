@@ -1,0 +1,123 @@
+"""A real run's observability, end to end: W&B offline run, console, metrics.jsonl, profile.
+
+One run stops at step 3 (as a time-boxed job would) and a second resumes it to step 6 under
+torchrun with 2 ranks: the W&B run must continue under the same id, from rank 0 alone.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from pretrain.config import compose
+from pretrain.model.flops import flops_per_token
+from tests.conftest import TINY, launch, read_metrics
+from tests.train.wandb_records import payloads, read_run
+
+pytestmark = pytest.mark.multiprocess
+
+COMMON = [
+    "trainer.max_steps=6", "trainer.log_every=2", "checkpoint.every_steps=3",
+    "logger.wandb.mode=offline", "logger.wandb.log_checkpoints=true",
+    "logger.peak_tflops=0.001",  # a CPU has no table entry: give MFU a peak to divide by
+    "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
+]  # fmt: skip
+
+WANDB_KEYS = {
+    "train/loss", "train/lr", "train/grad_norm", "train/tokens", "train/skipped_steps",
+    "perf/tokens_per_s", "perf/tokens_per_s_per_gpu", "perf/tflops_per_gpu", "perf/mfu",
+    "perf/step_time_s", "perf/data_wait_s", "perf/compute_s",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    run_dir = tmp_path_factory.mktemp("obs") / "run"
+    env = {"WANDB_MODE": "offline"}
+    overrides = [*TINY, f"run_dir={run_dir}", *COMMON]
+    first = launch([*overrides, "trainer.stop_at_step=3", "trainer.profile_steps=[2,3]"], env=env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = launch(overrides, nproc=2, env=env)
+    assert second.returncode == 0, second.stderr[-4000:]
+    return {"dir": run_dir, "first": first.stderr, "second": second.stderr}
+
+
+def offline_runs(run_dir: Path) -> list[tuple[str, dict, list[dict]]]:
+    return [read_run(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
+
+
+def test_wandb_history_config_and_resume(runs: dict) -> None:
+    first, second = offline_runs(runs["dir"])  # rank 1 wrote none
+    assert first[0] == second[0], "the resumed run must continue the same W&B run id"
+    steps = [[row["_step"] for row in run[2]] for run in (first, second)]
+    assert steps == [[2, 3], [4, 6]]  # one row per log interval, plus each job's last step
+    for run in (first, second):
+        for row in run[2]:
+            assert WANDB_KEYS <= set(row), WANDB_KEYS - set(row)
+    assert second[2][0]["perf/tokens_per_s_per_gpu"] == pytest.approx(
+        second[2][0]["perf/tokens_per_s"] / 2
+    )
+    resolved = yaml.safe_load((runs["dir"] / "config.yaml").read_text())
+    assert second[1] == resolved  # the whole resolved config, as written to config.yaml
+    assert first[1]["derived"]["world_size"] == 1 and resolved["derived"]["world_size"] == 2
+
+
+def test_checkpoints_are_artifact_references(runs: dict) -> None:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    artifacts = {}  # alias step_N -> the files it references
+    for d in sorted((runs["dir"] / "wandb").glob("offline-run-*")):
+        (path,) = d.glob("run-*.wandb")
+        for payload in payloads(path.read_bytes()):
+            record = pb.Record()
+            record.ParseFromString(payload)
+            if record.WhichOneof("record_type") == "artifact":
+                (alias,) = [a for a in record.artifact.aliases if a.startswith("step_")]
+                artifacts[alias] = {e.ref for e in record.artifact.manifest.contents}
+    assert sorted(artifacts) == ["step_3", "step_6"]
+    for alias, refs in artifacts.items():
+        ckpt = (runs["dir"] / "checkpoints" / alias).resolve()
+        assert f"file://{ckpt}/COMMITTED.json" in refs  # a reference to the complete one
+        assert all(r.startswith(f"file://{ckpt}/") for r in refs)
+
+
+def test_metrics_jsonl_mfu_by_hand(runs: dict) -> None:
+    records = read_metrics(runs["dir"])
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    cfg = OmegaConf.to_object(compose(["model=tiny"]).model)
+    flops = flops_per_token(cfg, 32)  # TINY's seq_len
+    for r in records:
+        world = 1 if r["step"] <= 3 else 2
+        assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_time_s"])
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / world)
+        assert r["mfu"] == pytest.approx(flops * r["tokens_per_s_per_gpu"] / 1e9)
+        assert r["compute_s"] + r["data_wait_s"] == pytest.approx(r["step_time_s"])
+        assert 0 <= r["data_wait_s"] < r["step_time_s"]
+
+
+def test_console_is_one_plain_line_per_interval(runs: dict) -> None:
+    for out, steps in ((runs["first"], ["2/3", "3/3"]), (runs["second"], ["4/6", "6/6"])):
+        lines = re.findall(r"INFO step (\S+) \| loss", out)
+        assert lines == steps
+        assert "\r" not in out and "\x1b[" not in out  # no progress bar in a log file
+    summary = runs["second"]
+    assert "world      2 rank(s) on cpu | ZeRO-0 | fp32" in summary
+    assert "batch      256 tokens/step = 8 seqs x 32 (micro 2 x accum 2 x world 2)" in summary
+    assert "schedule   steps 4-6 of 6" in summary
+    assert "MFU basis  0.001 TFLOP/s per device (logger.peak_tflops)" in summary
+    assert re.search(r"W&B        offline: \S+/wandb/offline-run-\S+ \(`wandb sync`", summary)
+
+
+def test_profile_trace_covers_the_requested_steps(runs: dict) -> None:
+    (trace,) = (runs["dir"] / "profile").glob("*.json.gz")
+    assert trace.name == "rank0_steps2-3.json.gz"
+    events = json.load(gzip.open(trace))["traceEvents"]
+    spans = sorted({e["name"] for e in events if e.get("name", "").startswith("step ")})
+    assert spans == ["step 2", "step 3"]
+    assert len(events) > 100  # the steps' operators, not just the two markers

@@ -72,8 +72,8 @@ def plot(runs: list[Run], output: Path, x: str, smooth: float, size: tuple[int, 
         if drawn:
             ax.legend(fontsize=8)
         else:
-            ax.text(0.5, 0.5, MISSING.get(title, "not recorded"), ha="center", va="center", transform=ax.transAxes,
-                    color="gray")  # fmt: skip
+            why = MISSING.get(title, "not recorded")
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=dpi)

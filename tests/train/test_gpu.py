@@ -49,3 +49,32 @@ def test_bf16_training_on_gpu_follows_cpu(
 def test_compiled_training_on_gpu_follows_cpu(tmp_path: Path, cpu_reference: list[float]) -> None:
     overrides = [*SETTINGS, *GPU, "trainer.compile=true", "trainer.activation_checkpointing=true"]
     assert_follows(loss_list(train(tmp_path, overrides)), cpu_reference)
+
+
+def test_gpu_metrics_memory_mfu_and_profile(tmp_path: Path) -> None:
+    """On CUDA each step records memory and (H100/A100/...: a table GPU) MFU; profiling with
+    profile_memory writes a CUDA trace and an allocator snapshot."""
+    import gzip
+    import json
+
+    import torch
+
+    from pretrain.model.flops import peak_flops
+
+    profile = ["trainer.profile_steps=[3,4]", "trainer.profile_memory=true"]
+    records = train(tmp_path, [*SETTINGS, *GPU, "trainer.max_steps=6", *profile])
+    for r in records:
+        assert 0 < r["mem_allocated_gib"] <= r["mem_peak_gib"] <= r["mem_reserved_gib"]
+        assert "loss_scale" not in r  # bf16 has none
+    if peak_flops(torch.cuda.get_device_name(), "bf16") is not None:
+        assert all(0 < r["mfu"] < 1 for r in records)
+    trace = tmp_path / "profile" / "rank0_steps3-4.json.gz"
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert any(e.get("cat") == "kernel" for e in events), "no CUDA kernels in the trace"
+    assert (tmp_path / "profile" / "rank0_steps3-4_memory.pickle").stat().st_size > 0
+
+
+def test_fp16_records_the_loss_scale(tmp_path: Path) -> None:
+    records = train(tmp_path, [*SETTINGS, "trainer.device=cuda", "precision=fp16",
+                               "trainer.max_steps=4"])  # fmt: skip
+    assert all(r["loss_scale"] > 0 and r["overflow_steps"] >= 0 for r in records)

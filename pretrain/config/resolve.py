@@ -185,6 +185,10 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     if ds.offload_params and ds.zero_stage != 3:
         errors.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
 
+    if trainer.eval_every_steps < 0:
+        errors.append(f"trainer.eval_every_steps={trainer.eval_every_steps}: must be >= 0")
+    if trainer.eval_every_steps and trainer.eval_tokens < 1:
+        errors.append(f"trainer.eval_tokens={trainer.eval_tokens}: must be >= 1")
     if len(trainer.profile_steps) not in (0, 2) or (
         trainer.profile_steps and not 1 <= trainer.profile_steps[0] <= trainer.profile_steps[1]
     ):

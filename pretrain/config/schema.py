@@ -190,6 +190,12 @@ class TrainerConfig:
     max_bad_steps: int = 5
     """A step whose loss is NaN/Inf on any rank is skipped (no update) and counted; this many
     in a row stop the run (exit code 3) without saving over the last good checkpoint."""
+    eval_every_steps: int = 0
+    """Score the held-out split every this many optimizer steps and at the job's last step
+    (val_loss, val_ppl in metrics.jsonl and W&B); 0: never."""
+    eval_tokens: int = 131_072
+    """Tokens per evaluation, over all ranks (rounded up to whole micro-batches per rank); the
+    same tokens every time, so evaluations compare like with like."""
     profile_steps: list[int] = field(default_factory=list)
     """[first, last]: trace optimizer steps first..last with torch.profiler into
     <run_dir>/profile/ (Chrome/Perfetto JSON, one file per rank); [] profiles nothing.

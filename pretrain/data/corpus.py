@@ -81,8 +81,10 @@ def demo_loader(
     rank: int = 0,
     world_size: int = 1,
     grad_accum: int = 1,
+    split: str = "train",
 ) -> TokenLoader:
-    """data=demo: rank 0 builds the cache once, every rank then streams it."""
+    """data=demo: rank 0 builds the cache once, every rank then streams it (`split`: train,
+    or val, the 2% of documents held out)."""
     tokenizers.check_fits(tokenizer_vocab_size, vocab_size, "data=demo")
     if rank == 0:
         path = build_demo(cache_dir, tokenizer_vocab_size, max_bytes)
@@ -92,7 +94,7 @@ def demo_loader(
         path = build_demo(cache_dir, tokenizer_vocab_size, max_bytes)  # now only reads the cache
     loader = build_loader(
         str(path), vocab_size, seq_len, micro_batch_size, seed, rank, world_size, grad_accum,
-        num_workers=num_workers,
+        split=split, num_workers=num_workers,
     )  # fmt: skip
     loader.tokenizer = str(path.parent / "tokenizer.json")  # build_demo wrote it there
     return loader

@@ -71,6 +71,11 @@ def find_shards(path: str, split: str = "train") -> ShardSet:
             )
         try:
             manifest = json.loads(manifest_path.read_text())
+            if split != "train" and not manifest.get(split):
+                raise DataError(
+                    f"{manifest_path} lists no {split} shards: re-run tools/prepare_data.py "
+                    f"with --val-fraction > 0, or set trainer.eval_every_steps=0"
+                )
             shards = manifest[split]
             urls = [str(local / s["name"]) for s in shards]
             vocab = int(manifest["vocab_size"])
@@ -78,6 +83,12 @@ def find_shards(path: str, split: str = "train") -> ShardSet:
             raise DataError(f"{manifest_path} is unreadable or incomplete ({e}): re-run "
                             "tools/prepare_data.py") from e  # fmt: skip
         return ShardSet(urls, vocab, manifest.get("tokenizer_sha256"), str(manifest_path))
+    if split != "train":  # a glob or URL list has no splits: never evaluate on training data
+        raise DataError(
+            f"data.path={path} has no {split} split (only a directory with {MANIFEST} has "
+            "one): point data.path at a tools/prepare_data.py output directory, or set "
+            "trainer.eval_every_steps=0"
+        )
     if "://" in path or path.startswith("pipe:"):
         import braceexpand
 

@@ -30,9 +30,14 @@ class SyntheticStream:
         rank: int = 0,
         world_size: int = 1,
         noise: float = 0.1,
+        split: str = "train",
     ) -> None:
         if not 0.0 <= noise <= 1.0:
             raise ValueError(f"data.noise={noise}: must be in [0, 1]")
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r}: choose train or val")
+        # val: other samples of the same walk (a held-out draw of the same distribution).
+        self._stream = () if split == "train" else (1,)
         self.vocab_size, self.seq_len, self.noise, self.seed = vocab_size, seq_len, noise, seed
         self.micro, self.accum, self.rank, self.world = (
             micro_batch_size,
@@ -48,7 +53,7 @@ class SyntheticStream:
     def sample(self, index: int) -> np.ndarray:
         """Tokens of global sample `index`: int64 array of length seq_len + 1."""
         n = self.seq_len + 1
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, index, *self._stream])
         restart = rng.random(n) < self.noise
         restart[0] = True
         starts = rng.integers(0, self.vocab_size, size=n)

@@ -35,7 +35,8 @@ class Logger(Protocol):
 class Interval:
     """Passes `logger` one training record per `every` steps (and the last step).
 
-    Times (TIME_KEYS) are the mean over the steps since the previous record; rates
+    A step with an evaluation (val_loss) is passed on too. Times (TIME_KEYS) are the mean
+    over the steps since the previous record; rates
     (RATE_KEYS: tokens/s, MFU) are rescaled to that mean, i.e. tokens of the interval over
     its seconds. Everything else is the interval's last step's value.
     """
@@ -52,8 +53,8 @@ class Interval:
         for key in TIME_KEYS:
             self._sums[key] += metrics.get(key, 0.0)
         self._steps += 1
-        if step % self.every and step != self.last_step:
-            return
+        if step % self.every and step != self.last_step and "val_loss" not in metrics:
+            return  # (an evaluation's step is always passed on)
         record = dict(metrics)
         mean_step = self._sums["step_time_s"] / self._steps
         for key in TIME_KEYS:
@@ -71,17 +72,19 @@ class Interval:
 
 
 def format_line(metrics: dict[str, Any], step: int, last_step: int) -> str:
-    """One console line for a training record (or an evaluation's)."""
+    """One console line for a training record (with its evaluation's results, if any)."""
+    val = ""
+    if "val_loss" in metrics:
+        val = f" | val_loss {metrics['val_loss']:.4f} | val_ppl {metrics['val_ppl']:.2f}"
     if "step_time_s" not in metrics:
-        fields = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        return f"step {step}/{last_step} | {fields}"
+        return f"step {step}/{last_step}{val}"
     parts = [
         f"step {step}/{last_step}",
         f"loss {metrics['loss']:.4f}",
         f"lr {metrics['lr']:.2e}",
         f"grad_norm {metrics['grad_norm']:.3f}",
         f"{metrics['tokens_per_s']:,.0f} tok/s ({metrics['tokens_per_s_per_gpu']:,.0f}/dev)"
-        if "tokens_per_s_per_gpu" in metrics
+        if metrics.get("tokens_per_s_per_gpu", metrics["tokens_per_s"]) != metrics["tokens_per_s"]
         else f"{metrics['tokens_per_s']:,.0f} tok/s",
     ]
     if "mfu" in metrics:
@@ -97,7 +100,7 @@ def format_line(metrics: dict[str, Any], step: int, last_step: int) -> str:
         parts.append(f"scale {metrics['loss_scale']:g}")
     if step < last_step:
         parts.append(f"ETA {format_duration((last_step - step) * step_time)}")
-    return " | ".join(parts)
+    return " | ".join(parts) + val
 
 
 def format_duration(seconds: float) -> str:
@@ -181,19 +184,22 @@ class JsonlLogger:
 WANDB_SECTIONS = {
     "perf": (*RATE_KEYS, *TIME_KEYS),
     "memory": ("mem_allocated_gib", "mem_reserved_gib", "mem_peak_gib"),
-    "val": ("val_loss", "val_ppl"),
 }
+PREFIX_SECTIONS = {"val_": "val", "data_": "data"}  # val_loss -> val/loss
 
 
 def wandb_key(key: str) -> str:
     """metrics.jsonl key -> W&B key: `loss` -> `train/loss`, `mfu` -> `perf/mfu`,
-    `data_skipped_shards` -> `data/skipped_shards`."""
+    `val_ppl` -> `val/ppl`, `data_skipped_shards` -> `data/skipped_shards`."""
     if "/" in key:
         return key
     section = next((s for s, keys in WANDB_SECTIONS.items() if key in keys), None)
-    if section is None and key.startswith("data_"):
-        return f"data/{key[5:]}"
-    return f"{section or 'train'}/{key}"
+    if section is not None:
+        return f"{section}/{key}"
+    for prefix, section in PREFIX_SECTIONS.items():
+        if key.startswith(prefix):
+            return f"{section}/{key[len(prefix) :]}"
+    return f"train/{key}"
 
 
 class WandbLogger:

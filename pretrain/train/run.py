@@ -6,6 +6,7 @@ as `tools/bench_train.py` reuse the builders so they measure exactly what traini
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from pretrain.checkpoint.export import (
 from pretrain.config import RunConfig
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model
+from pretrain.eval.perplexity import Evaluator
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token
 from pretrain.model.llama import LlamaConfig
@@ -53,6 +55,8 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
     # Cheap checks first: bad data or a checkpoint of another shape fail before the model
     # and the engine cost anything.
     data = build_data(run)
+    if run.trainer.eval_every_steps:
+        build_val_data(run)  # a missing val split fails now, not at step N
     ckpt_dir = checkpoint.checkpoint_dir(run.run_dir)
     resume_from = resume_path(run, ckpt_dir)
     layout = (run.world_size, run.deepspeed.zero_stage)
@@ -127,7 +131,7 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
         engine, data, run.trainer, run.grad_accum, run.tokens_per_step, loggers, state,
         save=save, save_every=run.checkpoint.every_steps,
         save_every_minutes=run.checkpoint.every_minutes, signals=signals,
-        throughput=throughput, profiler=profiler,
+        throughput=throughput, profiler=profiler, evaluate=build_evaluator(run, engine),
     )  # fmt: skip
     try:
         start = state.step
@@ -197,16 +201,44 @@ def build_module(run: RunConfig) -> torch.nn.Module:
 
 def build_data(run: RunConfig) -> Iterator[torch.Tensor]:
     """This rank's stream of (micro_batch_size, seq_len + 1) token batches."""
+    return _instantiate_data(run, dist.rank(), dist.world_size(), run.grad_accum)
+
+
+def build_val_data(run: RunConfig) -> Iterator[torch.Tensor]:
+    """This rank's share of the val split: every rank reads the split whole (as the one rank
+    of one, so a val split of a single shard serves any number of ranks) and keeps every
+    world_size-th micro-batch from its rank on. The same batches at every call."""
+    extra: dict = {"split": "val"}
+    if "num_workers" in run.data:
+        extra["num_workers"] = 0  # a few batches per evaluation: no worker processes
+    stream = _instantiate_data(run, 0, 1, 1, **extra)
+    return itertools.islice(stream, dist.rank(), None, dist.world_size())
+
+
+def _instantiate_data(
+    run: RunConfig, rank: int, world_size: int, grad_accum: int, **extra: object
+) -> Iterator[torch.Tensor]:
     return instantiate(
         run.data,
+        **extra,
         vocab_size=run.vocab_size,
         seq_len=run.trainer.seq_len,
         micro_batch_size=run.trainer.micro_batch_size,
-        grad_accum=run.grad_accum,
+        grad_accum=grad_accum,
         seed=run.trainer.seed,
-        rank=dist.rank(),
-        world_size=dist.world_size(),
+        rank=rank,
+        world_size=world_size,
     )
+
+
+def build_evaluator(run: RunConfig, engine: torch.nn.Module) -> Evaluator | None:
+    """trainer.eval_every_steps > 0: the held-out scorer, `eval_tokens` over all ranks."""
+    t = run.trainer
+    if not t.eval_every_steps:
+        return None
+    per_batch = t.micro_batch_size * t.seq_len * run.world_size
+    n_batches = -(-t.eval_tokens // per_batch)
+    return Evaluator(engine, lambda: build_val_data(run), n_batches, engine.device)
 
 
 def last_step(run: RunConfig) -> int:

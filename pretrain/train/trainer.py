@@ -80,6 +80,7 @@ class Trainer:
         signals: StopSignals | None = None,
         throughput: Throughput | None = None,
         profiler: StepProfiler | None = None,
+        evaluate: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         self.engine, self.data, self.cfg = engine, data, cfg
         self.grad_accum, self.tokens_per_step = grad_accum, tokens_per_step
@@ -90,6 +91,8 @@ class Trainer:
         world = tdist.get_world_size() if tdist.is_initialized() else 1
         self.throughput = throughput or Throughput(tokens_per_step, world, None, None)
         self.profiler = profiler
+        self.evaluate = evaluate
+        """Scores the held-out split every `cfg.eval_every_steps` and at the last step."""
         self.stop_signal: int | None = None
         """Set when fit() returned early because of a stop signal (on any rank)."""
         self.last_saved_step: int | None = None
@@ -116,7 +119,10 @@ class Trainer:
             self.state.skipped_steps += result.skipped
             if self.profiler:
                 self.profiler.step_finished(self.state.step)
-            self.loggers.log(self._metrics(result, lr, step_time), self.state.step)
+            record = self._metrics(result, lr, step_time)
+            if self._eval_due(last) and not result.stop:  # a stop must save within its grace
+                record.update(self.evaluate())
+            self.loggers.log(record, self.state.step)
             self._check_bad_steps(result.skipped)
             periodic = self.save_every and self.state.step % self.save_every == 0
             # No scheduled checkpoint in a run of NaN steps (resuming it would resume the
@@ -133,6 +139,12 @@ class Trainer:
                     log.warning("another rank received a stop signal: stopping after this step")
                 break
         return self.state
+
+    def _eval_due(self, last: int) -> bool:
+        every = self.cfg.eval_every_steps
+        if self.evaluate is None or not every:
+            return False
+        return self.state.step % every == 0 or self.state.step == last
 
     def _metrics(self, result: StepResult, lr: float, step_time: float) -> dict[str, float]:
         """One step's record: metrics.jsonl gets each; console and W&B one per log interval."""

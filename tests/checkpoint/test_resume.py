@@ -77,12 +77,14 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
 
 def test_resume_with_data_workers_is_exact(tmp_path: Path) -> None:
     """The shard loader's reader positions travel in the checkpoint (2 DataLoader workers);
-    so do the tokenizer (for export) and the W&B run id (a resumed run continues it)."""
+    so do the tokenizer (for export) and the W&B run id (a resumed run continues it).
+    The resumed run also evaluates on the val split: that must not change its curve."""
     extra = ["data=demo", "data.max_bytes=300000", "data.num_workers=2", "trainer.seq_len=32"]
     env = {"PRETRAIN_DATA_DIR": str(tmp_path / "data")}
     straight = curve(train(tmp_path / "straight", [*RUN, *extra], env=env))
 
-    run_dir, wandb = tmp_path / "resumed", ["logger.wandb.mode=offline"]
+    run_dir = tmp_path / "resumed"
+    wandb = ["logger.wandb.mode=offline", "trainer.eval_every_steps=2", "trainer.eval_tokens=256"]
     env_wandb = {**env, "WANDB_MODE": "offline"}
     train(run_dir, [*RUN, *extra, *wandb, "trainer.stop_at_step=3", "checkpoint.save_final=true"],
           env=env_wandb)  # fmt: skip
@@ -91,6 +93,7 @@ def test_resume_with_data_workers_is_exact(tmp_path: Path) -> None:
     run_id = manager.read_client_state(ckpt)["wandb_run_id"]
     resumed = train(run_dir, [*RUN, *extra, *wandb, "checkpoint.export_hf=true"], env=env_wandb)
     assert curve(resumed) == straight
+    assert [r["step"] for r in resumed if "val_loss" in r] == [2, 3, 4, 6, 8]  # + each job's end
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(f"-{run_id}" in r.name for r in wandb_runs)
 

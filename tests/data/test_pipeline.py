@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import http.server
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from pretrain.data import shards, tokenizer
 from pretrain.data.stream import DataError, TokenLoader, build_loader, read_members
+from tests.conftest import TINY, launch
 
 SEQ = 16
 
@@ -190,6 +192,32 @@ def test_directory_without_manifest_and_empty_glob(tmp_path: Path) -> None:
         build_loader(str(tmp_path), 259, SEQ, 1, seed=0)
     with pytest.raises(DataError, match="matches no shard files"):
         build_loader(str(tmp_path / "*.tar"), 259, SEQ, 1, seed=0)
+
+
+def test_a_val_split_must_exist(dataset: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """Evaluation reads split=val: a glob has none (never score the training files), and a
+    manifest without val shards is named with the fix."""
+    val = build_loader(str(dataset[0]), 259, SEQ, 1, seed=0, split="val", num_workers=0)
+    assert next(val).shape[1] == SEQ + 1
+    with pytest.raises(DataError, match=r"has no val split .* trainer\.eval_every_steps=0"):
+        build_loader(str(dataset[0] / "*.tar"), 259, SEQ, 1, seed=0, split="val")
+    no_val = tmp_path / "no_val"
+    shutil.copytree(dataset[0], no_val)
+    manifest = json.loads((no_val / "manifest.json").read_text())
+    manifest["val"] = []
+    (no_val / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"lists no val shards: .*--val-fraction > 0"):
+        build_loader(str(no_val), 259, SEQ, 1, seed=0, split="val", num_workers=0)
+
+
+def test_evaluation_without_a_val_split_fails_before_training(
+    dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    proc = launch([*TINY, "data=shards", f"data.path={dataset[0]}/*.tar", "model.vocab_size=259",
+                   "trainer.eval_every_steps=5", f"run_dir={tmp_path}"])  # fmt: skip
+    assert proc.returncode != 0
+    assert "has no val split" in proc.stderr and "trainer.eval_every_steps=0" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()  # no step ran
 
 
 def test_model_vocab_smaller_than_the_tokenizer_is_refused(dataset: tuple[Path, list[str]]) -> None:

@@ -77,7 +77,7 @@ def test_interval_averages_times_and_rates_over_its_steps() -> None:
             "compute_s": seconds * 3 / 4, "tokens_per_s": 1000 / seconds,
             "tokens_per_s_per_gpu": 500 / seconds, "mfu": 0.8 / seconds,
         }, step)  # fmt: skip
-    logger.log({"val_loss": 1.5}, 5)  # an evaluation passes at once, whatever the step
+    logger.log({"val_loss": 1.5}, 5)  # a record without step times passes at once
     steps = [step for step, _ in inner.records]
     assert steps == [2, 4, 5, 5]
     first = inner.records[0][1]
@@ -90,6 +90,14 @@ def test_interval_averages_times_and_rates_over_its_steps() -> None:
     assert first["mfu"] == pytest.approx(0.4)
     assert inner.records[2][1]["tokens_per_s"] == pytest.approx(200.0)  # step 5 alone: 5 s
     assert inner.records[3][1] == {"val_loss": 1.5}
+    # A step with an evaluation is passed on off the interval, its times averaged so far.
+    logger = Interval(inner := Recorder(), every=10, last_step=20)
+    for step in (1, 2, 3):
+        metrics = {"loss": 1.0, "step_time_s": float(step), "tokens_per_s": 100.0 / step}
+        logger.log({**metrics, **({"val_loss": 2.0} if step == 2 else {})}, step)
+    assert [(s, r["step_time_s"], r["tokens_per_s"]) for s, r in inner.records] == [
+        (2, 1.5, 100 / 1.5)
+    ]
 
 
 def test_console_line_holds_throughput_mfu_memory_and_eta() -> None:
@@ -158,7 +166,7 @@ def test_wandb_keys_are_grouped_by_section() -> None:
     assert wandb_key("loss") == "train/loss"
     assert wandb_key("mfu") == "perf/mfu" and wandb_key("data_wait_s") == "perf/data_wait_s"
     assert wandb_key("mem_peak_gib") == "memory/mem_peak_gib"
-    assert wandb_key("val_ppl") == "val/val_ppl"
+    assert wandb_key("val_ppl") == "val/ppl" and wandb_key("val_loss") == "val/loss"
     assert wandb_key("data_skipped_shards") == "data/skipped_shards"
 
 

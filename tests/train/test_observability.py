@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 from pathlib import Path
 
@@ -27,6 +28,7 @@ COMMON = [
     "logger.wandb.mode=offline", "logger.wandb.log_checkpoints=true",
     "logger.peak_tflops=0.001",  # a CPU has no table entry: give MFU a peak to divide by
     "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
+    "trainer.eval_every_steps=3", "trainer.eval_tokens=256",
 ]  # fmt: skip
 
 WANDB_KEYS = {
@@ -60,6 +62,11 @@ def test_wandb_history_config_and_resume(runs: dict) -> None:
     for run in (first, second):
         for row in run[2]:
             assert set(row) >= WANDB_KEYS, WANDB_KEYS - set(row)
+    # Evaluations at steps 3 and 6 (trainer.eval_every_steps=3), 256 tokens on 1 or 2 ranks.
+    for row in (first[2][1], second[2][1]):
+        assert row["val/ppl"] == pytest.approx(math.exp(row["val/loss"]))
+        assert row["val/tokens"] == 256
+    assert "val/loss" not in first[2][0] and "val/loss" not in second[2][0]
     assert second[2][0]["perf/tokens_per_s_per_gpu"] == pytest.approx(
         second[2][0]["perf/tokens_per_s"] / 2
     )
@@ -90,6 +97,7 @@ def test_checkpoints_are_artifact_references(runs: dict) -> None:
 def test_metrics_jsonl_mfu_by_hand(runs: dict) -> None:
     records = read_metrics(runs["dir"])
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
     cfg = OmegaConf.to_object(compose(["model=tiny"]).model)
     flops = flops_per_token(cfg, 32)  # TINY's seq_len
     for r in records:
@@ -112,6 +120,8 @@ def test_console_is_one_plain_line_per_interval(runs: dict) -> None:
     assert "schedule   steps 4-6 of 6" in summary
     assert "MFU basis  0.001 TFLOP/s per device (logger.peak_tflops)" in summary
     assert re.search(r"W&B        offline: \S+/wandb/offline-run-\S+ \(`wandb sync`", summary)
+    last_line = r"INFO step 6/6 \|.* \| val_loss \d\.\d{4} \| val_ppl \d+\.\d\d$"
+    assert re.search(last_line, summary, re.M)
 
 
 def test_profile_trace_covers_the_requested_steps(runs: dict) -> None:

@@ -1,0 +1,80 @@
+"""Held-out loss: the mean over every target token, with the training state left as found."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.data.synthetic import SyntheticStream
+from pretrain.eval.perplexity import Evaluator, evaluate
+from pretrain.model import LlamaConfig, Transformer
+
+
+def tiny() -> Transformer:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=64,
+                      max_seq_len=16, dropout=0.5)  # fmt: skip
+    return Transformer(cfg)
+
+
+def val_stream() -> SyntheticStream:
+    return SyntheticStream(64, seq_len=16, micro_batch_size=3, grad_accum=1, seed=7, split="val")
+
+
+def test_loss_is_the_token_mean_and_the_model_and_rng_are_left_as_found() -> None:
+    model = tiny().train()
+    batches = [next(val_stream()) for _ in range(1)]  # the stream's first batch
+    stream = val_stream()
+    expected = []
+    with torch.no_grad():
+        model.eval()
+        for _ in range(4):
+            b = next(stream)
+            logits = model(b[:, :-1])
+            expected.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                              b[:, 1:].flatten()))  # fmt: skip
+        model.train()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    out = evaluate(model, val_stream(), n_batches=4, device=torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)  # training's random stream is untouched
+    assert model.training  # dropout back on
+    mean = torch.stack(expected).mean().item()  # equal batches: the mean of batch means
+    assert out["val_loss"] == pytest.approx(mean, rel=1e-6)
+    assert out["val_ppl"] == pytest.approx(math.exp(mean), rel=1e-6)
+    assert out["val_tokens"] == 4 * 3 * 16
+    assert batches[0].shape == (3, 17)
+
+
+def test_every_evaluation_scores_the_same_batches() -> None:
+    model = tiny()
+    evaluator = Evaluator(model, val_stream, n_batches=2, device=torch.device("cpu"))
+    assert evaluator() == evaluator()
+
+
+def test_val_split_holds_other_samples_than_train() -> None:
+    train = SyntheticStream(64, 16, 3, 1, seed=7)
+    assert not torch.equal(next(train), next(val_stream()))
+    with pytest.raises(ValueError, match="split='test': choose train or val"):
+        SyntheticStream(64, 16, 3, 1, seed=7, split="test")
+
+
+def test_ranks_share_the_val_split_by_striding_one_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of 2 ranks keeps every 2nd micro-batch of the whole split: disjoint, complete."""
+    from pretrain import dist
+    from pretrain.config import resolve
+    from pretrain.train.run import build_val_data
+    from tests.conftest import TINY, compose_config
+
+    run = resolve(compose_config([*TINY, "trainer.micro_batch_size=2",
+                                  "trainer.global_batch_size=4"]), world_size=2)  # fmt: skip
+    whole = SyntheticStream(run.vocab_size, 32, 2, 1, seed=run.trainer.seed, split="val")
+    reference = [next(whole) for _ in range(6)]
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+        stream = build_val_data(run)
+        got = [next(stream) for _ in range(3)]
+        assert all(torch.equal(g, r) for g, r in zip(got, reference[rank::2], strict=True))

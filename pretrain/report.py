@@ -65,12 +65,14 @@ def load_run(path: str | Path) -> Run:
     return Run(run_dir.name, run_dir, [by_step[s] for s in sorted(by_step)], config or {})
 
 
-def unique_names(runs: list[Run]) -> None:
-    """Label runs by dir name, adding the parent dir where two names collide."""
+def load_runs(paths: list[str] | list[Path]) -> list[Run]:
+    """Several runs, labelled by dir name (with the parent dir where two names collide)."""
+    runs = [load_run(path) for path in paths]
     names = [r.name for r in runs]
     for run in runs:
         if names.count(run.name) > 1:
             run.name = f"{run.path.parent.name}/{run.path.name}"
+    return runs
 
 
 def _median(values: list[float]) -> float | None:

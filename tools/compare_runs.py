@@ -15,7 +15,7 @@ import csv
 import json
 import sys
 
-from pretrain.report import load_run, summarize, unique_names
+from pretrain.report import load_runs, summarize
 
 COLUMNS = [  # (summary key, header, format)
     ("run", "run", "{}"),
@@ -70,11 +70,9 @@ def main() -> None:
     if args.last < 1:
         parser.error(f"--last {args.last}: must be >= 1")
     try:
-        runs = [load_run(path) for path in args.runs]
+        runs = load_runs(args.runs)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    unique_names(runs)
+        parser.error(str(e))  # exit status 2, with the usage line
     rows = [summarize(run, args.last) for run in runs]
     if args.sort:
         rows.sort(key=lambda r: (r[args.sort] is None, r[args.sort] or 0))

@@ -11,10 +11,9 @@ metric no run recorded (MFU on CPU, memory without CUDA) says so instead of stay
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from pretrain.report import Run, load_run, unique_names
+from pretrain.report import Run, load_runs
 
 MISSING = {  # why a panel can be empty
     "MFU": "not recorded (no peak FLOP/s here: set logger.peak_tflops)",
@@ -104,11 +103,9 @@ def main() -> None:
     if not 0 <= args.smooth < 1:
         parser.error(f"--smooth {args.smooth}: give a weight in [0, 1), e.g. 0.9")
     try:
-        runs = [load_run(path) for path in args.runs]
+        runs = load_runs(args.runs)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    unique_names(runs)
+        parser.error(str(e))  # exit status 2, with the usage line
     plot(runs, args.output, args.x, args.smooth, args.size)
     print(args.output)
 

@@ -190,11 +190,13 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     if trainer.eval_every_steps and trainer.eval_tokens < 1:
         errors.append(f"trainer.eval_tokens={trainer.eval_tokens}: must be >= 1")
     if len(trainer.profile_steps) not in (0, 2) or (
-        trainer.profile_steps and not 1 <= trainer.profile_steps[0] <= trainer.profile_steps[1]
+        trainer.profile_steps
+        and not 1 <= trainer.profile_steps[0] <= trainer.profile_steps[1] <= trainer.max_steps
     ):
         errors.append(
             f"trainer.profile_steps={list(trainer.profile_steps)}: give [first, last] optimizer "
-            "steps with 1 <= first <= last (e.g. [10,12]), or [] to profile nothing"
+            "steps with 1 <= first <= last <= trainer.max_steps (e.g. [10,12]), or [] to "
+            "profile nothing"
         )
     if logger.progress not in PROGRESS_MODES:
         errors.append(f"logger.progress={logger.progress!r}: choose {', '.join(PROGRESS_MODES)}")

@@ -148,3 +148,23 @@ def test_wandb_run_id_is_checked() -> None:
         resolve(compose_config(["logger.wandb.id=a/b"]), world_size=1, cuda_available=False)
     run = resolve(compose_config(["logger.wandb.id=job-12_3"]), world_size=1, cuda_available=False)
     assert run.logger.wandb.id == "job-12_3"
+
+
+def test_observability_settings_are_checked() -> None:
+    cfg = compose_config([
+        "trainer.max_steps=10", "trainer.profile_steps=[5,11]", "logger.progress=fancy",
+        "logger.peak_tflops=0", "trainer.eval_every_steps=-1", "logger.wandb.init_timeout_s=0",
+    ])  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        resolve(cfg, world_size=1, cuda_available=False)
+    text = str(info.value)
+    assert "trainer.profile_steps=[5, 11]: give [first, last] optimizer steps with" in text
+    assert "logger.progress='fancy': choose auto, bar, lines" in text
+    assert "logger.peak_tflops=0.0: must be > 0, or null" in text
+    assert "trainer.eval_every_steps=-1: must be >= 0" in text
+    assert "logger.wandb.init_timeout_s=0.0: must be > 0" in text
+    ok = compose_config(["trainer.profile_steps=[2,3]", "trainer.eval_every_steps=5"])
+    assert resolve(ok, world_size=1, cuda_available=False).trainer.profile_steps == [2, 3]
+    with pytest.raises(ConfigError, match=r"trainer\.eval_tokens=0: must be >= 1"):
+        resolve(compose_config(["trainer.eval_every_steps=5", "trainer.eval_tokens=0"]),
+                world_size=1, cuda_available=False)  # fmt: skip

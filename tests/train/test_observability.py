@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -131,3 +132,16 @@ def test_profile_trace_covers_the_requested_steps(runs: dict) -> None:
     spans = sorted({e["name"] for e in events if e.get("name", "").startswith("step ")})
     assert spans == ["step 2", "step 3"]
     assert len(events) > 100  # the steps' operators, not just the two markers
+
+
+def test_online_without_a_key_trains_with_one_warning_and_logs_offline(tmp_path: Path) -> None:
+    # A HOME without ~/.netrc; DeepSpeed's compiled ops stay where they were built.
+    built = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions"))
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path / "home"),
+           "TORCH_EXTENSIONS_DIR": built}  # fmt: skip
+    proc = launch([*TINY, f"run_dir={tmp_path / 'run'}", "trainer.max_steps=2",
+                   "logger.wandb.mode=online"], env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("WARNING") == 1 and "no W&B API key" in proc.stderr
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert [row["_step"] for row in read_run(run)[2]] == [1, 2]

@@ -136,9 +136,14 @@ class ProgressBar:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         self._stack = contextlib.ExitStack()
+        try:  # a terminal reporting no size (some pseudo-terminals) would get no bar at all
+            sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+        except (OSError, ValueError, AttributeError):
+            sized = False
         self._bar = tqdm(
-            total=last_step, initial=first_step, unit="step", dynamic_ncols=True,
-            file=sys.stderr, desc="train",
+            total=last_step, initial=first_step, unit="step", dynamic_ncols=sized,
+            ncols=None if sized else 100, nrows=None if sized else 20, file=sys.stderr,
+            desc="train",
         )  # fmt: skip
         self._stack.enter_context(logging_redirect_tqdm(loggers=[log]))
 

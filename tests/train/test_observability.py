@@ -6,11 +6,16 @@ torchrun with 2 ranks: the W&B run must continue under the same id, from rank 0 
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import math
 import os
+import pty
 import re
+import struct
+import subprocess
+import termios
 from pathlib import Path
 
 import pytest
@@ -19,7 +24,7 @@ from omegaconf import OmegaConf
 
 from pretrain.config import compose
 from pretrain.model.flops import flops_per_token
-from tests.conftest import TINY, launch, read_metrics
+from tests.conftest import REPO, TINY, command, launch, read_metrics, subprocess_env
 from tests.train.wandb_records import payloads, read_run
 
 pytestmark = pytest.mark.multiprocess
@@ -145,3 +150,28 @@ def test_online_without_a_key_trains_with_one_warning_and_logs_offline(tmp_path:
     assert proc.stderr.count("WARNING") == 1 and "no W&B API key" in proc.stderr
     (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     assert [row["_step"] for row in read_run(run)[2]] == [1, 2]
+
+
+def test_a_terminal_gets_a_live_bar_with_the_lines_above_it(tmp_path: Path) -> None:
+    """stderr on a pseudo-terminal: logger.progress=auto draws tqdm's bar (redrawn with \\r)
+    and still prints each interval's line."""
+    parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 120 columns
+    args = [*TINY, f"run_dir={tmp_path}", "trainer.max_steps=4", "trainer.log_every=2"]
+    proc = subprocess.Popen(command(args), cwd=REPO, env=subprocess_env(), stdin=subprocess.DEVNULL,
+                            stdout=child, stderr=child)  # fmt: skip
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(parent, 65536)
+        except OSError:  # EIO: the child side closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(parent)
+    assert proc.wait(timeout=120) == 0, out[-3000:]
+    text = out.decode(errors="replace")
+    assert "\r" in text and "train:" in text and "4/4" in text and "loss=" in text
+    assert re.findall(r"INFO step (\d/4) \| loss", text) == ["2/4", "4/4"]

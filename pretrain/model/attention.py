@@ -88,3 +88,16 @@ def eager_attention(
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return probs @ v  # (B, H, T, D)
+
+
+def cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention of new queries over cached keys (generation), with an explicit mask.
+
+    q: (B, T, H, D); k, v: (B, S, H_kv, D); mask: (B, 1, T, S) bool, True = may attend.
+    Returns (B, T, H, D). SDPA picks its kernel for the mask (no flash: it takes no mask).
+    """
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T|S, D)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
+    return y.transpose(1, 2)  # (B, T, H, D)

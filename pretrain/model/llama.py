@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.model.attention import ATTN_IMPLS, causal_attention
+from pretrain.model.attention import ATTN_IMPLS, cached_attention, causal_attention
 
 
 @dataclass
@@ -112,11 +112,60 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: (B, T, H, D) by position. cos, sin: (T, D)."""
+    """Rotate x: (B, T, H, D) by position. cos, sin: (T, D), or (B, T, D) per row."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D) broadcasts over heads
+    cos, sin = cos[..., None, :], sin[..., None, :]  # (T, 1, D) or (B, T, 1, D): over heads
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer during generation, so each new token costs one
+    position: k[layer], v[layer] are (B, S_max, H_kv, D), filled up to `length`.
+
+    `real` (B, S_max) marks real tokens; left-padded prompts of different lengths leave
+    padding slots that no query attends to.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    real: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(
+        cls, cfg: LlamaConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        zeros = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        return cls(zeros, [z.clone() for z in zeros],
+                   torch.ones(batch, max_len, dtype=torch.bool, device=device))  # fmt: skip
+
+    def store(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new positions' k, v (B, T, H_kv, D); return all so far (B, S, H_kv, D)."""
+        end = self.length + k.size(1)
+        self.k[layer][:, self.length : end] = k
+        self.v[layer][:, self.length : end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+    def mask(self, T: int) -> torch.Tensor:
+        """(B, 1, T, S) bool: new query i sees cache slots up to its own that hold real tokens
+        (and always itself, so a padding query never has every key masked)."""
+        S = self.length + T
+        slots = torch.arange(S, device=self.real.device)
+        queries = self.length + torch.arange(T, device=self.real.device)
+        causal = slots[None, :] <= queries[:, None]  # (T, S)
+        own = slots[None, :] == queries[:, None]
+        return (causal & (self.real[:, None, :S] | own))[:, None]  # (B, 1, T, S)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (beam search: each surviving beam's parent)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        self.real = self.real.index_select(0, rows)
 
 
 class Attention(nn.Module):
@@ -132,14 +181,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.o_proj.is_residual_out = True
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        cache: KVCache | None = None, layer: int = 0,
+    ) -> torch.Tensor:  # fmt: skip
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        dropout_p = self.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, self.attn_impl, dropout_p)  # (B, T, H, D)
+        if cache is not None:  # generation: attend over everything cached so far
+            k, v = cache.store(layer, k, v)  # (B, S, H_kv, D)
+            y = cached_attention(q, k, v, cache.mask(T))  # (B, T, H, D)
+        else:
+            dropout_p = self.dropout if self.training else 0.0
+            y = causal_attention(q, k, v, self.attn_impl, dropout_p)  # (B, T, H, D)
         return self.o_proj(y.reshape(B, T, -1))  # (B, T, d_model)
 
 
@@ -168,8 +224,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin))
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        cache: KVCache | None = None, layer: int = 0,
+    ) -> torch.Tensor:  # fmt: skip
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        x = x + self.resid_dropout(attn)
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -205,13 +265,28 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (B, T) int. Returns logits (B, T, V), or the mean cross-entropy vs targets."""
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+        cache: KVCache | None = None, positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """tokens: (B, T) int. Returns logits (B, T, V), or the mean cross-entropy vs targets.
+
+        Generation passes a `cache` (the new tokens attend to everything cached, and are
+        added to it) and each token's `positions` (B, T), which differ per row when prompts
+        are left-padded.
+        """
         T = tokens.size(1)
         x = self.embed_dropout(self.embed_tokens(tokens))  # (B, T, d_model)
-        cos, sin = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, x.device)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        if positions is None:
+            cos, sin = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, x.device)
+        else:
+            n = int(positions.max()) + 1
+            cos, sin = rope_cos_sin(n, self.config.head_dim, self.config.rope_theta, x.device)
+            cos, sin = cos[positions], sin[positions]  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits

@@ -228,6 +228,27 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def model_fields_from_hf(config: dict[str, Any]) -> dict[str, Any]:
+    """Our model section for a transformers Llama config.json (the reverse of hf_config)."""
+    if config.get("model_type") != "llama":
+        raise ValueError(f"model_type {config.get('model_type')!r}: only Llama models load here")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    heads = config["num_attention_heads"]
+    return {
+        "_target_": LLAMA_TARGET,
+        "n_layers": config["num_hidden_layers"],
+        "d_model": config["hidden_size"],
+        "n_heads": heads,
+        "n_kv_heads": config.get("num_key_value_heads") or heads,
+        "ffn_hidden": config["intermediate_size"],
+        "vocab_size": config["vocab_size"],
+        "max_seq_len": config.get("max_position_embeddings", 2048),
+        "rope_theta": config.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        "norm_eps": config.get("rms_norm_eps", 1e-6),
+        "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+    }
+
+
 def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, Any]) -> None:
     """Copy a HF Llama checkpoint's weights into our `model` (model.init_from).
 

@@ -1,0 +1,64 @@
+"""A trained model and its tokenizer for evaluation and generation, from a run dir, a
+`checkpoints/step_N` dir (ZeRO shards of any stage, consolidated on CPU) or a Hugging Face
+Llama directory (ours, exported, or any `LlamaForCausalLM` without RoPE scaling)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.checkpoint import manager
+from pretrain.checkpoint.export import (
+    TOKENIZER_FILE,
+    consolidated_state_dict,
+    find_checkpoint,
+    load_hf_weights,
+    model_fields_from_hf,
+)
+from pretrain.model.llama import LlamaConfig, Transformer
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    tokenizer: Any | None
+    """A `tokenizers.Tokenizer`, or None when the source carries none."""
+    source: Path
+    """The checkpoint or HF directory the weights came from."""
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Loaded:
+    """The model at `path` in eval mode on `device`; errors name the path and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a run dir, a step_N dir or an HF dir")
+    if (path / "config.json").is_file():
+        fields = model_fields_from_hf(json.loads((path / "config.json").read_text()))
+        model = _build(fields)
+        load_hf_weights(model, path, fields)
+        source = path
+    else:
+        source = find_checkpoint(path)
+        fields = manager.read_client_state(source)["config"]["model"]
+        if fields.get("_target_") != "pretrain.model.llama.Transformer":
+            raise ValueError(f"{source} holds a {fields.get('_target_')}: only Llama models load")
+        model = _build(fields)
+        model.load_state_dict(consolidated_state_dict(source))
+    tokenizer = None
+    if (source / TOKENIZER_FILE).is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(source / TOKENIZER_FILE))
+    return Loaded(model.to(device=device, dtype=dtype).eval(), tokenizer, source)
+
+
+def _build(fields: dict[str, Any]) -> Transformer:
+    known = {k: v for k, v in fields.items() if k in LlamaConfig.__dataclass_fields__}
+    known["attn_impl"] = (
+        "sdpa" if known.get("attn_impl") == "flash" else known.get("attn_impl", "auto")
+    )
+    return Transformer(LlamaConfig(**known))

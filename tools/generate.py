@@ -1,0 +1,88 @@
+"""Continue prompts with a trained model: greedy, sampled, or beam search, KV-cached.
+
+    python tools/generate.py RUN_OR_CKPT_OR_HF_DIR --prompt "def main(" --max-new-tokens 64
+    python tools/generate.py runs/demo --prompt "import " --num-beams 4 --length-penalty 0.8
+    python tools/generate.py out/hf --prompt "x = " --temperature 0.8 --top-k 50 --top-p 0.95
+    python tools/generate.py runs/demo --prompt-file prompts.txt > completions.jsonl
+
+With --prompt, stdout holds the completion alone (the prompt is not repeated). With
+--prompt-file (one prompt per line, or a .jsonl of {"prompt": ...}), each completion is a
+JSON line {"prompt", "completion"}; the prompts run as one batch. Generation stops at the
+tokenizer's end-of-text token, at any --stop-token-id, or after --max-new-tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain.eval.generate import GenerationConfig, generate
+from pretrain.eval.load import load_model
+
+
+def read_prompts(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+    return [line.replace("\\n", "\n") for line in text.splitlines() if line]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path, help="run dir, checkpoints/step_N dir or HF dir")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the text to continue")
+    source.add_argument("--prompt-file", type=Path, help="one prompt per line, or .jsonl")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--stop-token-id", type=int, action="append", default=[])
+    parser.add_argument("--seed", type=int, default=None, help="seeds sampling")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = parser.parse_args()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only to consolidate ZeRO shards
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        loaded = load_model(args.model, device, dtype)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    tok = loaded.tokenizer
+    if tok is None:
+        parser.error(f"{loaded.source} has no tokenizer.json: export from a run with one")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
+    eos = tok.token_to_id("<|eos|>")
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        stop_tokens=[*([eos] if eos is not None else []), *args.stop_token_id], seed=args.seed,
+    )  # fmt: skip
+    ids = [tok.encode(p).ids for p in prompts]
+    try:
+        outputs = generate(loaded.model, ids, cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    completions = [tok.decode(o) for o in outputs]
+    if args.prompt is not None:
+        sys.stdout.write(completions[0] + "\n")
+        return
+    for prompt, completion in zip(prompts, completions, strict=True):
+        print(json.dumps({"prompt": prompt, "completion": completion}))
+
+
+if __name__ == "__main__":
+    main()

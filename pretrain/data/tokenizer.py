@@ -81,6 +81,24 @@ def fingerprint(tok: Tokenizer) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> list[int]:
+    """UTF-8 bytes each token id stands for (specials and ids past the tokenizer: 0), for
+    bits per byte: a loss comparable between tokenizers."""
+    spec = json.loads(tok.to_str())
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    specials = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    lengths = []
+    for i in range(vocab_size):
+        token = tok.id_to_token(i)
+        if token is None or i in specials:
+            lengths.append(0)
+        elif byte_level:  # one character of the byte alphabet per byte
+            lengths.append(len(token))
+        else:
+            lengths.append(len(tok.decode([i]).encode("utf-8")))
+    return lengths
+
+
 def eos_id(tok: Tokenizer) -> int:
     return tok.token_to_id("<|eos|>")
 

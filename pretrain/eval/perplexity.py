@@ -8,41 +8,59 @@ evaluations follows the same training curve as one without.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as tdist
+import torch.nn.functional as F
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, batches: Iterator[torch.Tensor], n_batches: int, device: torch.device
-) -> dict[str, float]:
-    """Mean next-token loss over `n_batches` of (B, T + 1) token batches on every rank.
+    model: torch.nn.Module, batches: Iterator[torch.Tensor], n_batches: int | None,
+    device: torch.device, byte_lengths: torch.Tensor | None = None, prefix: str = "val",
+) -> dict[str, float]:  # fmt: skip
+    """Mean next-token loss over `n_batches` of (B, T + 1) token batches on every rank (None:
+    until `batches` ends; only with one rank, since ranks must run the same count).
 
-    `model(tokens, targets)` returns the mean loss of its batch (a DeepSpeed engine does too,
-    gathering ZeRO-3 shards as it goes, which is why every rank runs the same count).
+    `model(tokens)` gives the logits (a DeepSpeed engine too, gathering ZeRO-3 shards as it
+    goes, which is why every rank runs the same count). With `byte_lengths` (V,), the UTF-8
+    bytes each token id stands for, also bits per byte: the summed loss in bits over the
+    bytes of the predicted text, comparable between tokenizers.
     """
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss x tokens, tokens
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
+    if byte_lengths is not None:
+        byte_lengths = byte_lengths.to(device)
     forked = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=forked):
-            for _ in range(n_batches):
-                batch = next(batches).to(device, non_blocking=True)  # (B, T + 1)
+            for batch in itertools.islice(batches, n_batches):
+                batch = batch.to(device, non_blocking=True)  # (B, T + 1)
                 targets = batch[:, 1:]
-                loss = model(batch[:, :-1], targets)
-                totals[0] += loss.double() * targets.numel()
+                logits = model(batch[:, :-1])  # (B, T, V)
+                nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                       reduction="sum")  # fmt: skip
+                totals[0] += nats.double()
                 totals[1] += targets.numel()
+                if byte_lengths is not None:
+                    totals[2] += byte_lengths[targets].sum().double()
     finally:
         model.train(was_training)
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(totals)
-    loss_sum, tokens = totals.tolist()
-    mean = loss_sum / tokens
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_tokens": int(tokens)}
+    nats, tokens, n_bytes = totals.tolist()
+    if tokens == 0:
+        raise ValueError("no evaluation batches: the data holds fewer tokens than one batch")
+    mean = nats / tokens
+    out = {f"{prefix}_loss": mean, f"{prefix}_ppl": math.exp(min(mean, 700.0)),
+           f"{prefix}_tokens": int(tokens)}  # fmt: skip
+    if byte_lengths is not None and n_bytes > 0:
+        out[f"{prefix}_bpb"] = nats / math.log(2) / n_bytes
+    return out
 
 
 class Evaluator:
@@ -51,10 +69,11 @@ class Evaluator:
 
     def __init__(
         self, model: torch.nn.Module, make_batches: Callable[[], Iterator[torch.Tensor]],
-        n_batches: int, device: torch.device,
+        n_batches: int, device: torch.device, byte_lengths: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
         self.model, self.make_batches = model, make_batches
-        self.n_batches, self.device = n_batches, device
+        self.n_batches, self.device, self.byte_lengths = n_batches, device, byte_lengths
 
     def __call__(self) -> dict[str, float]:
-        return evaluate(self.model, iter(self.make_batches()), self.n_batches, self.device)
+        batches = iter(self.make_batches())
+        return evaluate(self.model, batches, self.n_batches, self.device, self.byte_lengths)

@@ -76,6 +76,8 @@ def format_line(metrics: dict[str, Any], step: int, last_step: int) -> str:
     val = ""
     if "val_loss" in metrics:
         val = f" | val_loss {metrics['val_loss']:.4f} | val_ppl {metrics['val_ppl']:.2f}"
+        if "val_bpb" in metrics:
+            val += f" | val_bpb {metrics['val_bpb']:.4f}"
     if "step_time_s" not in metrics:
         return f"step {step}/{last_step}{val}"
     parts = [

@@ -26,6 +26,7 @@ from pretrain.checkpoint.export import (
 )
 from pretrain.config import RunConfig
 from pretrain.data.tokenizer import load as load_tokenizer
+from pretrain.data.tokenizer import token_byte_lengths
 from pretrain.engine.deepspeed import build_engine, build_model
 from pretrain.eval.perplexity import Evaluator
 from pretrain.model.attention import resolve_impl
@@ -131,7 +132,7 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
         engine, data, run.trainer, run.grad_accum, run.tokens_per_step, loggers, state,
         save=save, save_every=run.checkpoint.every_steps,
         save_every_minutes=run.checkpoint.every_minutes, signals=signals,
-        throughput=throughput, profiler=profiler, evaluate=build_evaluator(run, engine),
+        throughput=throughput, profiler=profiler, evaluate=build_evaluator(run, engine, data),
     )  # fmt: skip
     try:
         start = state.step
@@ -231,14 +232,22 @@ def _instantiate_data(
     )
 
 
-def build_evaluator(run: RunConfig, engine: torch.nn.Module) -> Evaluator | None:
-    """trainer.eval_every_steps > 0: the held-out scorer, `eval_tokens` over all ranks."""
+def build_evaluator(
+    run: RunConfig, engine: torch.nn.Module, tokenizer_source: object = None
+) -> Evaluator | None:
+    """trainer.eval_every_steps > 0: the held-out scorer, `eval_tokens` over all ranks (with
+    bits per byte when the training data names its tokenizer)."""
     t = run.trainer
     if not t.eval_every_steps:
         return None
     per_batch = t.micro_batch_size * t.seq_len * run.world_size
     n_batches = -(-t.eval_tokens // per_batch)
-    return Evaluator(engine, lambda: build_val_data(run), n_batches, engine.device)
+    byte_lengths = None
+    tokenizer = getattr(tokenizer_source, "tokenizer", None)
+    if tokenizer:  # bits per byte need the bytes behind each token id
+        table = token_byte_lengths(load_tokenizer(tokenizer), run.vocab_size)
+        byte_lengths = torch.tensor(table, dtype=torch.float64)
+    return Evaluator(engine, lambda: build_val_data(run), n_batches, engine.device, byte_lengths)
 
 
 def last_step(run: RunConfig) -> int:

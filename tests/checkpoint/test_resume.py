@@ -94,6 +94,7 @@ def test_resume_with_data_workers_is_exact(tmp_path: Path) -> None:
     resumed = train(run_dir, [*RUN, *extra, *wandb, "checkpoint.export_hf=true"], env=env_wandb)
     assert curve(resumed) == straight
     assert [r["step"] for r in resumed if "val_loss" in r] == [2, 3, 4, 6, 8]  # + each job's end
+    assert all(0 < r["val_bpb"] < r["val_loss"] for r in resumed if "val_loss" in r)
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(f"-{run_id}" in r.name for r in wandb_runs)
 

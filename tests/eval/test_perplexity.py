@@ -78,3 +78,20 @@ def test_ranks_share_the_val_split_by_striding_one_stream(monkeypatch: pytest.Mo
         stream = build_val_data(run)
         got = [next(stream) for _ in range(3)]
         assert all(torch.equal(g, r) for g, r in zip(got, reference[rank::2], strict=True))
+
+
+def test_bits_per_byte_from_the_tokenizer(tmp_path) -> None:
+    """A BPE's byte table adds up to the text's UTF-8 length; with one byte per token,
+    bits per byte is the loss in bits."""
+    from pretrain.data.tokenizer import byte_tokenizer, token_byte_lengths, train_bpe
+
+    text = "def naïve(x):\n    return x * 2  # ünïcode ✓\n" * 20
+    bpe = train_bpe([text], vocab_size=300)
+    table = token_byte_lengths(bpe, 320)
+    ids = bpe.encode(text).ids
+    assert sum(table[i] for i in ids) == len(text.encode("utf-8"))
+    assert table[bpe.token_to_id("<|eos|>")] == 0 and table[310] == 0  # special, past vocab
+
+    byte_table = torch.tensor(token_byte_lengths(byte_tokenizer(), 64), dtype=torch.float64)
+    out = evaluate(tiny(), val_stream(), 2, torch.device("cpu"), byte_lengths=byte_table)
+    assert out["val_bpb"] == pytest.approx(out["val_loss"] / math.log(2))

@@ -1,5 +1,5 @@
-"""tools/generate.py on a real run: the checkpoint and its HF export give the same text, and
-transformers' generate() on the export agrees."""
+"""The evaluation tools on one real run (demo data, a BPE tokenizer, in-loop validation):
+tools/generate.py and tools/eval_ppl.py read the checkpoint and its HF export alike."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY, subprocess_env, train
+from tests.conftest import REPO, TINY, read_metrics, subprocess_env, train
 
 pytestmark = pytest.mark.multiprocess
 
@@ -21,15 +21,45 @@ PROMPT = "import os\ndef "
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("gen")
     train(root / "run", [*TINY, "data=demo", "data.max_bytes=300000", "trainer.max_steps=30",
-                         "optim.lr=3e-3", "checkpoint.export_hf=true", "trainer.log_every=10"],
+                         "optim.lr=3e-3", "checkpoint.export_hf=true", "trainer.log_every=10",
+                         "trainer.eval_every_steps=30", f"trainer.eval_tokens={EVAL_TOKENS}"],
           env={"PRETRAIN_DATA_DIR": str(root / "data")})  # fmt: skip
     return root / "run"
 
 
-def cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "generate.py"), *map(str, args)],
+EVAL_TOKENS = 2048
+
+
+def tool(name: str, *args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)],
                           capture_output=True, text=True, timeout=300, cwd=REPO,
                           env=subprocess_env())  # fmt: skip
+
+
+def cli(*args: object) -> subprocess.CompletedProcess:
+    return tool("generate.py", *args)
+
+
+def test_eval_ppl_repeats_the_in_loop_validation(run_dir: Path, tmp_path: Path) -> None:
+    """With the checkpoint's seq_len, micro-batch and seed, --tokens eval_tokens scores the
+    windows of the last in-loop evaluation: the same loss, from the checkpoint and the export."""
+    (last,) = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    shards = run_dir.parent / "data" / "demo" / "shards"
+    out = tmp_path / "ppl.json"
+    ckpt = tool("eval_ppl.py", run_dir, "--data", shards, "--tokens", EVAL_TOKENS, "--output", out)
+    assert ckpt.returncode == 0, ckpt.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    assert figures["bpb"] == pytest.approx(last["val_bpb"], rel=1e-6)
+    assert figures["tokens"] == EVAL_TOKENS and figures["ppl"] == pytest.approx(last["val_ppl"])
+    hf = tool("eval_ppl.py", run_dir / "hf", "--data", shards, "--tokens", EVAL_TOKENS,
+              "--seq-len", 32, "--batch-size", 4, "--seed", 1234)  # fmt: skip
+    assert hf.returncode == 0, hf.stderr[-2000:]
+    assert json.loads(hf.stdout)["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    whole = json.loads(tool("eval_ppl.py", run_dir, "--data", shards).stdout)
+    assert whole["tokens"] > EVAL_TOKENS  # the whole val split
+    bad = tool("eval_ppl.py", run_dir, "--data", shards / "*.tar")
+    assert bad.returncode == 2 and "has no val split" in bad.stderr
 
 
 @pytest.mark.parametrize("beams", [1, 3])

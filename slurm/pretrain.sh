@@ -50,8 +50,9 @@ fi
 # The rendezvous lives on the first node, at the address Slurm reaches it by.
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 head_addr=$(scontrol show node "$head_node" | grep -oP 'NodeAddr=\K\S+' || echo "$head_node")
-# A port per job, so jobs sharing a node do not collide; RDZV_PORT picks it by hand.
-export RDZV_ENDPOINT="$head_addr:${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+# A port per job, so jobs sharing a node do not collide, below Linux's ephemeral range
+# (32768-60999), where any outgoing connection may hold it; RDZV_PORT picks it by hand.
+export RDZV_ENDPOINT="$head_addr:${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 12000))}"
 export RDZV_ID="$SLURM_JOB_ID"
 
 # Array tasks (slurm/sweep.sh) are named like their log files: <name>-<array job>_<task>.

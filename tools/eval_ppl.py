@@ -3,6 +3,7 @@ measurement, offline.
 
     python tools/eval_ppl.py runs/demo --data ~/.cache/pretrain/demo/shards
     python tools/eval_ppl.py out/hf --data 'shards/val-*.tar' --tokens 1000000 --seq-len 2048
+    python tools/eval_ppl.py runs/demo --text docs.jsonl --seq-len 512
 
 --data is a tools/prepare_data.py directory (its --split, default val) or a glob / URL list
 of shards (read whole). Windows of --seq-len + 1 tokens every --seq-len tokens, as training
@@ -10,6 +11,11 @@ reads them; without --tokens the whole split is scored. From a checkpoint, --seq
 --batch-size and --seed default to its training values, so with --tokens set to its
 trainer.eval_tokens this scores the very windows of its last in-loop validation. Prints one
 JSON object (loss, ppl, bpb, tokens) and writes it to --output when given.
+
+--text scores documents instead (a .jsonl of {"text": ...}, or a text file as one
+document): each from the end-of-text token, in lm-evaluation-harness's rolling windows, so
+`bpb` equals its `bits_per_byte` for a `loglikelihood_rolling` task on the same documents
+with max_length = --seq-len (tools/eval_harness.py sets that prefix token).
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ import torch
 from pretrain.checkpoint import manager
 from pretrain.checkpoint.export import TOKENIZER_FILE
 from pretrain.data.stream import DataError, build_loader
-from pretrain.data.tokenizer import token_byte_lengths
-from pretrain.eval.load import load_model
-from pretrain.eval.perplexity import evaluate
+from pretrain.data.tokenizer import eos_id, token_byte_lengths
+from pretrain.eval.load import Loaded, load_model
+from pretrain.eval.perplexity import evaluate, score_documents
 
 
 def trained(source: Path) -> dict:
@@ -36,12 +42,47 @@ def trained(source: Path) -> dict:
     return manager.read_client_state(source)["config"]["trainer"]
 
 
+def score_shards(
+    loaded: Loaded, args: argparse.Namespace, seq_len: int, batch: int, seed: int,
+    device: torch.device,
+) -> dict[str, float]:  # fmt: skip
+    """Windows of the shards, as training reads them."""
+    tokenizer = loaded.source / TOKENIZER_FILE
+    data = build_loader(
+        args.data, loaded.model.config.vocab_size, seq_len, batch, seed=seed, split=args.split,
+        num_workers=0, epochs=1, tokenizer=str(tokenizer) if tokenizer.is_file() else None,
+    )  # fmt: skip
+    byte_lengths = None
+    if loaded.tokenizer is not None:
+        table = token_byte_lengths(loaded.tokenizer, loaded.model.config.vocab_size)
+        byte_lengths = torch.tensor(table, dtype=torch.float64)
+    n_batches = None if args.tokens is None else -(-args.tokens // (batch * seq_len))
+    return evaluate(loaded.model, iter(data), n_batches, device, byte_lengths, prefix="eval")
+
+
+def score_text(loaded: Loaded, path: Path, seq_len: int, device: torch.device) -> dict[str, float]:
+    """Whole documents, each from the end-of-text token, in rolling windows."""
+    if loaded.tokenizer is None:
+        raise ValueError(f"{loaded.source} has no tokenizer.json to encode --text with")
+    if path.suffix == ".jsonl":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        docs = [json.loads(line)["text"] for line in lines if line.strip()]
+    else:
+        docs = [path.read_text(encoding="utf-8")]
+    tok = loaded.tokenizer
+    ids = [tok.encode(d).ids for d in docs]
+    n_bytes = [len(d.encode("utf-8")) for d in docs]
+    return score_documents(loaded.model, ids, eos_id(tok), seq_len, n_bytes, device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model", type=Path, help="run dir, checkpoints/step_N dir or HF dir")
-    parser.add_argument("--data", required=True, help="shard directory, glob or URLs")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="shard directory, glob or URLs")
+    source.add_argument("--text", type=Path, help="documents: .jsonl of {text}, or a text file")
     parser.add_argument("--split", default="val", help="split of a shard directory")
     parser.add_argument("--tokens", type=int, default=None, help="score this many (default all)")
     parser.add_argument("--seq-len", type=int, default=None,
@@ -77,23 +118,15 @@ def main() -> None:
             raise ValueError(
                 f"--seq-len {seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}"
             )
-        tokenizer = loaded.source / TOKENIZER_FILE
-        data = build_loader(
-            args.data, cfg.vocab_size, seq_len, batch, seed=seed, split=args.split,
-            num_workers=0, epochs=1,
-            tokenizer=str(tokenizer) if tokenizer.is_file() else None,
-        )  # fmt: skip
-        byte_lengths = None
-        if loaded.tokenizer is not None:
-            table = token_byte_lengths(loaded.tokenizer, cfg.vocab_size)
-            byte_lengths = torch.tensor(table, dtype=torch.float64)
-        n_batches = None if args.tokens is None else -(-args.tokens // (batch * seq_len))
-        figures = evaluate(loaded.model, iter(data), n_batches, torch.device(device),
-                           byte_lengths, prefix="eval")  # fmt: skip
+        if args.text is not None:
+            figures = score_text(loaded, args.text, seq_len, torch.device(device))
+        else:
+            figures = score_shards(loaded, args, seq_len, batch, seed, torch.device(device))
     except (FileNotFoundError, ValueError, DataError) as e:
         parser.error(str(e))
     result = {
-        "model": str(loaded.source), "data": args.data, "split": args.split, "seq_len": seq_len,
+        "model": str(loaded.source), "data": args.data or str(args.text),
+        "split": args.split if args.data else None, "seq_len": seq_len,
         "loss": figures["eval_loss"], "ppl": figures["eval_ppl"],
         "bpb": figures.get("eval_bpb"), "tokens": figures["eval_tokens"],
     }  # fmt: skip

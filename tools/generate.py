@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.eval.generate import GenerationConfig, generate
+from pretrain.eval.generate import add_arguments, config_from_args, generate
 from pretrain.eval.load import load_model
 
 
@@ -40,15 +40,7 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the text to continue")
     source.add_argument("--prompt-file", type=Path, help="one prompt per line, or .jsonl")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--length-penalty", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--stop-token-id", type=int, action="append", default=[])
-    parser.add_argument("--seed", type=int, default=None, help="seeds sampling")
+    add_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args()
     device = args.device
@@ -64,13 +56,7 @@ def main() -> None:
     if tok is None:
         parser.error(f"{loaded.source} has no tokenizer.json: export from a run with one")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
-    eos = tok.token_to_id("<|eos|>")
-    cfg = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
-        length_penalty=args.length_penalty,
-        stop_tokens=[*([eos] if eos is not None else []), *args.stop_token_id], seed=args.seed,
-    )  # fmt: skip
+    cfg = config_from_args(args, tok.token_to_id("<|eos|>"))
     ids = [tok.encode(p).ids for p in prompts]
     try:
         outputs = generate(loaded.model, ids, cfg)

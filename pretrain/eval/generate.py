@@ -12,6 +12,7 @@ length_penalty`, its default early-stopping heuristic), so its output equals
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -64,6 +65,35 @@ class GenerationConfig:
         if self.num_beams > 1 and self.temperature > 0:
             errs.append("num_beams > 1 is deterministic beam search: leave temperature at 0")
         return errs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generation options the CLIs share (tools/generate.py, tools/eval_generate.py)."""
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument(
+        "--stop-token-id",
+        type=int,
+        action="append",
+        default=[],
+        help="also stop at this token id (the end-of-text token always stops)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seeds sampling")
+
+
+def config_from_args(args: argparse.Namespace, eos: int | None) -> GenerationConfig:
+    """GenerationConfig from `add_arguments`' options; `eos` (if any) stops generation."""
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        stop_tokens=[*([eos] if eos is not None else []), *args.stop_token_id], seed=args.seed,
+    )  # fmt: skip
 
 
 class Decoder(Protocol):

@@ -63,6 +63,38 @@ def evaluate(
     return out
 
 
+@torch.no_grad()
+def score_documents(
+    model: torch.nn.Module, docs: list[list[int]], prefix: int, seq_len: int,
+    doc_bytes: list[int] | None, device: torch.device, prefix_name: str = "eval",
+) -> dict[str, float]:  # fmt: skip
+    """Loss over whole documents, each scored from a `prefix` token (the end-of-text token our
+    shards put between documents) in rolling windows: the first predicts up to `seq_len`
+    tokens, each later one the next `seq_len` (the last fewer) with the `seq_len` tokens
+    before them as input. This is lm-evaluation-harness's `loglikelihood_rolling` windowing,
+    so its perplexities and bits per byte equal these for the same `seq_len`."""
+    model.eval()
+    nats, tokens = 0.0, 0
+    for doc in docs:
+        full = torch.tensor([prefix, *doc], device=device)  # targets are full[1:]
+        start = 1
+        while start < len(full):
+            end = min(start + seq_len, len(full))  # targets full[start:end]
+            inputs = full[max(0, end - 1 - seq_len) : end - 1]
+            logits = model(inputs[None])[0, -(end - start) :]  # (end - start, V)
+            nats += F.cross_entropy(logits.float(), full[start:end], reduction="sum").item()
+            tokens += end - start
+            start = end
+    if tokens == 0:
+        raise ValueError("no tokens to score: every document is empty")
+    mean = nats / tokens
+    out = {f"{prefix_name}_loss": mean, f"{prefix_name}_ppl": math.exp(min(mean, 700.0)),
+           f"{prefix_name}_tokens": tokens}  # fmt: skip
+    if doc_bytes is not None and sum(doc_bytes) > 0:
+        out[f"{prefix_name}_bpb"] = nats / math.log(2) / sum(doc_bytes)
+    return out
+
+
 class Evaluator:
     """What the trainer calls every `trainer.eval_every_steps`: a fresh validation stream of
     `n_batches` micro-batches per rank, scored by `evaluate`."""

@@ -98,3 +98,108 @@ def test_bad_input_is_named(tmp_path: Path, run_dir: Path) -> None:
     assert proc.returncode == 2 and "nowhere does not exist" in proc.stderr
     proc = cli(run_dir, "--prompt", "x", "--top-p", "0")
     assert proc.returncode == 2 and "top_p=0.0: must be in (0, 1]" in proc.stderr
+
+
+MC_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+PPL_YAML = """task: tiny_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+DOCS = [
+    "import os\nimport sys\n\n\ndef main():\n    print(os.getcwd())\n    return 0\n" * 3,
+    "class Foo:\n    def __init__(self, x):\n        self.x = x\n",
+]
+QUESTIONS = [
+    {"question": "import os\nos.path.", "choices": ["join", "banana"], "answer": 0},
+    {"question": "def f(x):\n    return", "choices": [" x", " ###"], "answer": 0},
+    {"question": "for i in", "choices": [" range(10):", " zzz"], "answer": 0},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_lm_eval_harness_offline_agrees_with_eval_ppl(run_dir: Path, tmp_path: Path) -> None:
+    """Two local tasks (multiple choice; rolling perplexity) through lm-eval on the checkpoint:
+    its bits per byte over documents longer than a window equal tools/eval_ppl.py --text."""
+    pytest.importorskip("lm_eval")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    mc = write_jsonl(tmp_path / "mc.jsonl", QUESTIONS)
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in DOCS])
+    (tasks / "tiny_mc.yaml").write_text(MC_YAML.format(data=mc))
+    (tasks / "tiny_ppl.yaml").write_text(PPL_YAML.format(data=docs))
+    out = tmp_path / "harness.json"
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "eval_harness.py"), str(run_dir), "--tasks",
+         "tiny_mc,tiny_ppl", "--include-path", str(tasks), "--output", str(out),
+         "--max-length", "32"],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**subprocess_env(), **env},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert 0.0 <= results["tiny_mc"]["acc,none"] <= 1.0
+    bpb = results["tiny_ppl"]["bits_per_byte,none"]
+    ours = tool("eval_ppl.py", run_dir, "--text", docs, "--seq-len", 32)
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    figures = json.loads(ours.stdout)
+    assert figures["tokens"] > 2 * 32  # several rolling windows per long document
+    assert figures["bpb"] == pytest.approx(bpb, rel=1e-5)
+    assert results["tiny_ppl"]["byte_perplexity,none"] == pytest.approx(2 ** figures["bpb"])
+    (record,) = [json.loads(line) for line in (run_dir / "eval" / "harness.jsonl").open()]
+    assert record["step"] == 30 and record["metrics"]["tiny_ppl/bits_per_byte"] == bpb
+    assert (run_dir / "eval" / "hf-step_30" / "config.json").is_file()  # the export, kept
+
+
+def test_bleu_and_chrf_of_generated_continuations(run_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("sacrebleu")
+    prompts = [PROMPT, "class ", "for i in "]
+    first = tmp_path / "first.json"
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "reference": "x"} for p in prompts])
+    proc = tool("eval_generate.py", run_dir, "--data", pairs, "--max-new-tokens", 16,
+                "--output", first)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    completions = [e["completion"] for e in json.loads(first.read_text())["examples"]]
+    assert completions[0] + "\n" == cli(run_dir, "--prompt", PROMPT, "--max-new-tokens", 16).stdout
+    # The completions as their own references: a perfect score, so prompts, completions and
+    # references line up.
+    rows = [{"prompt": p, "references": [c, "zzz"]}
+            for p, c in zip(prompts, completions, strict=True)]  # fmt: skip
+    same = write_jsonl(tmp_path / "same.jsonl", rows)
+    scores = json.loads(tool("eval_generate.py", run_dir, "--data", same,
+                             "--max-new-tokens", 16).stdout)  # fmt: skip
+    assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+    assert scores["n"] == 3
+    bad = tool("eval_generate.py", run_dir, "--data", write_jsonl(tmp_path / "b.jsonl",
+                                                                  [{"prompt": "x"}]))  # fmt: skip
+    assert bad.returncode == 2
+    assert "b.jsonl:1: each line needs a prompt and a reference" in bad.stderr

@@ -189,6 +189,21 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
         errors.append(f"trainer.eval_every_steps={trainer.eval_every_steps}: must be >= 0")
     if trainer.eval_every_steps and trainer.eval_tokens < 1:
         errors.append(f"trainer.eval_tokens={trainer.eval_tokens}: must be >= 1")
+    if trainer.early_stopping_patience < 0 or trainer.early_stopping_min_delta < 0:
+        errors.append("trainer.early_stopping_patience and early_stopping_min_delta must be >= 0")
+    if trainer.early_stopping_patience and not trainer.eval_every_steps:
+        errors.append(
+            f"trainer.early_stopping_patience={trainer.early_stopping_patience} needs "
+            "evaluations: set trainer.eval_every_steps > 0"
+        )
+    if trainer.eval_data and not trainer.eval_every_steps:
+        errors.append("trainer.eval_data needs evaluations: set trainer.eval_every_steps > 0")
+    bad_names = [n for n in trainer.eval_data if not n.isidentifier()]
+    if bad_names:
+        errors.append(
+            f"trainer.eval_data names {bad_names}: use letters, digits and _ (they become "
+            "metric names val_<name>_loss)"
+        )
     if len(trainer.profile_steps) not in (0, 2) or (
         trainer.profile_steps
         and not 1 <= trainer.profile_steps[0] <= trainer.profile_steps[1] <= trainer.max_steps

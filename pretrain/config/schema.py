@@ -196,6 +196,15 @@ class TrainerConfig:
     eval_tokens: int = 131_072
     """Tokens per evaluation, over all ranks (rounded up to whole micro-batches per rank); the
     same tokens every time, so evaluations compare like with like."""
+    eval_data: dict[str, str] = field(default_factory=dict)
+    """More named held-out sets, scored at each evaluation beside the data's val split:
+    {name: a tools/prepare_data.py directory (its val split) or a glob of shards (all of
+    them)}; logged as val_<name>_loss, val_<name>_ppl, val_<name>_bpb."""
+    early_stopping_patience: int = 0
+    """Stop (saving, exit 0) after this many evaluations in a row without val_loss improving
+    by more than early_stopping_min_delta; 0: never. A resumed run stays stopped."""
+    early_stopping_min_delta: float = 0.0
+    """How much lower than the best so far val_loss must be to count as an improvement."""
     profile_steps: list[int] = field(default_factory=list)
     """[first, last]: trace optimizer steps first..last with torch.profiler into
     <run_dir>/profile/ (Chrome/Perfetto JSON, one file per rank); [] profiles nothing.

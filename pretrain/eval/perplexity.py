@@ -96,16 +96,20 @@ def score_documents(
 
 
 class Evaluator:
-    """What the trainer calls every `trainer.eval_every_steps`: a fresh validation stream of
-    `n_batches` micro-batches per rank, scored by `evaluate`."""
+    """What the trainer calls every `trainer.eval_every_steps`: each held-out set, by its
+    metric prefix ("val", "val_<name>"), from a fresh stream of `n_batches` micro-batches per
+    rank, scored by `evaluate`."""
 
     def __init__(
-        self, model: torch.nn.Module, make_batches: Callable[[], Iterator[torch.Tensor]],
+        self, model: torch.nn.Module, sets: dict[str, Callable[[], Iterator[torch.Tensor]]],
         n_batches: int, device: torch.device, byte_lengths: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
-        self.model, self.make_batches = model, make_batches
+        self.model, self.sets = model, sets
         self.n_batches, self.device, self.byte_lengths = n_batches, device, byte_lengths
 
     def __call__(self) -> dict[str, float]:
-        batches = iter(self.make_batches())
-        return evaluate(self.model, batches, self.n_batches, self.device, self.byte_lengths)
+        out: dict[str, float] = {}
+        for prefix, make_batches in self.sets.items():
+            out.update(evaluate(self.model, iter(make_batches()), self.n_batches, self.device,
+                                self.byte_lengths, prefix))  # fmt: skip
+        return out

@@ -78,6 +78,9 @@ def format_line(metrics: dict[str, Any], step: int, last_step: int) -> str:
         val = f" | val_loss {metrics['val_loss']:.4f} | val_ppl {metrics['val_ppl']:.2f}"
         if "val_bpb" in metrics:
             val += f" | val_bpb {metrics['val_bpb']:.4f}"
+        for key, value in metrics.items():  # trainer.eval_data's named sets
+            if key.startswith("val_") and key.endswith("_loss") and key != "val_loss":
+                val += f" | {key} {value:.4f}"
     if "step_time_s" not in metrics:
         return f"step {step}/{last_step}{val}"
     parts = [

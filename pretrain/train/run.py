@@ -6,6 +6,7 @@ as `tools/bench_train.py` reuse the builders so they measure exactly what traini
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from pretrain.checkpoint.export import (
     load_hf_weights,
 )
 from pretrain.config import RunConfig
+from pretrain.data.stream import build_loader
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.data.tokenizer import token_byte_lengths
 from pretrain.engine.deepspeed import build_engine, build_model
@@ -56,8 +58,10 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
     # Cheap checks first: bad data or a checkpoint of another shape fail before the model
     # and the engine cost anything.
     data = build_data(run)
-    if run.trainer.eval_every_steps:
-        build_val_data(run)  # a missing val split fails now, not at step N
+    if run.trainer.eval_every_steps:  # a missing val split fails now, not at step N
+        build_val_data(run)
+        for path in run.trainer.eval_data.values():
+            build_named_val_data(run, path, getattr(data, "tokenizer", None))
     ckpt_dir = checkpoint.checkpoint_dir(run.run_dir)
     resume_from = resume_path(run, ckpt_dir)
     layout = (run.world_size, run.deepspeed.zero_stage)
@@ -216,6 +220,17 @@ def build_val_data(run: RunConfig) -> Iterator[torch.Tensor]:
     return itertools.islice(stream, dist.rank(), None, dist.world_size())
 
 
+def build_named_val_data(run: RunConfig, path: str, tokenizer: str | None) -> Iterator:
+    """This rank's share of a trainer.eval_data set: a shard directory's val split, or every
+    shard of a glob, read and strided like `build_val_data`."""
+    manifest = Path(path).is_dir()  # a glob has no splits (all of it) and no tokenizer record
+    t = run.trainer
+    stream = build_loader(path, run.vocab_size, t.seq_len, t.micro_batch_size, t.seed,
+                          split="val" if manifest else "train", num_workers=0,
+                          tokenizer=tokenizer if manifest else None)  # fmt: skip
+    return itertools.islice(stream, dist.rank(), None, dist.world_size())
+
+
 def _instantiate_data(
     run: RunConfig, rank: int, world_size: int, grad_accum: int, **extra: object
 ) -> Iterator[torch.Tensor]:
@@ -233,21 +248,24 @@ def _instantiate_data(
 
 
 def build_evaluator(
-    run: RunConfig, engine: torch.nn.Module, tokenizer_source: object = None
+    run: RunConfig, engine: torch.nn.Module, train_data: object = None
 ) -> Evaluator | None:
-    """trainer.eval_every_steps > 0: the held-out scorer, `eval_tokens` over all ranks (with
-    bits per byte when the training data names its tokenizer)."""
+    """trainer.eval_every_steps > 0: the held-out scorer, `eval_tokens` over all ranks per set
+    (with bits per byte when the training data names its tokenizer)."""
     t = run.trainer
     if not t.eval_every_steps:
         return None
     per_batch = t.micro_batch_size * t.seq_len * run.world_size
     n_batches = -(-t.eval_tokens // per_batch)
     byte_lengths = None
-    tokenizer = getattr(tokenizer_source, "tokenizer", None)
+    tokenizer = getattr(train_data, "tokenizer", None)
     if tokenizer:  # bits per byte need the bytes behind each token id
         table = token_byte_lengths(load_tokenizer(tokenizer), run.vocab_size)
         byte_lengths = torch.tensor(table, dtype=torch.float64)
-    return Evaluator(engine, lambda: build_val_data(run), n_batches, engine.device, byte_lengths)
+    sets = {"val": lambda: build_val_data(run)}
+    for name, path in t.eval_data.items():
+        sets[f"val_{name}"] = functools.partial(build_named_val_data, run, path, tokenizer)
+    return Evaluator(engine, sets, n_batches, engine.device, byte_lengths)
 
 
 def last_step(run: RunConfig) -> int:

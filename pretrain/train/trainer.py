@@ -106,6 +106,10 @@ class Trainer:
         last = self.cfg.max_steps
         if self.cfg.stop_at_step is not None:
             last = min(last, self.cfg.stop_at_step)
+        if self.state.stopped_early:
+            log.info("the run stopped early at step %d (no val_loss improvement): nothing to do",
+                     self.state.step)  # fmt: skip
+            return self.state
         while self.state.step < last:
             if self.profiler:
                 self.profiler.step_started(self.state.step + 1)
@@ -120,15 +124,18 @@ class Trainer:
             if self.profiler:
                 self.profiler.step_finished(self.state.step)
             record = self._metrics(result, lr, step_time)
-            if self._eval_due(last) and not result.stop:  # a stop must save within its grace
+            evaluated = self._eval_due(last) and not result.stop  # a stop saves in its grace
+            if evaluated:
                 record.update(self.evaluate())
             self.loggers.log(record, self.state.step)
+            if evaluated and self._patience_ran_out(record["val_loss"]):
+                self.state.stopped_early = True
             self._check_bad_steps(result.skipped)
             periodic = self.save_every and self.state.step % self.save_every == 0
             # No scheduled checkpoint in a run of NaN steps (resuming it would resume the
             # divergence); a stop request saves regardless: the weights are the last good ones.
             due = (periodic or result.save_due) and not result.skipped
-            if self.save and (due or result.stop):
+            if self.save and (due or result.stop or self.state.stopped_early):
                 self.save(self.state)
                 self.last_saved_step = self.state.step
                 self._last_save_time = time.monotonic()
@@ -138,7 +145,25 @@ class Trainer:
                 if received is None:
                     log.warning("another rank received a stop signal: stopping after this step")
                 break
+            if self.state.stopped_early:
+                break
         return self.state
+
+    def _patience_ran_out(self, val_loss: float) -> bool:
+        """Early stopping: count evaluations without improvement; True when patience is out."""
+        s, patience = self.state, self.cfg.early_stopping_patience
+        if val_loss < s.best_val_loss - self.cfg.early_stopping_min_delta:
+            s.best_val_loss, s.best_val_step, s.evals_since_best = val_loss, s.step, 0
+            return False
+        s.evals_since_best += 1
+        if not patience or s.evals_since_best < patience:
+            return False
+        log.warning(
+            "early stopping at step %d: val_loss %.4f has not improved on %.4f (step %d) for "
+            "%d evaluations (trainer.early_stopping_patience=%d)", s.step, val_loss,
+            s.best_val_loss, s.best_val_step, s.evals_since_best, patience,
+        )  # fmt: skip
+        return True
 
     def _eval_due(self, last: int) -> bool:
         every = self.cfg.eval_every_steps

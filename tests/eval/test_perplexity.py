@@ -50,8 +50,11 @@ def test_loss_is_the_token_mean_and_the_model_and_rng_are_left_as_found() -> Non
 
 def test_every_evaluation_scores_the_same_batches() -> None:
     model = tiny()
-    evaluator = Evaluator(model, val_stream, n_batches=2, device=torch.device("cpu"))
-    assert evaluator() == evaluator()
+    evaluator = Evaluator(model, {"val": val_stream, "val_again": val_stream}, n_batches=2,
+                          device=torch.device("cpu"))  # fmt: skip
+    first = evaluator()
+    assert first == evaluator()
+    assert first["val_again_loss"] == first["val_loss"] and first["val_tokens"] == 2 * 3 * 16
 
 
 def test_val_split_holds_other_samples_than_train() -> None:

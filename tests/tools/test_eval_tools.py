@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY, read_metrics, subprocess_env, train
+from tests.conftest import REPO, read_metrics, subprocess_env, train
 
 pytestmark = pytest.mark.multiprocess
 
@@ -20,9 +20,10 @@ PROMPT = "import os\ndef "
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("gen")
-    train(root / "run", [*TINY, "data=demo", "data.max_bytes=300000", "trainer.max_steps=30",
+    train(root / "run", ["data=demo", "data.max_bytes=300000", "trainer.max_steps=30",
                          "optim.lr=3e-3", "checkpoint.export_hf=true", "trainer.log_every=10",
-                         "trainer.eval_every_steps=30", f"trainer.eval_tokens={EVAL_TOKENS}"],
+                         "trainer.eval_every_steps=30", f"trainer.eval_tokens={EVAL_TOKENS}",
+                         f"+trainer.eval_data.all={root}/data/demo/shards/*.tar"],
           env={"PRETRAIN_DATA_DIR": str(root / "data")})  # fmt: skip
     return root / "run"
 
@@ -44,6 +45,9 @@ def test_eval_ppl_repeats_the_in_loop_validation(run_dir: Path, tmp_path: Path) 
     """With the checkpoint's seq_len, micro-batch and seed, --tokens eval_tokens scores the
     windows of the last in-loop evaluation: the same loss, from the checkpoint and the export."""
     (last,) = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    # trainer.eval_data: a named set (every demo shard, by glob) scored beside the val split.
+    assert last["val_all_tokens"] == EVAL_TOKENS and last["val_all_loss"] != last["val_loss"]
+    assert last["val_all_bpb"] > 0
     shards = run_dir.parent / "data" / "demo" / "shards"
     out = tmp_path / "ppl.json"
     ckpt = tool("eval_ppl.py", run_dir, "--data", shards, "--tokens", EVAL_TOKENS, "--output", out)

@@ -166,3 +166,17 @@ def test_generate_restores_training_mode() -> None:
     m.train()
     generate(m, [[1, 2]], GenerationConfig(max_new_tokens=2))
     assert m.training
+
+
+def test_each_new_token_costs_one_position(model: Transformer) -> None:
+    """The prompt goes through the model once; every later forward sees one token per row."""
+    widths = []
+    handle = model.embed_tokens.register_forward_hook(lambda m, i, o: widths.append(i[0].shape))
+    try:
+        generate(model, PROMPTS, GenerationConfig(max_new_tokens=6))
+        assert widths == [(3, 5)] + [(3, 1)] * 5  # 3 prompts left-padded to 5, then 1 each
+        widths.clear()
+        generate(model, PROMPTS, GenerationConfig(max_new_tokens=6, num_beams=2))
+        assert widths == [(6, 5)] + [(6, 1)] * 5  # 3 prompts x 2 beams
+    finally:
+        handle.remove()

@@ -149,7 +149,7 @@ def test_beams_with_a_stop_token_equal_transformers(model: Transformer, hf_model
     """A stop token the beams meet early: hypotheses finish at different lengths, and the
     length penalty and early-stopping heuristic decide, as in transformers."""
     free = generate(model, PROMPTS, GenerationConfig(max_new_tokens=12, num_beams=4))
-    for lp in (1.0, 0.0, 2.0):
+    for lp in (0.0, 2.0):
         for prompt, row in zip(PROMPTS, free, strict=True):
             stop = row[2]
             cfg = GenerationConfig(max_new_tokens=12, num_beams=4, length_penalty=lp,

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-import torch
-
 from pretrain.eval.generate import add_arguments, config_from_args, generate
-from pretrain.eval.load import load_model
+from pretrain.eval.load import load_model, pick_device
 
 
 def read_pairs(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -53,14 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     import sacrebleu
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only to consolidate ZeRO shards
+    device = pick_device(args.device)
     try:
         prompts, refs = read_pairs(args.data)
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        loaded = load_model(args.model, device, dtype)
+        loaded = load_model(args.model, device)
         tok = loaded.tokenizer
         if tok is None:
             raise ValueError(f"{loaded.source} has no tokenizer.json")

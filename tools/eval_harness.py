@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pretrain.checkpoint import manager
 from pretrain.checkpoint.export import export_hf, find_checkpoint
+from pretrain.eval.load import pick_device
 
 log = logging.getLogger("pretrain")
 
@@ -87,11 +88,7 @@ def main() -> None:
         hf_dir, ckpt = hf_dir_for(args.model)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
-    import torch
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(args.device)
     tasks = [t for t in args.tasks.split(",") if t]
     manager_ = TaskManager(include_path=str(args.include_path) if args.include_path else None)
     unknown = [t for t in tasks if t not in manager_.all_tasks]

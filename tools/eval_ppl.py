@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from pretrain.checkpoint import manager
 from pretrain.checkpoint.export import TOKENIZER_FILE
 from pretrain.data.stream import DataError, build_loader
 from pretrain.data.tokenizer import eos_id, token_byte_lengths
-from pretrain.eval.load import Loaded, load_model
+from pretrain.eval.load import Loaded, load_model, pick_device
 from pretrain.eval.perplexity import evaluate, score_documents
 
 
@@ -102,13 +101,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--output", type=Path, help="also write the figures here (JSON)")
     args = parser.parse_args()
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only to consolidate ZeRO shards
+    device = pick_device(args.device)
     try:
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        loaded = load_model(args.model, device, dtype)
+        loaded = load_model(args.model, device)
         cfg = loaded.model.config
         train_cfg = trained(loaded.source)
         seq_len = args.seq_len or train_cfg.get("seq_len") or min(cfg.max_seq_len, 2048)

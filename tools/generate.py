@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
-
 from pretrain.eval.generate import add_arguments, config_from_args, generate
-from pretrain.eval.load import load_model
+from pretrain.eval.load import load_model, pick_device
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -43,13 +40,9 @@ def main() -> None:
     add_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args()
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only to consolidate ZeRO shards
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device = pick_device(args.device)
     try:
-        loaded = load_model(args.model, device, dtype)
+        loaded = load_model(args.model, device)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     tok = loaded.tokenizer

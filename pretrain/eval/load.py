@@ -5,6 +5,7 @@ Llama directory (ours, exported, or any `LlamaForCausalLM` without RoPE scaling)
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,20 @@ class Loaded:
     """The checkpoint or HF directory the weights came from."""
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Loaded:
-    """The model at `path` in eval mode on `device`; errors name the path and the fix."""
+def pick_device(device: str = "auto") -> str:
+    """auto: cuda when a GPU is there, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None) -> Loaded:
+    """The model at `path` in eval mode on `device` (auto: a GPU if there is one), in `dtype`
+    (default bf16 on a GPU, fp32 on CPU); errors name the path and the fix."""
+    device = pick_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidating ZeRO shards runs on CPU
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give a run dir, a step_N dir or an HF dir")

@@ -1,29 +1,45 @@
-"""Training throughput benchmark: tokens/s, MFU and peak memory of real DeepSpeed steps.
+"""Training throughput benchmark: our DeepSpeed trainer step against a plain PyTorch loop and
+transformers' LlamaForCausalLM, measured in the same run.
 
-Runs the same model several times in one process, once per variant (a set of config
-overrides), and prints each one's figures with its ratio against the last variant, the
-baseline: by default `auto` attention against `eager`, the reference attention written out
-in full. Timings exclude warm-up steps.
+Each configuration runs warm-up steps, then timed optimizer steps, each synchronised with the
+device; tokens/s come from the median step time. Rows:
+
+- our variants (`--variant NAME:OVERRIDES`, default one, `ours`, with the config as given):
+  `Trainer.train_step` under DeepSpeed at the configured ZeRO stage;
+- `plain` (unless --no-baselines): the same model, data, AdamW settings and schedule,
+  gradient clipping and accumulation in a hand-written PyTorch loop, no DeepSpeed (bf16
+  autocast over fp32 weights where we train in bf16);
+- `hf`: transformers' `LlamaForCausalLM` of the same shape (its SDPA attention) in that loop.
+
+Each row prints tokens/s, MFU (`pretrain/model/flops.py`, full attention, the GPU's dense
+peak), peak memory and its ratio to plain and to hf. The last line is
+`ours/hf tokens-per-s ratio: X` for the first variant.
 
     python tools/bench_train.py model=llama_125m trainer.seq_len=2048 trainer.micro_batch_size=8
     python tools/bench_train.py --variant "compiled:trainer.compile=true" \
-        --variant "sdpa:model.attn_impl=sdpa" --variant "eager:model.attn_impl=eager" model=tiny
+        --variant "eager:model.attn_impl=eager" model=tiny --steps 20
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from pretrain import dist
+from pretrain.checkpoint.export import hf_config
 from pretrain.config import compose, resolve
 from pretrain.config.resolve import RunConfig
 from pretrain.engine.deepspeed import build_engine, build_model
+from pretrain.engine.optim import lr_scheduler, param_groups
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain.model.llama import LlamaConfig
@@ -31,49 +47,117 @@ from pretrain.train.run import build_data, build_module
 from pretrain.train.trainer import Trainer
 
 
-def bench_one(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
-    """Time `steps` optimizer steps after `warmup` untimed ones."""
-    dist.seed_everything(run.trainer.seed)
-    model = build_model(run, lambda: build_module(run))
-    engine = build_engine(run, model)
-    data = build_data(run)
-    trainer = Trainer(engine, data, run.trainer, run.grad_accum, run.tokens_per_step)
-    cuda = run.device_type == "cuda"
+def timed_steps(step: Callable[[], None], steps: int, warmup: int, cuda: bool) -> list[float]:
+    """Seconds of each of `steps` calls of `step` after `warmup` untimed ones."""
     for _ in range(warmup):
-        trainer.train_step()
+        step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    losses = [trainer.train_step().loss for _ in range(steps)]
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    # What stays between steps (weights, gradients, optimizer state): tools/estimate.py's
-    # "states" figure, while the peak adds the activations of one micro-batch.
-    state_mem = torch.cuda.memory_allocated() if cuda else float("nan")
-    tokens_per_s = steps * run.tokens_per_step / elapsed
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def figures(run: RunConfig, times: list[float], final_loss: float) -> dict[str, float]:
+    """tokens/s from the median step, MFU, peak memory."""
+    cuda = run.device_type == "cuda"
+    step_time = statistics.median(times)
+    tokens_per_s = run.tokens_per_step / step_time
     cfg: LlamaConfig = OmegaConf.to_object(run.model)  # the Llama schema is a LlamaConfig
     model_flops = flops_per_token(cfg, run.trainer.seq_len) * tokens_per_s  # the logged MFU's
     peak = peak_flops(torch.cuda.get_device_name(), run.precision) if cuda else None
-    result = {
-        "attn": resolve_impl(cfg.attn_impl, engine.device, run.dtype),
+    return {
         "tokens_per_s": tokens_per_s,
-        "step_time_s": elapsed / steps,
+        "step_time_s": step_time,
+        "step_time_spread": (max(times) - min(times)) / step_time,
         "tflops": model_flops / 1e12,
         "mfu": model_flops / peak if peak else float("nan"),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-        "state_mem_gib": state_mem / 2**30,
-        "final_loss": losses[-1],
+        "final_loss": final_loss,
     }
-    del trainer, engine, model, data
+
+
+def bench_ours(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
+    """Our trainer's optimizer step under DeepSpeed."""
+    dist.seed_everything(run.trainer.seed)
+    model = build_model(run, lambda: build_module(run))
+    engine = build_engine(run, model)
+    trainer = Trainer(engine, build_data(run), run.trainer, run.grad_accum, run.tokens_per_step)
+    losses: list[float] = []
+    times = timed_steps(lambda: losses.append(trainer.train_step().loss), steps, warmup,
+                        run.device_type == "cuda")  # fmt: skip
+    cfg: LlamaConfig = OmegaConf.to_object(run.model)
+    # What stays between steps (weights, gradients, optimizer state): tools/estimate.py's
+    # "states" figure, while the peak adds the activations of one micro-batch.
+    cuda = run.device_type == "cuda"
+    state_mem = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
+    return {
+        "attn": resolve_impl(cfg.attn_impl, engine.device, run.dtype),
+        **figures(run, times, losses[-1]),
+        "state_mem_gib": state_mem,
+    }
+
+
+def bench_loop(run: RunConfig, kind: str, steps: int, warmup: int) -> dict[str, float]:
+    """A hand-written PyTorch training loop: `plain` (our model) or `hf` (transformers')."""
+    dist.seed_everything(run.trainer.seed)
+    device = torch.device(run.device_type)
+    if kind == "plain":
+        model = build_module(run).to(device)
+        forward = model
+        attn = resolve_impl(run.model.attn_impl, device, run.dtype)
+    else:
+        import transformers
+
+        fields = OmegaConf.to_container(run.model, resolve=True)
+        config = transformers.LlamaConfig(**hf_config(fields, "float32", None))
+        model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+        model = model.to(device)
+
+        def forward(tokens: torch.Tensor, hf_model: torch.nn.Module = model) -> torch.Tensor:
+            return hf_model(input_ids=tokens).logits
+
+        attn = "sdpa"
+    o = run.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        fused=device.type == "cuda",
+    )  # fmt: skip
+    schedule = lr_scheduler(optimizer, o, run.trainer.max_steps)  # ours: warmup + cosine
+    data = build_data(run)
+    amp = run.precision in ("bf16", "fp16")
+    autocast = (torch.autocast(device.type, dtype=run.dtype) if amp
+                else contextlib.nullcontext())  # fmt: skip
+    losses: list[float] = []
+
+    def step() -> None:
+        for _ in range(run.grad_accum):
+            batch = next(data).to(device, non_blocking=True)
+            with autocast:
+                logits = forward(batch[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            (loss / run.grad_accum).backward()
+        if o.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # the host sync our trainer also makes each step
+
+    times = timed_steps(step, steps, warmup, device.type == "cuda")
+    return {"attn": attn, **figures(run, times, losses[-1]), "state_mem_gib": float("nan")}
+
+
+def _free(cuda: bool) -> None:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return result
-
-
-DEFAULT_VARIANTS = ["auto:model.attn_impl=auto", "eager:model.attn_impl=eager"]
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -82,20 +166,27 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, overrides.split()
 
 
+def ratio(a: dict, b: dict | None) -> float:
+    return a["tokens_per_s"] / b["tokens_per_s"] if b else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
         "--variant", action="append", metavar="NAME:OVERRIDES",
-        help="a configuration to time, e.g. 'compiled:trainer.compile=true' (repeatable); "
-        "the last one is the baseline. Default: " + " ".join(DEFAULT_VARIANTS),
+        help="a configuration of ours to time, e.g. 'compiled:trainer.compile=true' "
+        "(repeatable; default: 'ours:', the config as given)",
     )  # fmt: skip
-    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--no-baselines", action="store_true", help="skip plain and hf")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every variant")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every row")
     args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
 
     base = [
         "data=synthetic",  # I/O-free: the benchmark measures the model and engine
@@ -103,31 +194,47 @@ def main() -> None:
         "trainer.global_batch_size=${trainer.micro_batch_size}",
     ]
     results = []
-    for name, extra in map(parse_variant, args.variant or DEFAULT_VARIANTS):
+    for name, extra in map(parse_variant, args.variant or ["ours:"]):
         run = resolve(compose([*base, *args.overrides, *extra]), world_size=1)
         dist.init(run.device_type)
-        results.append({"variant": name, **bench_one(run, args.steps, args.warmup)})
+        results.append({"variant": name, **bench_ours(run, args.steps, args.warmup)})
+        _free(run.device_type == "cuda")  # each row starts from an empty device
+    ours = results[0]
+    plain = hf = None
+    if not args.no_baselines:
+        run = resolve(compose([*base, *args.overrides]), world_size=1)
+        plain = {"variant": "plain", **bench_loop(run, "plain", args.steps, args.warmup)}
+        _free(run.device_type == "cuda")
+        hf = {"variant": "hf", **bench_loop(run, "hf", args.steps, args.warmup)}
+        results += [plain, hf]
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    baseline = results[-1]
     print(
-        f"device: {device} | precision {run.precision} | seq_len {run.trainer.seq_len} | "
-        f"micro batch {run.trainer.micro_batch_size} | {args.steps} timed steps"
+        f"device: {device} | {run.model._target_.rsplit('.', 1)[-1]} "
+        f"{run.model.n_layers}x{run.model.d_model} | precision {run.precision} | "
+        f"ZeRO-{run.deepspeed.zero_stage} | seq_len {run.trainer.seq_len} | micro batch "
+        f"{run.trainer.micro_batch_size} | median of {args.steps} steps after {args.warmup}"
     )
     print(
-        f"{'variant':>10} {'attn':>6} {'tok/s':>12} {'s/step':>8} {'TFLOP/s':>8} {'MFU':>6} "
-        f"{'peak GiB':>9} {'x baseline':>10}"
+        f"{'row':>10} {'attn':>6} {'tok/s':>12} {'s/step':>8} {'spread':>7} {'TFLOP/s':>8} "
+        f"{'MFU':>6} {'peak GiB':>9} {'/plain':>7} {'/hf':>7}"
     )
     for r in results:
+        r["vs_plain"], r["vs_hf"] = ratio(r, plain), ratio(r, hf)
         print(
             f"{r['variant']:>10} {r['attn']:>6} {r['tokens_per_s']:>12,.0f} "
-            f"{r['step_time_s']:>8.4f} {r['tflops']:>8.1f} {r['mfu']:>6.1%} "
-            f"{r['peak_mem_gib']:>9.2f} {r['tokens_per_s'] / baseline['tokens_per_s']:>9.2f}x"
+            f"{r['step_time_s']:>8.4f} {r['step_time_spread']:>6.0%} {r['tflops']:>8.2f} "
+            f"{r['mfu']:>6.1%} {r['peak_mem_gib']:>9.2f} {r['vs_plain']:>6.2f}x "
+            f"{r['vs_hf']:>6.2f}x"
         )
     if args.json:
         with open(args.json, "w") as f:
-            record = {"device": device, "overrides": args.overrides, "results": results}
+            record = {"device": device, "overrides": args.overrides, "steps": args.steps,
+                      "warmup": args.warmup, "results": results}  # fmt: skip
             json.dump(record, f, indent=2)
+    if hf is not None:
+        print(f"ours/plain tokens-per-s ratio: {ratio(ours, plain):.3f}")
+        print(f"ours/hf tokens-per-s ratio: {ratio(ours, hf):.3f}")
     dist.destroy()
 
 

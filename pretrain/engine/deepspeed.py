@@ -124,4 +124,8 @@ class UpdateGate:
         def gated_step(*args: Any, **kwargs: Any) -> Any:
             return None if self.skip else update(*args, **kwargs)
 
+        # The LR scheduler wrapped step() to see that it runs first; our wrapper calls its
+        # wrapper, so say so, or torch warns on every run that step() was overridden.
+        if hasattr(update, "_wrapped_by_lr_sched"):
+            gated_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
         optimizer.step = gated_step  # an instance attribute: DeepSpeed looks it up per call

@@ -29,9 +29,9 @@ import torch
 from pretrain.checkpoint import manager
 from pretrain.checkpoint.export import TOKENIZER_FILE
 from pretrain.data.stream import DataError, build_loader
-from pretrain.data.tokenizer import eos_id, token_byte_lengths
+from pretrain.data.tokenizer import eos_id
 from pretrain.eval.load import Loaded, load_model, pick_device
-from pretrain.eval.perplexity import evaluate, score_documents
+from pretrain.eval.perplexity import byte_lengths, evaluate, score_documents
 
 
 def trained(source: Path) -> dict:
@@ -51,12 +51,11 @@ def score_shards(
         args.data, loaded.model.config.vocab_size, seq_len, batch, seed=seed, split=args.split,
         num_workers=0, epochs=1, tokenizer=str(tokenizer) if tokenizer.is_file() else None,
     )  # fmt: skip
-    byte_lengths = None
+    table = None
     if loaded.tokenizer is not None:
-        table = token_byte_lengths(loaded.tokenizer, loaded.model.config.vocab_size)
-        byte_lengths = torch.tensor(table, dtype=torch.float64)
+        table = byte_lengths(loaded.tokenizer, loaded.model.config.vocab_size)
     n_batches = None if args.tokens is None else -(-args.tokens // (batch * seq_len))
-    return evaluate(loaded.model, iter(data), n_batches, device, byte_lengths, prefix="eval")
+    return evaluate(loaded.model, iter(data), n_batches, device, table, prefix="eval")
 
 
 def score_text(loaded: Loaded, path: Path, seq_len: int, device: torch.device) -> dict[str, float]:

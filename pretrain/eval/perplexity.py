@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from pretrain.data.tokenizer import token_byte_lengths
 
 
 @torch.no_grad()
@@ -55,12 +58,7 @@ def evaluate(
     nats, tokens, n_bytes = totals.tolist()
     if tokens == 0:
         raise ValueError("no evaluation batches: the data holds fewer tokens than one batch")
-    mean = nats / tokens
-    out = {f"{prefix}_loss": mean, f"{prefix}_ppl": math.exp(min(mean, 700.0)),
-           f"{prefix}_tokens": int(tokens)}  # fmt: skip
-    if byte_lengths is not None and n_bytes > 0:
-        out[f"{prefix}_bpb"] = nats / math.log(2) / n_bytes
-    return out
+    return _figures(prefix, nats, int(tokens), n_bytes if byte_lengths is not None else 0)
 
 
 @torch.no_grad()
@@ -73,6 +71,7 @@ def score_documents(
     tokens, each later one the next `seq_len` (the last fewer) with the `seq_len` tokens
     before them as input. This is lm-evaluation-harness's `loglikelihood_rolling` windowing,
     so its perplexities and bits per byte equal these for the same `seq_len`."""
+    was_training = model.training
     model.eval()
     nats, tokens = 0.0, 0
     for doc in docs:
@@ -85,14 +84,25 @@ def score_documents(
             nats += F.cross_entropy(logits.float(), full[start:end], reduction="sum").item()
             tokens += end - start
             start = end
+    model.train(was_training)
     if tokens == 0:
         raise ValueError("no tokens to score: every document is empty")
+    return _figures(prefix_name, nats, tokens, sum(doc_bytes) if doc_bytes else 0)
+
+
+def _figures(prefix: str, nats: float, tokens: int, n_bytes: float) -> dict[str, float]:
+    """Mean loss, perplexity, tokens and (when the bytes are known) bits per byte."""
     mean = nats / tokens
-    out = {f"{prefix_name}_loss": mean, f"{prefix_name}_ppl": math.exp(min(mean, 700.0)),
-           f"{prefix_name}_tokens": tokens}  # fmt: skip
-    if doc_bytes is not None and sum(doc_bytes) > 0:
-        out[f"{prefix_name}_bpb"] = nats / math.log(2) / sum(doc_bytes)
+    out = {f"{prefix}_loss": mean, f"{prefix}_ppl": math.exp(min(mean, 700.0)),
+           f"{prefix}_tokens": tokens}  # fmt: skip
+    if n_bytes > 0:
+        out[f"{prefix}_bpb"] = nats / math.log(2) / n_bytes
     return out
+
+
+def byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) UTF-8 bytes behind each token id, for `evaluate`'s bits per byte."""
+    return torch.tensor(token_byte_lengths(tokenizer, vocab_size), dtype=torch.float64)
 
 
 class Evaluator:

@@ -36,9 +36,9 @@ class Interval:
     """Passes `logger` one training record per `every` steps (and the last step).
 
     A step with an evaluation (val_loss) is passed on too. Times (TIME_KEYS) are the mean
-    over the steps since the previous record; rates
-    (RATE_KEYS: tokens/s, MFU) are rescaled to that mean, i.e. tokens of the interval over
-    its seconds. Everything else is the interval's last step's value.
+    over the steps since the previous record; rates (RATE_KEYS: tokens/s, MFU) are rescaled
+    to that mean, i.e. the interval's tokens over its seconds. Everything else is the
+    interval's last step's value.
     """
 
     def __init__(self, logger: Logger, every: int, last_step: int) -> None:

@@ -51,20 +51,21 @@ class StepProfiler:
 
     def step_finished(self, step: int) -> None:
         """Called after optimizer step `step` completed (all ranks agreed on it)."""
-        if self._span is not None:
-            self._span.__exit__(None, None, None)
-            self._span = None
+        self._end_span()
         if self._prof is not None and step >= self.last:
             self._write()
 
     def close(self) -> None:
         """Write what was recorded when the run ended inside the window (a stop signal)."""
-        if self._span is not None:
-            self._span.__exit__(None, None, None)
-            self._span = None
+        self._end_span()
         if self._prof is not None:
             log.warning("the run ended inside trainer.profile_steps: writing the steps so far")
             self._write()
+
+    def _end_span(self) -> None:
+        if self._span is not None:
+            self._span.__exit__(None, None, None)
+            self._span = None
 
     def _write(self) -> None:
         assert self._prof is not None

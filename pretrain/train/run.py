@@ -28,9 +28,8 @@ from pretrain.checkpoint.export import (
 from pretrain.config import RunConfig
 from pretrain.data.stream import build_loader
 from pretrain.data.tokenizer import load as load_tokenizer
-from pretrain.data.tokenizer import token_byte_lengths
 from pretrain.engine.deepspeed import build_engine, build_model
-from pretrain.eval.perplexity import Evaluator
+from pretrain.eval.perplexity import Evaluator, byte_lengths
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token
 from pretrain.model.llama import LlamaConfig
@@ -257,15 +256,13 @@ def build_evaluator(
         return None
     per_batch = t.micro_batch_size * t.seq_len * run.world_size
     n_batches = -(-t.eval_tokens // per_batch)
-    byte_lengths = None
     tokenizer = getattr(train_data, "tokenizer", None)
-    if tokenizer:  # bits per byte need the bytes behind each token id
-        table = token_byte_lengths(load_tokenizer(tokenizer), run.vocab_size)
-        byte_lengths = torch.tensor(table, dtype=torch.float64)
+    # Bits per byte need the bytes behind each token id.
+    table = byte_lengths(load_tokenizer(tokenizer), run.vocab_size) if tokenizer else None
     sets = {"val": lambda: build_val_data(run)}
-    for name, path in t.eval_data.items():
-        sets[f"val_{name}"] = functools.partial(build_named_val_data, run, path, tokenizer)
-    return Evaluator(engine, sets, n_batches, engine.device, byte_lengths)
+    for name, path in t.eval_data.items():  # their tokenizer was checked once, at start
+        sets[f"val_{name}"] = functools.partial(build_named_val_data, run, path, None)
+    return Evaluator(engine, sets, n_batches, engine.device, table)
 
 
 def last_step(run: RunConfig) -> int:

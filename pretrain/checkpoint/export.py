@@ -75,7 +75,7 @@ def hf_config(model: dict[str, Any], dtype: str, tokenizer: Any | None) -> dict[
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": cfg.padded_vocab,  # the tables' rows; the tokenizer may have fewer
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_hidden,
         "num_hidden_layers": cfg.n_layers,
@@ -242,6 +242,7 @@ def model_fields_from_hf(config: dict[str, Any]) -> dict[str, Any]:
         "n_kv_heads": config.get("num_key_value_heads") or heads,
         "ffn_hidden": config["intermediate_size"],
         "vocab_size": config["vocab_size"],
+        "vocab_multiple": 1,  # the tables exactly as they are
         "max_seq_len": config.get("max_position_embeddings", 2048),
         "rope_theta": config.get("rope_theta", rope.get("rope_theta", 10000.0)),
         "norm_eps": config.get("rms_norm_eps", 1e-6),
@@ -281,7 +282,13 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, A
         raise ValueError(
             f"model.init_from={hf_dir} does not fit the configured model:\n  "
             + "\n  ".join(diff)
-            + "\nSet the model.* fields to the checkpoint's shape."
+            + "\nSet the model.* fields to the checkpoint's shape"
+            + (
+                " (model.vocab_size is padded to a multiple of model.vocab_multiple: set "
+                "model.vocab_multiple=1 to take vocab_size as it is)."
+                if any(d.startswith("vocab_size") for d in diff)
+                else "."
+            )
         )
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:

@@ -26,6 +26,8 @@ from pretrain.config.schema import (
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 WANDB_MODES = ("online", "offline", "disabled")
 PROGRESS_MODES = ("auto", "bar", "lines")
+AC_POLICIES = ("none", "full", "selective")
+ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
 
 
 class ConfigError(ValueError):
@@ -171,6 +173,19 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
         errors.append(f"optim.weight_decay={optim.weight_decay}: must be >= 0")
     if optim.grad_clip < 0:
         errors.append(f"optim.grad_clip={optim.grad_clip}: must be >= 0 (0 disables clipping)")
+    if optim.impl not in ADAMW_IMPLS:
+        errors.append(f"optim.impl={optim.impl!r}: choose one of {', '.join(ADAMW_IMPLS)}")
+
+    # Activation checkpointing: true/false (the field's first form) mean full/none.
+    policy = {"true": "full", "false": "none"}.get(
+        str(trainer.activation_checkpointing).lower(), trainer.activation_checkpointing
+    )
+    if policy not in AC_POLICIES:
+        errors.append(
+            f"trainer.activation_checkpointing={trainer.activation_checkpointing!r}: choose "
+            f"one of {', '.join(AC_POLICIES)}"
+        )
+    trainer.activation_checkpointing = policy
 
     # ZeRO.
     if ds.zero_stage not in (0, 1, 2, 3):
@@ -244,6 +259,7 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     as_dict = OmegaConf.to_container(cfg, resolve=True)
     as_dict["precision"] = precision
     as_dict["trainer"]["global_batch_size"] = trainer.global_batch_size
+    as_dict["trainer"]["activation_checkpointing"] = trainer.activation_checkpointing
     as_dict["derived"] = {
         "device": device_type,
         "world_size": world_size,

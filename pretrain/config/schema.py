@@ -134,6 +134,10 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    impl: str = "auto"
+    """torch AdamW kernel: fused (one kernel for all parameters) | foreach (a few kernels per
+    parameter group) | loop (one parameter at a time) | auto (fused on GPU, foreach on CPU).
+    deepspeed.offload_optimizer=true always uses DeepSpeedCPUAdam."""
 
 
 @dataclass
@@ -181,12 +185,16 @@ class TrainerConfig:
     device: str = "auto"
     """auto (cuda when available, else cpu) | cpu | cuda."""
     compile: bool = False
-    """torch.compile each Transformer block in place (fuses norms, RoPE, SwiGLU; ZeRO 0-2)."""
+    """torch.compile each Transformer block in place: fuses RMSNorm, RoPE and SwiGLU's
+    pointwise ops into a few kernels (ZeRO 0-2; +9% to +41% tokens/s on an H100)."""
     stop_at_step: int | None = None
     """Stop after this step as a time-boxed job would (the LR schedule still runs to max_steps);
     null runs to max_steps."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward: ~1/3 more compute, far less memory."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in backward instead of keeping them, per Transformer block:
+    none | full (keep each block's input only: ~1/3 more compute, the least memory) |
+    selective (keep matmul and attention outputs, recompute norms, RoPE and SwiGLU's
+    pointwise ops: a few % more time, about half the activation memory). true = full."""
     max_bad_steps: int = 5
     """A step whose loss is NaN/Inf on any rank is skipped (no update) and counted; this many
     in a row stop the run (exit code 3) without saving over the last good checkpoint."""

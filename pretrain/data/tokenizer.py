@@ -103,16 +103,11 @@ def eos_id(tok: Tokenizer) -> int:
     return tok.token_to_id("<|eos|>")
 
 
-def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
-    """Round up to a multiple of 64: matmuls on tensor cores want aligned dimensions."""
-    return -(-vocab_size // multiple) * multiple
-
-
 def check_fits(tokenizer_vocab: int, model_vocab: int, source: str) -> None:
     """Refuse a model whose embedding cannot hold every token id of the tokenizer."""
     if model_vocab < tokenizer_vocab:
         raise ValueError(
             f"{source}: the tokenizer has {tokenizer_vocab} tokens but model.vocab_size="
-            f"{model_vocab}: set model.vocab_size={padded_vocab_size(tokenizer_vocab)} "
-            "(the tokenizer size rounded up to a multiple of 64)"
+            f"{model_vocab}: set model.vocab_size={tokenizer_vocab} (or more; "
+            "model.vocab_multiple pads the tables for speed by itself)"
         )

@@ -17,21 +17,30 @@ w being the compute dtype's width (h = d_model, F = ffn_hidden, kv = n_kv_heads 
     SwiGLU                   w * 4F (gate, up, silu(gate), their product)
 
 which is Korthikanti et al. 2022's count redone for RMSNorm, GQA and SwiGLU, and which
-tests/engine/test_memory.py checks against the tensors autograd really saves. The final
-norm keeps 4h + 2wh; the loss keeps fp32 log-probabilities (4 bytes per vocabulary entry),
-and its backward holds them with their fp32 gradient and the logits' fp32 gradient: 12
-bytes per vocabulary entry at the start of backward. With activation checkpointing a block
-keeps only its input (w*h), and one block's full set lives again while it is recomputed.
+tests/engine/test_memory.py checks against what a real forward pass leaves allocated. The
+final norm keeps 4h + 2wh. With activation checkpointing `full` a block keeps only its
+input (w*h); `selective` keeps its input and the outputs of its matmuls and attention
+kernel: w * (3h + 2kv + 2F + h) and the kernel's fp32 log-sum-exp (4 per head). Under
+either, one block's full set lives again while it is recomputed.
+
+The loss (`loss_bytes`), with V the padded vocabulary: `model.loss_impl=full` keeps fp32
+log-probabilities (4 bytes per vocabulary entry per token), and its backward holds them with
+their fp32 gradient and the logits' fp32 gradient: 12 bytes per entry per token at the start
+of backward. `chunked` keeps the hidden states' gradient (w*h per token) and the head's
+weight gradient (w*V*h), and peaks during its forward with the fp32 weight-gradient
+accumulator (4*V*h), one chunk's fp32 logits (plus their compute-dtype copy under bf16)
+and one chunk's weight-gradient product (w*V*h).
 
 The peak is the states plus the larger of activations and gradients: activations peak when
 backward starts, before any gradient exists; gradients are complete at its end, when the
 activations are gone. With gradient accumulation the gradients of earlier micro-batches
 are there throughout, so both count.
 
-Checked on one H100 (bf16, seq 2048; docs/performance.md): the states within 0.5%; the peak
-within 0.5% for llama_1b at micro-batch 2 and 4 and llama_125m at 8 and 16, 6% under for
-llama_1b at micro-batch 1, 3% over with activation checkpointing; and within 1.2% on five
-held-out configurations (seq 4096, gradient accumulation, the 125M model).
+Checked on one H100 with the full loss (bf16, seq 2048; docs/performance.md): the states
+within 0.5%; the peak within 0.5% for llama_1b at micro-batch 2 and 4 and llama_125m at 8
+and 16, 6% under for llama_1b at micro-batch 1, 3% over with full activation checkpointing;
+and within 1.2% on five held-out configurations (seq 4096, gradient accumulation, the 125M
+model). The chunked loss and selective checkpointing are checked on CPU only so far.
 Allocator fragmentation, communication buckets and ZeRO-3's prefetch buffers (+11% at 1B)
 come on top; leave 10-20% headroom.
 """
@@ -75,16 +84,40 @@ class MemoryEstimate:
         return self.states + max(self.grads, self.activations)
 
 
-def activation_bytes_per_token(
-    cfg: LlamaConfig, precision: str, activation_checkpointing: bool = False
-) -> int:
-    """Bytes autograd keeps per token of a micro-batch (see the module docstring)."""
-    w, h = BYTES[precision], cfg.d_model
+def block_bytes_per_token(cfg: LlamaConfig, precision: str, policy: str = "none") -> int:
+    """Bytes one Transformer block keeps for backward per token (module docstring)."""
+    w, h, kv = BYTES[precision], cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+    if policy == "full":
+        return w * h
+    if policy == "selective":  # input; q, k, v, o, gate, up, down; attention out and its lse
+        return w * h + w * (3 * h + 2 * kv + 2 * cfg.ffn_hidden) + w * h + 4 * cfg.n_heads
     norm = 4 * h + 2 * w * h
-    block = 2 * norm + w * (h + 2 * cfg.n_kv_heads * cfg.head_dim) + w * h
-    block += w * 4 * cfg.ffn_hidden
-    blocks = cfg.n_layers * w * h + block if activation_checkpointing else cfg.n_layers * block
-    return blocks + norm + 12 * cfg.vocab_size
+    return 2 * norm + w * (h + 2 * kv) + w * h + w * 4 * cfg.ffn_hidden
+
+
+def activation_bytes_per_token(
+    cfg: LlamaConfig, precision: str, activation_checkpointing: str = "none"
+) -> int:
+    """Bytes the blocks and the final norm keep per token of a micro-batch, plus one block
+    recomputed under activation checkpointing; the loss is `loss_bytes`."""
+    w, h = BYTES[precision], cfg.d_model
+    policy = activation_checkpointing
+    recompute = 0 if policy == "none" else block_bytes_per_token(cfg, precision)
+    final_norm = 4 * h + 2 * w * h
+    return cfg.n_layers * block_bytes_per_token(cfg, precision, policy) + recompute + final_norm
+
+
+def loss_bytes(
+    cfg: LlamaConfig, precision: str, tokens: int, loss_impl: str = "chunked",
+    chunk_tokens: int = 2048,
+) -> int:  # fmt: skip
+    """Peak bytes of the output head's loss for a micro-batch of `tokens` (module docstring)."""
+    w, h, V = BYTES[precision], cfg.d_model, cfg.padded_vocab
+    if loss_impl == "full":
+        return 12 * V * tokens
+    chunk = min(chunk_tokens, tokens)
+    logits = (4 + (w if w < 4 else 0)) * chunk * V  # fp32 (+ the compute-dtype product)
+    return w * h * tokens + w * V * h + 4 * V * h + logits
 
 
 def estimate_memory(
@@ -95,9 +128,11 @@ def estimate_memory(
     dp: int,
     zero_stage: int,
     precision: str = "bf16",
-    activation_checkpointing: bool = False,
+    activation_checkpointing: str = "none",
     offload_optimizer: bool = False,
     grad_accum: int = 1,
+    loss_impl: str | None = None,
+    loss_chunk_tokens: int | None = None,
 ) -> MemoryEstimate:
     """Bytes per GPU for `dp` data-parallel ranks at ZeRO `zero_stage` (0-3)."""
     if zero_stage not in (0, 1, 2, 3):
@@ -116,4 +151,6 @@ def estimate_memory(
         optimizer = 0  # master weights and moments live in host memory
     tokens = seq_len * micro_batch_size
     activations = tokens * activation_bytes_per_token(cfg, precision, activation_checkpointing)
+    activations += loss_bytes(cfg, precision, tokens, loss_impl or cfg.loss_impl,
+                              loss_chunk_tokens or cfg.loss_chunk_tokens)  # fmt: skip
     return MemoryEstimate(weights, grads, optimizer, activations, grad_accum)

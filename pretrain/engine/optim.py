@@ -56,6 +56,13 @@ def lr_scheduler(
     )
 
 
+def adamw_kernel(impl: str, device_type: str) -> dict[str, bool]:
+    """torch.optim.AdamW's kernel arguments for optim.impl (auto: fused on GPU)."""
+    if impl == "auto":
+        impl = "fused" if device_type == "cuda" else "foreach"
+    return {"fused": impl == "fused", "foreach": impl == "foreach"}
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, device_type: str, offload: bool
 ) -> torch.optim.Optimizer:
@@ -69,4 +76,4 @@ def build_optimizer(
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, fused=device_type == "cuda", **kwargs)
+    return torch.optim.AdamW(groups, **adamw_kernel(cfg.impl, device_type), **kwargs)

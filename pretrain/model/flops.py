@@ -26,7 +26,7 @@ def layer_params(cfg: LlamaConfig) -> int:
 
 def num_params(cfg: LlamaConfig) -> int:
     """Trainable parameters of `Transformer(cfg)`, counting a tied embedding once."""
-    embed = cfg.vocab_size * cfg.d_model
+    embed = cfg.padded_vocab * cfg.d_model
     head = 0 if cfg.tie_embeddings else embed
     return embed + cfg.n_layers * layer_params(cfg) + cfg.d_model + head
 
@@ -34,7 +34,7 @@ def num_params(cfg: LlamaConfig) -> int:
 def matmul_params(cfg: LlamaConfig) -> int:
     """Weights that enter a matmul each token: all projections plus the output head."""
     per_layer = layer_params(cfg) - 2 * cfg.d_model
-    return cfg.n_layers * per_layer + cfg.vocab_size * cfg.d_model
+    return cfg.n_layers * per_layer + cfg.padded_vocab * cfg.d_model  # the head computes them all
 
 
 def flops_per_token(cfg: LlamaConfig, seq_len: int, causal: bool = False) -> int:

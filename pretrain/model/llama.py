@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.attention import ATTN_IMPLS, cached_attention, causal_attention
+from pretrain.model.loss import LOSS_IMPLS, linear_cross_entropy
 
 
 @dataclass
@@ -37,7 +38,13 @@ class LlamaConfig:
     ffn_hidden: int | None = None
     """SwiGLU hidden width; None derives Llama's rule: 8/3 * d_model rounded up to 256."""
     vocab_size: int = 256
-    """Rows of the embedding table (tokenizer vocabulary, padded for speed)."""
+    """Token ids the model reads and predicts: at least the tokenizer's vocabulary."""
+    vocab_multiple: int = 128
+    """Pad the embedding and output tables to a multiple of this many rows (`padded_vocab`),
+    so the largest matmul, the output head, has tensor-core-aligned dimensions (Megatron-LM's
+    make-vocab-size-divisible-by). The extra rows are never a target; training pushes their
+    logits down, and `forward` without targets returns only the first vocab_size. 1: no
+    padding."""
     max_seq_len: int = 2048
     """Longest sequence the model is meant for (exported as max_position_embeddings)."""
     rope_theta: float = 10000.0
@@ -52,6 +59,13 @@ class LlamaConfig:
     """auto | flash | sdpa | eager (see pretrain.model.attention)."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections get init_std / sqrt(2 * n_layers)."""
+    loss_impl: str = "chunked"
+    """chunked: the output head and cross-entropy run over loss_chunk_tokens tokens at a time,
+    so the whole micro-batch's fp32 logits never exist (pretrain/model/loss.py) | full: the
+    plain logits-then-cross-entropy."""
+    loss_chunk_tokens: int = 2048
+    """Tokens per chunk of the chunked loss: its transient memory is about 6 bytes x this x
+    padded_vocab (1.6 GB at 128K entries), and larger chunks make larger, faster matmuls."""
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -63,10 +77,17 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and output tables: vocab_size rounded up to vocab_multiple."""
+        multiple = max(self.vocab_multiple, 1)
+        return -(-self.vocab_size // multiple) * multiple
+
     def errors(self) -> list[str]:
         """Every inconsistency in this config, as 'model.<key>: what is wrong, what to do'."""
         errs = []
-        for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
+        for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
+                    "vocab_multiple", "loss_chunk_tokens"):  # fmt: skip
             if getattr(self, key) < 1:
                 errs.append(f"model.{key}={getattr(self, key)}: must be >= 1")
         if self.n_heads >= 1 and self.d_model % self.n_heads:
@@ -84,6 +105,8 @@ class LlamaConfig:
             errs.append(f"model.dropout={self.dropout}: must be in [0, 1)")
         if self.attn_impl not in ATTN_IMPLS:
             errs.append(f"model.attn_impl={self.attn_impl!r}: choose one of {ATTN_IMPLS}")
+        if self.loss_impl not in LOSS_IMPLS:
+            errs.append(f"model.loss_impl={self.loss_impl!r}: choose one of {LOSS_IMPLS}")
         return errs
 
 
@@ -213,6 +236,23 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class LMHead(nn.Linear):
+    """The output projection; given targets, it returns the loss instead of the logits.
+
+    The loss is computed inside this module's forward so that ZeRO-3, which gathers a
+    module's parameters around its forward, has the (possibly tied) weight whole there.
+    """
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__(cfg.d_model, cfg.padded_vocab, bias=False)
+        self.loss_impl, self.chunk_tokens = cfg.loss_impl, cfg.loss_chunk_tokens
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return F.linear(x, self.weight)  # (B, T, padded_vocab)
+        return linear_cross_entropy(x, self.weight, targets, self.loss_impl, self.chunk_tokens)
+
+
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -245,11 +285,11 @@ class Transformer(nn.Module):
         errs = cfg.errors()
         if errs:
             raise ValueError("invalid model config:\n  " + "\n  ".join(errs))
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_tokens = nn.Embedding(cfg.padded_vocab, cfg.d_model)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
@@ -269,7 +309,8 @@ class Transformer(nn.Module):
         self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
         cache: KVCache | None = None, positions: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """tokens: (B, T) int. Returns logits (B, T, V), or the mean cross-entropy vs targets.
+        """tokens: (B, T) int. Returns logits (B, T, vocab_size), or the mean cross-entropy
+        against targets (B, T) (over all padded_vocab entries; -100 marks a target to skip).
 
         Generation passes a `cache` (the new tokens attend to everything cached, and are
         added to it) and each token's `positions` (B, T), which differ per row when prompts
@@ -287,7 +328,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache, i)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        if targets is not None:
+            return self.lm_head(self.norm(x), targets)  # the mean loss
+        logits = self.lm_head(self.norm(x))  # (B, T, padded_vocab)
+        return logits[..., : self.config.vocab_size]  # (B, T, V): only ids a tokenizer has

@@ -171,7 +171,8 @@ def resume_path(run: RunConfig, ckpt_dir: Path) -> Path | None:
 
 # Fields that change what the weights mean; the others (attention kernel, dropout) may differ.
 SHAPE_KEYS = ("_target_", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden",
-              "vocab_size", "tie_embeddings", "rope_theta", "norm_eps", "max_seq_len")  # fmt: skip
+              "vocab_size", "vocab_multiple", "tie_embeddings", "rope_theta", "norm_eps",
+              "max_seq_len")  # fmt: skip
 
 
 def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:

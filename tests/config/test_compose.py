@@ -168,3 +168,20 @@ def test_observability_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"trainer\.eval_tokens=0: must be >= 1"):
         resolve(compose_config(["trainer.eval_every_steps=5", "trainer.eval_tokens=0"]),
                 world_size=1, cuda_available=False)  # fmt: skip
+
+
+def test_speed_switches_are_checked_and_true_means_full_checkpointing() -> None:
+    cfg = compose_config(["trainer.activation_checkpointing=some", "optim.impl=turbo",
+                          "model.loss_impl=fast", "model.vocab_multiple=0"])  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        resolve(cfg, world_size=1, cuda_available=False)
+    text = str(info.value)
+    assert "trainer.activation_checkpointing='some': choose one of none, full, selective" in text
+    assert "optim.impl='turbo': choose one of auto, fused, foreach, loop" in text
+    assert "model.loss_impl='fast': choose one of ('chunked', 'full')" in text
+    assert "model.vocab_multiple=0: must be >= 1" in text
+    for given, policy in [("true", "full"), ("false", "none"), ("selective", "selective")]:
+        run = resolve(compose_config([f"trainer.activation_checkpointing={given}"]),
+                      world_size=1, cuda_available=False)  # fmt: skip
+        assert run.trainer.activation_checkpointing == policy
+        assert run.as_dict["trainer"]["activation_checkpointing"] == policy

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import gc
+from dataclasses import replace
+
 import pytest
 import torch
 
-from pretrain.engine.memory import activation_bytes_per_token, estimate_memory
+from pretrain.engine.deepspeed import checkpoint_activations
+from pretrain.engine.memory import (
+    BYTES,
+    activation_bytes_per_token,
+    block_bytes_per_token,
+    estimate_memory,
+    loss_bytes,
+)
 from pretrain.model.flops import num_params
 from pretrain.model.llama import LlamaConfig, Transformer
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMALL = LlamaConfig(
     n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=512,
     max_seq_len=256, attn_impl="sdpa",
@@ -17,17 +28,29 @@ SMALL = LlamaConfig(
 
 def test_activation_bytes_by_hand() -> None:
     # h=64, kv=2*16=32, F=192. bf16 (w=2): norm = 4*64 + 2*2*64 = 512;
-    # block = 2*512 + 2*(64 + 64) + 2*64 + 2*768 = 2944; final norm 512; loss 12*512 = 6144.
-    assert activation_bytes_per_token(SMALL, "bf16") == 2 * 2944 + 512 + 6144
+    # block = 2*512 + 2*(64 + 64) + 2*64 + 2*768 = 2944; final norm 512.
+    assert activation_bytes_per_token(SMALL, "bf16") == 2 * 2944 + 512
     # fp32 (w=4): norm = 256 + 512 = 768; block = 1536 + 512 + 256 + 3072 = 5376.
-    assert activation_bytes_per_token(SMALL, "fp32") == 2 * 5376 + 768 + 6144
-    # Checkpointed: each block keeps its fp32 input (256), one block lives again.
-    assert activation_bytes_per_token(SMALL, "fp32", True) == 2 * 256 + 5376 + 768 + 6144
+    assert activation_bytes_per_token(SMALL, "fp32") == 2 * 5376 + 768
+    # full: each block keeps its input (256); one block lives again while recomputed.
+    assert activation_bytes_per_token(SMALL, "fp32", "full") == 2 * 256 + 5376 + 768
+    # selective: input 256 + q, k, v, o, gate, up, down 4*(3*64 + 2*32 + 2*192) = 2560
+    # + attention output 256 + its log-sum-exp 4*4 = 3088 per block.
+    assert activation_bytes_per_token(SMALL, "fp32", "selective") == 2 * 3088 + 5376 + 768
+    # The loss over 1024 tokens, V = 512: full keeps 12 bytes per entry per token; chunked
+    # keeps dL/dx (2*64 per token) and dL/dW (2*512*64), and peaks with the fp32 accumulator
+    # (4*512*64) and one chunk's logits, fp32 + bf16 (6*1024*512).
+    assert loss_bytes(SMALL, "bf16", 1024, "full") == 12 * 512 * 1024
+    chunked = 128 * 1024 + 2 * 512 * 64 + 4 * 512 * 64 + 6 * 1024 * 512
+    assert loss_bytes(SMALL, "bf16", 1024, "chunked", 2048) == chunked
+    assert loss_bytes(SMALL, "bf16", 4096, "chunked", 1024) == chunked + 128 * 3072
+    # The padded vocabulary counts: 500 entries are 512 rows.
+    assert loss_bytes(replace(SMALL, vocab_size=500), "bf16", 1024, "full") == 12 * 512 * 1024
 
 
 def test_zero_stages_divide_what_they_shard() -> None:
     n = num_params(SMALL)
-    act = 8 * 128 * activation_bytes_per_token(SMALL, "bf16")
+    act = 8 * 128 * activation_bytes_per_token(SMALL, "bf16") + loss_bytes(SMALL, "bf16", 1024)
 
     def est(stage: int, **kw: object) -> tuple[int, int, int, int]:
         e = estimate_memory(SMALL, seq_len=128, micro_batch_size=8, dp=4, zero_stage=stage, **kw)
@@ -52,24 +75,61 @@ def test_zero_stages_divide_what_they_shard() -> None:
         estimate_memory(SMALL, seq_len=8, micro_batch_size=1, dp=1, zero_stage=4)
 
 
-def test_activation_estimate_matches_what_autograd_saves() -> None:
-    """Sum the distinct storages autograd keeps for backward in a real forward pass."""
-    torch.manual_seed(0)
-    model = Transformer(SMALL)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() >= 2 and t.untyped_storage().data_ptr() not in params:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    B, T = 4, 128
-    tokens = torch.randint(0, SMALL.vocab_size, (B, T + 1))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+def kept_after_forward(model: Transformer, tokens: torch.Tensor) -> int:
+    """Bytes a training forward pass leaves allocated (what backward will use), measured
+    with the profiler's CPU allocator events."""
+    gc.collect()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         loss = model(tokens[:, :-1], tokens[:, 1:])
-    saved = sum(kept.values()) / (B * T)
-    # The estimate's loss term counts 12 bytes per vocabulary entry: 4 kept, 8 in backward.
-    expected = activation_bytes_per_token(SMALL, "fp32") - 8 * SMALL.vocab_size
-    assert saved == pytest.approx(expected, rel=0.02)
+    kept = sum(e.self_cpu_memory_usage for e in prof.events())
     loss.backward()  # the graph was a real one
+    return kept
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_estimate_matches_what_a_forward_pass_keeps(precision: str) -> None:
+    """Every checkpointing policy and loss, against what the allocator really holds."""
+    B, T = 4, 128
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, SMALL.vocab_size, (B, T + 1), generator=gen)
+    w, h, V = BYTES[precision], SMALL.d_model, SMALL.padded_vocab
+    kept = {}
+    for loss_impl in ("full", "chunked"):
+        for policy in ("none", "full", "selective"):
+            torch.manual_seed(0)
+            cfg = replace(SMALL, loss_impl=loss_impl)
+            model = Transformer(cfg).to(DTYPES[precision])
+            if policy != "none":
+                for block in model.layers:
+                    checkpoint_activations(block, policy)
+            kept[loss_impl, policy] = kept_after_forward(model, tokens)
+            # After forward nothing is being recomputed: blocks, final norm and the loss.
+            loss_kept = w * h * B * T + w * V * h if loss_impl == "chunked" else 4 * V * B * T
+            blocks = SMALL.n_layers * block_bytes_per_token(cfg, precision, policy)
+            expected = B * T * (blocks + 4 * h + 2 * w * h) + loss_kept
+            assert kept[loss_impl, policy] == pytest.approx(expected, rel=0.12), (loss_impl, policy)
+    for loss_impl in ("full", "chunked"):
+        assert kept[loss_impl, "full"] < kept[loss_impl, "selective"] < kept[loss_impl, "none"]
+    for policy in ("none", "full", "selective"):
+        assert kept["chunked", policy] < kept["full", policy]
+
+
+def test_every_checkpointing_policy_gives_the_same_gradients() -> None:
+    """full and selective recompute what they dropped: bit-equal gradients in fp32."""
+    tokens = torch.randint(0, SMALL.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for policy in ("none", "full", "selective"):
+        torch.manual_seed(0)
+        model = Transformer(replace(SMALL, dropout=0.1))  # dropout: the RNG must replay too
+        if policy != "none":
+            for block in model.layers:
+                checkpoint_activations(block, policy)
+        torch.manual_seed(1)
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        grads[policy] = [p.grad for p in model.parameters()]
+    for policy in ("full", "selective"):
+        for a, b in zip(grads["none"], grads[policy], strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="policy 'some'"):
+        checkpoint_activations(model.layers[0], "some")

@@ -60,3 +60,28 @@ def test_scheduler_gives_step_one_its_warmup_rate() -> None:
         opt.step()
         sched.step()
     assert rates == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def test_every_adamw_kernel_takes_the_same_steps() -> None:
+    """optim.impl picks torch's fused, foreach or per-parameter AdamW: the same numbers."""
+    from pretrain.engine.optim import adamw_kernel, build_optimizer
+
+    assert adamw_kernel("auto", "cuda") == {"fused": True, "foreach": False}
+    assert adamw_kernel("auto", "cpu") == {"fused": False, "foreach": True}
+    tokens = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(0))
+    finals = {}
+    for impl in ("fused", "foreach", "loop"):
+        torch.manual_seed(0)
+        model = Transformer(LlamaConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=50))
+        initial = torch.cat([p.detach().flatten() for p in model.parameters()])
+        opt = build_optimizer(model, OptimConfig(lr=1e-2, impl=impl), "cpu", offload=False)
+        assert opt.defaults["fused"] is (impl == "fused")
+        assert opt.defaults["foreach"] is (impl == "foreach")
+        for _ in range(3):
+            model(tokens[:, :-1], tokens[:, 1:]).backward()
+            opt.step()
+            opt.zero_grad()
+        finals[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert not torch.allclose(finals["loop"], initial, atol=1e-3)  # the steps moved them
+    torch.testing.assert_close(finals["fused"], finals["loop"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(finals["foreach"], finals["loop"], rtol=1e-5, atol=1e-6)

@@ -85,7 +85,7 @@ def test_model_is_causal() -> None:
 
 def test_loss_is_cross_entropy_of_logits() -> None:
     torch.manual_seed(0)
-    model = Transformer(_cfg())
+    model = Transformer(_cfg(vocab_multiple=1))  # no padded rows: logits are the whole table
     tokens = torch.randint(0, 101, (2, 9))
     logits = model(tokens[:, :-1])
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 101), tokens[:, 1:].reshape(-1))
@@ -147,11 +147,12 @@ def test_presets_have_their_published_sizes(preset: str, published: int) -> None
 
 def test_flops_per_token_by_hand() -> None:
     cfg = _cfg(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=101)
-    # per layer: q, o 64*64 each; k, v 64*32 each; mlp 3*64*96 -> 8192 + 4096 + 18432 = 30720
-    assert matmul_params(cfg) == 2 * 30720 + 101 * 64
+    # per layer: q, o 64*64 each; k, v 64*32 each; mlp 3*64*96 -> 8192 + 4096 + 18432 = 30720;
+    # the head computes all 128 padded rows of the 101-token vocabulary.
+    assert matmul_params(cfg) == 2 * 30720 + 128 * 64
     attn = 12 * 2 * 128 * 4 * 16
-    assert flops_per_token(cfg, seq_len=128) == 6 * (2 * 30720 + 6464) + attn
-    assert flops_per_token(cfg, seq_len=128, causal=True) == 6 * (2 * 30720 + 6464) + attn // 2
+    assert flops_per_token(cfg, seq_len=128) == 6 * (2 * 30720 + 8192) + attn
+    assert flops_per_token(cfg, seq_len=128, causal=True) == 6 * (2 * 30720 + 8192) + attn // 2
 
 
 @pytest.mark.parametrize(
@@ -163,7 +164,7 @@ def test_logits_match_transformers_llama(n_kv_heads: int, tie: bool) -> None:
     cfg = _cfg(n_kv_heads=n_kv_heads, tie_embeddings=tie, d_model=48, n_heads=4, ffn_hidden=80)
     ours = Transformer(cfg).eval()
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
+        vocab_size=cfg.padded_vocab, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=tie,
@@ -177,5 +178,5 @@ def test_logits_match_transformers_llama(n_kv_heads: int, tie: bool) -> None:
     assert not unexpected and all("rotary" in k for k in missing)
     tokens = torch.randint(0, cfg.vocab_size, (2, 19))
     with torch.no_grad():
-        diff = (hf(tokens).logits - ours(tokens)).abs().max().item()
+        diff = (hf(tokens).logits[..., : cfg.vocab_size] - ours(tokens)).abs().max().item()
     assert diff < 1e-5

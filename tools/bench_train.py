@@ -11,8 +11,10 @@ device; tokens/s come from the median step time. Rows:
   autocast over fp32 weights where we train in bf16);
 - `hf`: transformers' `LlamaForCausalLM` of the same shape (its SDPA attention) in that loop.
 
-Each row prints tokens/s, MFU (`pretrain/model/flops.py`, full attention, the GPU's dense
-peak), peak memory and its ratio to plain and to hf. The last line is
+Each row prints its switches (ZeRO stage, attention backend, compile, activation
+checkpointing, loss), tokens/s, MFU (`pretrain/model/flops.py`, full attention, the GPU's
+dense peak), measured peak memory beside `pretrain/engine/memory.py`'s estimate for the same
+configuration (one rank; on a GPU only), and its ratio to plain and to hf. The last line is
 `ours/hf tokens-per-s ratio: X` for the first variant.
 
     python tools/bench_train.py model=llama_125m trainer.seq_len=2048 trainer.micro_batch_size=8
@@ -39,7 +41,8 @@ from pretrain.checkpoint.export import hf_config
 from pretrain.config import compose, resolve
 from pretrain.config.resolve import RunConfig
 from pretrain.engine.deepspeed import build_engine, build_model
-from pretrain.engine.optim import lr_scheduler, param_groups
+from pretrain.engine.memory import estimate_memory
+from pretrain.engine.optim import adamw_kernel, lr_scheduler, param_groups
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain.model.llama import LlamaConfig
@@ -65,20 +68,33 @@ def timed_steps(step: Callable[[], None], steps: int, warmup: int, cuda: bool) -
 
 
 def figures(run: RunConfig, times: list[float], final_loss: float) -> dict[str, float]:
-    """tokens/s from the median step, MFU, peak memory."""
+    """tokens/s from the median step, MFU, peak memory (measured and estimated)."""
     cuda = run.device_type == "cuda"
     step_time = statistics.median(times)
     tokens_per_s = run.tokens_per_step / step_time
     cfg: LlamaConfig = OmegaConf.to_object(run.model)  # the Llama schema is a LlamaConfig
     model_flops = flops_per_token(cfg, run.trainer.seq_len) * tokens_per_s  # the logged MFU's
     peak = peak_flops(torch.cuda.get_device_name(), run.precision) if cuda else None
+    t = run.trainer
+    estimate = estimate_memory(
+        cfg, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, dp=1,
+        zero_stage=run.deepspeed.zero_stage, precision=run.precision,
+        activation_checkpointing=t.activation_checkpointing, grad_accum=run.grad_accum,
+        offload_optimizer=run.deepspeed.offload_optimizer,
+    )  # fmt: skip
     return {
+        "zero": run.deepspeed.zero_stage,
+        "compile": t.compile,
+        "ac": t.activation_checkpointing,
+        "loss": cfg.loss_impl,
+        "optim": run.optim.impl,
         "tokens_per_s": tokens_per_s,
         "step_time_s": step_time,
         "step_time_spread": (max(times) - min(times)) / step_time,
         "tflops": model_flops / 1e12,
         "mfu": model_flops / peak if peak else float("nan"),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "est_mem_gib": estimate.total / 2**30,
         "final_loss": final_loss,
     }
 
@@ -110,7 +126,7 @@ def bench_loop(run: RunConfig, kind: str, steps: int, warmup: int) -> dict[str, 
     device = torch.device(run.device_type)
     if kind == "plain":
         model = build_module(run).to(device)
-        forward = model
+        loss_of = model  # (inputs, targets) -> loss, the head and loss ours use
         attn = resolve_impl(run.model.attn_impl, device, run.dtype)
     else:
         import transformers
@@ -120,14 +136,15 @@ def bench_loop(run: RunConfig, kind: str, steps: int, warmup: int) -> dict[str, 
         model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
         model = model.to(device)
 
-        def forward(tokens: torch.Tensor, hf_model: torch.nn.Module = model) -> torch.Tensor:
-            return hf_model(input_ids=tokens).logits
+        def loss_of(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            logits = model(input_ids=tokens).logits  # (B, T, V)
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
         attn = "sdpa"
     o = run.optim
     optimizer = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-        fused=device.type == "cuda",
+        **adamw_kernel(o.impl, device.type),
     )  # fmt: skip
     schedule = lr_scheduler(optimizer, o, run.trainer.max_steps)  # ours: warmup + cosine
     data = build_data(run)
@@ -140,8 +157,7 @@ def bench_loop(run: RunConfig, kind: str, steps: int, warmup: int) -> dict[str, 
         for _ in range(run.grad_accum):
             batch = next(data).to(device, non_blocking=True)
             with autocast:
-                logits = forward(batch[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                loss = loss_of(batch[:, :-1], batch[:, 1:])
             (loss / run.grad_accum).backward()
         if o.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -151,7 +167,10 @@ def bench_loop(run: RunConfig, kind: str, steps: int, warmup: int) -> dict[str, 
         losses.append(loss.item())  # the host sync our trainer also makes each step
 
     times = timed_steps(step, steps, warmup, device.type == "cuda")
-    return {"attn": attn, **figures(run, times, losses[-1]), "state_mem_gib": float("nan")}
+    row = {"attn": attn, **figures(run, times, losses[-1]), "state_mem_gib": float("nan")}
+    if kind == "hf":
+        row.update(loss="full", compile=False, ac="none")  # transformers' own model, as is
+    return row
 
 
 def _free(cuda: bool) -> None:
@@ -216,15 +235,18 @@ def main() -> None:
         f"{run.trainer.micro_batch_size} | median of {args.steps} steps after {args.warmup}"
     )
     print(
-        f"{'row':>10} {'attn':>6} {'tok/s':>12} {'s/step':>8} {'spread':>7} {'TFLOP/s':>8} "
-        f"{'MFU':>6} {'peak GiB':>9} {'/plain':>7} {'/hf':>7}"
+        f"{'row':>10} {'ZeRO':>4} {'attn':>6} {'compile':>7} {'act.ckpt':>9} {'loss':>7} "
+        f"{'tok/s':>12} {'s/step':>8} {'spread':>7} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'peak GiB':>9} {'est GiB':>8} {'/plain':>7} {'/hf':>7}"
     )
     for r in results:
         r["vs_plain"], r["vs_hf"] = ratio(r, plain), ratio(r, hf)
+        zero = str(r["zero"]) if r["variant"] not in ("plain", "hf") else "-"
         print(
-            f"{r['variant']:>10} {r['attn']:>6} {r['tokens_per_s']:>12,.0f} "
-            f"{r['step_time_s']:>8.4f} {r['step_time_spread']:>6.0%} {r['tflops']:>8.2f} "
-            f"{r['mfu']:>6.1%} {r['peak_mem_gib']:>9.2f} {r['vs_plain']:>6.2f}x "
+            f"{r['variant']:>10} {zero:>4} {r['attn']:>6} {str(r['compile']):>7} {r['ac']:>9} "
+            f"{r['loss']:>7} {r['tokens_per_s']:>12,.0f} {r['step_time_s']:>8.4f} "
+            f"{r['step_time_spread']:>6.0%} {r['tflops']:>8.2f} {r['mfu']:>6.1%} "
+            f"{r['peak_mem_gib']:>9.2f} {r['est_mem_gib']:>8.2f} {r['vs_plain']:>6.2f}x "
             f"{r['vs_hf']:>6.2f}x"
         )
     if args.json:

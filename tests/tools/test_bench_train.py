@@ -20,6 +20,8 @@ def test_bench_reports_ours_against_plain_and_hf(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "tools/bench_train.py", "--steps", "3", "--warmup", "1",
          "--variant", "sdpa:model.attn_impl=sdpa",
+         "--variant", "switched:trainer.activation_checkpointing=selective model.loss_impl=full "
+                      "optim.impl=loop",
          "--json", str(out), "trainer.device=cpu", "trainer.seq_len=32"],
         cwd=REPO, env={**subprocess_env(), "PYTHONPATH": str(REPO)}, capture_output=True,
         text=True, timeout=300,
@@ -27,8 +29,8 @@ def test_bench_reports_ours_against_plain_and_hf(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     results = {r["variant"]: r for r in record["results"]}
-    assert list(results) == ["sdpa", "plain", "hf"]
-    assert [results[k]["attn"] for k in results] == ["sdpa", "sdpa", "sdpa"]
+    assert list(results) == ["sdpa", "switched", "plain", "hf"]
+    assert [results[k]["attn"] for k in results] == ["sdpa"] * 4
     for r in results.values():  # micro-batch 4 (the default; global = micro) x 32 tokens
         assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_time_s"])
         assert math.isfinite(r["final_loss"])
@@ -40,3 +42,9 @@ def test_bench_reports_ours_against_plain_and_hf(tmp_path: Path) -> None:
     assert lines[-2] == f"ours/plain tokens-per-s ratio: {ours['vs_plain']:.3f}"
     # The same model, data, optimizer and schedule: the plain loop's 4th loss is ours.
     assert plain["final_loss"] == pytest.approx(ours["final_loss"], rel=1e-4)
+    # Each row names its switches; the speed switches do not change the numbers either.
+    switched = results["switched"]
+    assert (ours["ac"], ours["loss"], ours["optim"]) == ("none", "chunked", "auto")
+    assert (switched["ac"], switched["loss"], switched["optim"]) == ("selective", "full", "loop")
+    assert switched["final_loss"] == pytest.approx(ours["final_loss"], rel=1e-4)
+    assert 0 < switched["est_mem_gib"] < ours["est_mem_gib"]  # fewer activations kept

@@ -75,7 +75,7 @@ def hf_config(model: dict[str, Any], dtype: str, tokenizer: Any | None) -> dict[
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": cfg.padded_vocab,  # the tables' rows; the tokenizer may have fewer
+        "vocab_size": cfg.vocab_size,  # the export drops the tables' padding rows
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_hidden,
         "num_hidden_layers": cfg.n_layers,
@@ -105,8 +105,19 @@ def _special_ids(tokenizer: Any | None) -> dict[str, int]:
     return {k: v for k, v in ids.items() if v is not None}
 
 
-def to_hf_names(state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
-    out = {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in state.items()}
+VOCAB_TABLES = ("embed_tokens.weight", "lm_head.weight")
+
+
+def to_hf_names(
+    state: dict[str, torch.Tensor], tied: bool, vocab_size: int | None = None
+) -> dict[str, torch.Tensor]:
+    """HF parameter names; the vocabulary tables cut to `vocab_size` rows (model.vocab_multiple's
+    padding is for our training speed: HF tools would otherwise see ids no tokenizer has)."""
+    out = {}
+    for k, v in state.items():
+        if vocab_size is not None and k in VOCAB_TABLES:
+            v = v[:vocab_size]
+        out[k if k.startswith("lm_head.") else f"model.{k}"] = v
     if tied:
         out.pop("lm_head.weight", None)
     return out
@@ -155,7 +166,8 @@ def write_hf(
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    state = to_hf_names(state, bool(model.get("tie_embeddings")))
+    config = hf_config(model, dtype, tokenizer)
+    state = to_hf_names(state, bool(model.get("tie_embeddings")), config["vocab_size"])
     state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -167,7 +179,6 @@ def write_hf(
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
         _write_json(tmp / "model.safetensors.index.json", index)
-    config = hf_config(model, dtype, tokenizer)
     _write_json(tmp / "config.json", config)
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                   if k in config}  # fmt: skip
@@ -282,13 +293,7 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, A
         raise ValueError(
             f"model.init_from={hf_dir} does not fit the configured model:\n  "
             + "\n  ".join(diff)
-            + "\nSet the model.* fields to the checkpoint's shape"
-            + (
-                " (model.vocab_size is padded to a multiple of model.vocab_multiple: set "
-                "model.vocab_multiple=1 to take vocab_size as it is)."
-                if any(d.startswith("vocab_size") for d in diff)
-                else "."
-            )
+            + "\nSet the model.* fields to the checkpoint's shape."
         )
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
@@ -318,8 +323,11 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, A
 
 
 def _set_param(param: torch.nn.Parameter, value: torch.Tensor, deepspeed: Any) -> None:
-    """Set a whole parameter, also when ZeRO-3 shards it (gathered, set, re-sharded)."""
-    if tuple(getattr(param, "ds_shape", param.shape)) != tuple(value.shape):
-        raise ValueError(f"shape {tuple(value.shape)} where the model has {tuple(param.shape)}")
+    """Set a parameter, also when ZeRO-3 shards it (gathered, set, re-sharded). A vocabulary
+    table may have fewer rows than ours (model.vocab_multiple's padding keeps its init)."""
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    rows_fit = value.dim() == 2 and value.shape[1:] == shape[1:] and value.shape[0] <= shape[0]
+    if tuple(value.shape) != shape and not rows_fit:
+        raise ValueError(f"shape {tuple(value.shape)} where the model has {shape}")
     with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
-        param.copy_(value.to(param.dtype))  # every rank: ZeRO 0-2 keep their own full copy
+        param[: value.shape[0]].copy_(value.to(param.dtype))  # every rank: ZeRO 0-2 hold all

@@ -65,6 +65,10 @@ def test_export_matches_transformers_and_import_matches_us(tmp_path: Path, shape
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     assert _logits_diff(hf, ours, cfg["vocab_size"], hf_first=True) < 1e-5
+    # Our tables are padded to a multiple of 128 rows (300 -> 384, 333 -> 384); HF's hold the
+    # tokenizer's ids only, so downstream tools never pick an id no tokenizer has.
+    assert ours.embed_tokens.weight.shape[0] == 384
+    assert hf.get_input_embeddings().weight.shape[0] == hf.config.vocab_size == cfg["vocab_size"]
     # Sharded: the index names every tensor, and tied embeddings store one matrix.
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert ("lm_head.weight" in index["weight_map"]) != cfg["tie_embeddings"]

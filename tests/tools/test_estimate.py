@@ -43,10 +43,13 @@ def test_llama_7b_on_64_h100s_by_hand(tmp_path: Path) -> None:
     hours = 238_419 * 4_194_304 / tokens_per_s / 3600  # about 449 h
     assert e["hours"] == pytest.approx(hours) and e["gpu_hours"] == pytest.approx(64 * hours)
     # ZeRO-3 on 64 ranks: every state divided by 64; bf16 activations of one 4096-token
-    # sequence: 32 blocks x 186,368 B + final norm 32,768 B + loss 12 x 32000 B per token.
+    # sequence: 32 blocks x 186,368 B + final norm 32,768 B per token, and the chunked loss:
+    # dL/dx (2 x 4096 B per token), dL/dW in bf16 and its fp32 accumulator (6 x 32000 x
+    # 4096 B) and one 2048-token chunk's logits in fp32 and bf16 (6 x 2048 x 32000 B).
     z3 = e["memory"]["3"]
     assert (z3["weights"], z3["grads"], z3["optimizer"]) == (2 * n // 64, 2 * n // 64, 12 * n // 64)
-    assert z3["activations"] == 4096 * (32 * 186_368 + 32_768 + 384_000)
+    loss = 4096 * 2 * 4096 + 6 * 32000 * 4096 + 6 * 2048 * 32000
+    assert z3["activations"] == 4096 * (32 * 186_368 + 32_768) + loss
     # 16 micro-batches per step: gradients and activations count together.
     assert z3["total"] == z3["weights"] + z3["grads"] + z3["optimizer"] + z3["activations"]
     assert e["memory"]["0"]["optimizer"] == 12 * n  # unsharded: 75 GiB, more than an H100 holds

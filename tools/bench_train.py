@@ -243,7 +243,7 @@ def main() -> None:
         r["vs_plain"], r["vs_hf"] = ratio(r, plain), ratio(r, hf)
         zero = str(r["zero"]) if r["variant"] not in ("plain", "hf") else "-"
         print(
-            f"{r['variant']:>10} {zero:>4} {r['attn']:>6} {str(r['compile']):>7} {r['ac']:>9} "
+            f"{r['variant']:>10} {zero:>4} {r['attn']:>6} {r['compile']!s:>7} {r['ac']:>9} "
             f"{r['loss']:>7} {r['tokens_per_s']:>12,.0f} {r['step_time_s']:>8.4f} "
             f"{r['step_time_spread']:>6.0%} {r['tflops']:>8.2f} {r['mfu']:>6.1%} "
             f"{r['peak_mem_gib']:>9.2f} {r['est_mem_gib']:>8.2f} {r['vs_plain']:>6.2f}x "

@@ -221,7 +221,7 @@ def test_evaluation_without_a_val_split_fails_before_training(
 
 
 def test_model_vocab_smaller_than_the_tokenizer_is_refused(dataset: tuple[Path, list[str]]) -> None:
-    with pytest.raises(ValueError, match=r"model.vocab_size=256: set model.vocab_size=259 \(or more"):
+    with pytest.raises(ValueError, match=r"vocab_size=256: set model.vocab_size=259 \(or more"):
         build_loader(str(dataset[0]), 256, SEQ, 1, seed=0)
 
 

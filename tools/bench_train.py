@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -169,7 +170,8 @@ def bench_loop(run: RunConfig, kind: str, steps: int, warmup: int) -> dict[str, 
     times = timed_steps(step, steps, warmup, device.type == "cuda")
     row = {"attn": attn, **figures(run, times, losses[-1]), "state_mem_gib": float("nan")}
     if kind == "hf":
-        row.update(loss="full", compile=False, ac="none")  # transformers' own model, as is
+        # transformers' own model, as it is: our switches and memory estimate do not apply
+        row.update(loss="full", compile=False, ac="none", est_mem_gib=float("nan"))
     return row
 
 
@@ -242,10 +244,11 @@ def main() -> None:
     for r in results:
         r["vs_plain"], r["vs_hf"] = ratio(r, plain), ratio(r, hf)
         zero = str(r["zero"]) if r["variant"] not in ("plain", "hf") else "-"
+        mfu = "-" if math.isnan(r["mfu"]) else f"{r['mfu']:.1%}"  # no peak known (a CPU)
         print(
             f"{r['variant']:>10} {zero:>4} {r['attn']:>6} {r['compile']!s:>7} {r['ac']:>9} "
             f"{r['loss']:>7} {r['tokens_per_s']:>12,.0f} {r['step_time_s']:>8.4f} "
-            f"{r['step_time_spread']:>6.0%} {r['tflops']:>8.2f} {r['mfu']:>6.1%} "
+            f"{r['step_time_spread']:>6.0%} {r['tflops']:>8.2f} {mfu:>6} "
             f"{r['peak_mem_gib']:>9.2f} {r['est_mem_gib']:>8.2f} {r['vs_plain']:>6.2f}x "
             f"{r['vs_hf']:>6.2f}x"
         )

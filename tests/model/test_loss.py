@@ -7,6 +7,7 @@ import torch
 
 from pretrain.model.llama import LlamaConfig, Transformer
 from pretrain.model.loss import IGNORE_INDEX, linear_cross_entropy
+from tests.conftest import requires_gpu
 
 
 def head_case(dtype: torch.dtype, n: int = 300, d: int = 32, V: int = 200):
@@ -88,3 +89,27 @@ def test_the_vocabulary_is_padded_to_the_multiple() -> None:
     assert tiny(vocab_multiple=64).padded_vocab == 320
     with pytest.raises(ValueError, match=r"model\.vocab_multiple=0"):
         Transformer(tiny(vocab_multiple=0))
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_chunked_loss_on_gpu_in_bf16_matches_and_needs_less_memory() -> None:
+    """On CUDA in bf16: as close to fp32 as the full loss, and a far smaller peak (the full
+    one holds the (N, V) fp32 logits, their log-softmax and gradients)."""
+    n, d, V = 8192, 256, 32768
+    reference = loss_and_grads(*head_case(torch.float32, n, d, V), "full")
+    peaks, results = {}, {}
+    for impl in ("full", "chunked"):
+        x, w, t = (a.detach().cuda() for a in head_case(torch.bfloat16, n, d, V))
+        x.requires_grad_(), w.requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        results[impl] = [r.cpu() for r in loss_and_grads(x, w, t, impl, chunk=1024)]
+        peaks[impl] = torch.cuda.max_memory_allocated() - base
+    for ref, a, b in zip(reference, results["full"], results["chunked"], strict=True):
+        err_full = (a - ref).abs().max() / ref.abs().max()
+        err_chunked = (b - ref).abs().max() / ref.abs().max()
+        assert err_chunked <= 1.5 * err_full + 1e-3, (err_chunked, err_full)
+    assert peaks["full"] >= 8 * n * V  # fp32 log-probabilities and their fp32 gradient at least
+    assert peaks["chunked"] < peaks["full"] / 4, peaks

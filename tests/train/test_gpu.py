@@ -1,4 +1,5 @@
-"""GPU-only: the real training path on CUDA (NCCL, bf16, fused AdamW, the fastest attention).
+"""GPU-only: the real training path on CUDA (NCCL, bf16, fused AdamW, the fastest attention,
+the chunked loss, compiled blocks under both checkpointing policies).
 
 Each GPU run is held against the same run in fp32 on the CPU: bf16 on CUDA must learn and
 follow the reference curve, not merely produce finite numbers.
@@ -46,8 +47,12 @@ def test_bf16_training_on_gpu_follows_cpu(
     assert_follows(gpu, cpu_reference)
 
 
-def test_compiled_training_on_gpu_follows_cpu(tmp_path: Path, cpu_reference: list[float]) -> None:
-    overrides = [*SETTINGS, *GPU, "trainer.compile=true", "trainer.activation_checkpointing=true"]
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_compiled_training_on_gpu_follows_cpu(
+    tmp_path: Path, cpu_reference: list[float], policy: str
+) -> None:
+    overrides = [*SETTINGS, *GPU, "trainer.compile=true",
+                 f"trainer.activation_checkpointing={policy}"]  # fmt: skip
     assert_follows(loss_list(train(tmp_path, overrides)), cpu_reference)
 
 

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks of docs/performance.md in one command, for a GPU box (run from the project root):
+#
+#   bash tools/bench_gpu.sh [tests] [small] [large] [zero]     (default: all four, in order)
+#
+#   tests  the GPU-marked tests (flash == sdpa, bf16/ZeRO training against CPU, compiled blocks
+#          under both checkpointing policies, the chunked loss's memory, fp16 loss scale)
+#   small  bench_train for llama_125m at seq 2048 and 4096: default switches, compiled
+#   large  bench_train for llama_1b at seq 2048 and 4096: default, compiled, compiled+selective
+#   zero   llama_1b at seq 4096 under ZeRO 1, 2 and 3 (peak memory against the estimate)
+#
+# Each part writes <part>_*.txt and .json under $OUT (default ./bench-gpu). Without network,
+# install carried wheels first: a ./.whl directory is installed into a temporary site dir.
+# Every bench prints its rows against a plain PyTorch loop and transformers' Llama measured in
+# the same run; the last line of each is `ours/hf tokens-per-s ratio: X`.
+set -uo pipefail
+OUT=${OUT:-bench-gpu}
+mkdir -p "$OUT"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" .whl/*.whl || exit 1
+  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests small large zero)
+
+bench() {  # bench NAME [bench_train args...]
+  local name=$1; shift
+  timeout "${BENCH_TIMEOUT:-420}" python3 tools/bench_train.py --json "$OUT/$name.json" "$@" \
+    >"$OUT/$name.txt" 2>&1
+  echo "== $name (exit $?)"; grep -E "^ *(row|ours|compiled|sel|z[0-3]|plain|hf) |ratio" "$OUT/$name.txt"
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    tests)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+      python3 -m pytest -o addopts="" -m gpu -q -p no:cacheprovider tests >"$OUT/tests.txt" 2>&1
+      echo "== tests (exit $?)"; tail -n 15 "$OUT/tests.txt" ;;
+    small)
+      for seq in 2048 4096; do
+        bench "small_$seq" --variant ours: --variant compiled:trainer.compile=true --steps 10 \
+          model=llama_125m trainer.seq_len=$seq trainer.micro_batch_size=$((32768 / seq))
+      done ;;
+    large)
+      for seq in 2048 4096; do
+        bench "large_$seq" --variant ours: --variant compiled:trainer.compile=true \
+          --variant "sel:trainer.compile=true trainer.activation_checkpointing=selective" \
+          --steps 8 model=llama_1b trainer.seq_len=$seq trainer.micro_batch_size=$((16384 / seq))
+      done ;;
+    zero)
+      bench zero_4096 --no-baselines --variant z1:deepspeed.zero_stage=1 \
+        --variant z2:deepspeed.zero_stage=2 --variant z3:deepspeed.zero_stage=3 \
+        --steps 4 --warmup 2 model=llama_1b trainer.seq_len=4096 trainer.micro_batch_size=4 ;;
+    *) echo "unknown part $part: choose tests, small, large, zero" >&2; exit 2 ;;
+  esac
+done

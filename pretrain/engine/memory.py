@@ -26,10 +26,10 @@ either, one block's full set lives again while it is recomputed.
 The loss (`loss_bytes`), with V the padded vocabulary: `model.loss_impl=full` keeps fp32
 log-probabilities (4 bytes per vocabulary entry per token), and its backward holds them with
 their fp32 gradient and the logits' fp32 gradient: 12 bytes per entry per token at the start
-of backward. `chunked` keeps the hidden states' gradient (w*h per token) and the head's
-weight gradient (w*V*h), and peaks during its forward with the fp32 weight-gradient
-accumulator (4*V*h), one chunk's fp32 logits (plus their compute-dtype copy under bf16)
-and one chunk's weight-gradient product (w*V*h).
+of backward. `chunked` keeps the hidden states' gradient (w*h per token) and peaks
+during its forward with one chunk's fp32 logits (plus their compute-dtype copy under bf16)
+and the head's weight gradient: w*V*h when one chunk holds the micro-batch, else its fp32
+accumulator (4*V*h) and, under bf16, each chunk's product beside it (w*V*h).
 
 The peak is the states plus the larger of activations and gradients: activations peak when
 backward starts, before any gradient exists; gradients are complete at its end, when the
@@ -117,7 +117,11 @@ def loss_bytes(
         return 12 * V * tokens
     chunk = min(chunk_tokens, tokens)
     logits = (4 + (w if w < 4 else 0)) * chunk * V  # fp32 (+ the compute-dtype product)
-    return w * h * tokens + w * V * h + 4 * V * h + logits
+    if tokens <= chunk_tokens:
+        head = w * V * h
+    else:
+        head = 4 * V * h + (w * V * h if w < 4 else 0)
+    return w * h * tokens + head + logits
 
 
 def estimate_memory(

@@ -14,8 +14,8 @@ Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024) and of Apple's Cut C
 (Wijmans et al. 2024), here in plain torch ops so it runs, and is tested, on any device.
 
 Numerics follow the plain path: logits in the compute dtype, softmax in fp32, gradients
-cast back to the compute dtype before their matmuls; the weight gradient is accumulated in
-fp32 across chunks and cast once.
+cast back to the compute dtype before their matmuls; over several chunks the weight gradient
+is accumulated in fp32 and cast once (with one chunk it is one matmul, as in the plain path).
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def _chunks(
     n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
     total = torch.zeros((), device=x.device, dtype=torch.float32)
     grad_x = torch.empty_like(x) if grads else None
-    # fp32 accumulation across chunks: one rounding to the weight's dtype at the end.
-    grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads else None
+    grad_w = None
+    one_chunk = x.size(0) <= chunk_tokens
+    if grads and not one_chunk:  # fp32 across chunks: one rounding to the weight's dtype
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
     for start in range(0, x.size(0), chunk_tokens):
         xc, tc = x[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         logits = F.linear(xc, weight).float()  # (n, V) fp32; the compute-dtype copy is freed
@@ -75,7 +77,12 @@ def _chunks(
         probs.mul_((valid.to(probs.dtype) / n_valid)[:, None])
         g = probs.to(x.dtype)  # (n, V), as autograd would cast it for the matmuls
         grad_x[start : start + chunk_tokens] = g @ weight  # (n, d)
-        grad_w += g.t() @ xc  # (V, d); each chunk's product rounded once to x's dtype
+        if one_chunk:
+            grad_w = g.t() @ xc  # (V, d)
+        elif grad_w.dtype == g.dtype:
+            grad_w.addmm_(g.t(), xc)  # in place: no (V, d) temporary
+        else:
+            grad_w += g.t() @ xc  # each chunk's product rounded once to the compute dtype
     loss = total / n_valid
     return loss, grad_x, None if grad_w is None else grad_w.to(weight.dtype)
 

@@ -38,12 +38,16 @@ def test_activation_bytes_by_hand() -> None:
     # + attention output 256 + its log-sum-exp 4*4 = 3088 per block.
     assert activation_bytes_per_token(SMALL, "fp32", "selective") == 2 * 3088 + 5376 + 768
     # The loss over 1024 tokens, V = 512: full keeps 12 bytes per entry per token; chunked
-    # keeps dL/dx (2*64 per token) and dL/dW (2*512*64), and peaks with the fp32 accumulator
-    # (4*512*64) and one chunk's logits, fp32 + bf16 (6*1024*512).
+    # keeps dL/dx (2*64 per token) and peaks with one chunk's logits, fp32 + bf16
+    # (6*1024*512), and dL/dW: one chunk, one bf16 product (2*512*64); several, an fp32
+    # accumulator (4*512*64) and each chunk's bf16 product beside it.
     assert loss_bytes(SMALL, "bf16", 1024, "full") == 12 * 512 * 1024
-    chunked = 128 * 1024 + 2 * 512 * 64 + 4 * 512 * 64 + 6 * 1024 * 512
-    assert loss_bytes(SMALL, "bf16", 1024, "chunked", 2048) == chunked
-    assert loss_bytes(SMALL, "bf16", 4096, "chunked", 1024) == chunked + 128 * 3072
+    logits = 6 * 1024 * 512
+    assert loss_bytes(SMALL, "bf16", 1024, "chunked", 2048) == 128 * 1024 + 2 * 512 * 64 + logits
+    assert loss_bytes(SMALL, "bf16", 4096, "chunked", 1024) == 128 * 4096 + 6 * 512 * 64 + logits
+    assert loss_bytes(SMALL, "fp32", 4096, "chunked", 1024) == 256 * 4096 + 4 * 512 * 64 + (
+        4 * 1024 * 512
+    )
     # The padded vocabulary counts: 500 entries are 512 rows.
     assert loss_bytes(replace(SMALL, vocab_size=500), "bf16", 1024, "full") == 12 * 512 * 1024
 

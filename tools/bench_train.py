@@ -145,7 +145,7 @@ def bench_loop(run: RunConfig, kind: str, steps: int, warmup: int) -> dict[str, 
     o = run.optim
     optimizer = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-        **adamw_kernel(o.impl, device.type),
+        **adamw_kernel(o.impl),
     )  # fmt: skip
     schedule = lr_scheduler(optimizer, o, run.trainer.max_steps)  # ours: warmup + cosine
     data = build_data(run)

@@ -136,7 +136,7 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     impl: str = "auto"
     """torch AdamW kernel: fused (one kernel for all parameters) | foreach (a few kernels per
-    parameter group) | loop (one parameter at a time) | auto (fused on GPU, foreach on CPU).
+    parameter group) | loop (one parameter at a time) | auto (fused, on GPU and CPU alike).
     deepspeed.offload_optimizer=true always uses DeepSpeedCPUAdam."""
 
 

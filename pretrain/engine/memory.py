@@ -117,10 +117,8 @@ def loss_bytes(
         return 12 * V * tokens
     chunk = min(chunk_tokens, tokens)
     logits = (4 + (w if w < 4 else 0)) * chunk * V  # fp32 (+ the compute-dtype product)
-    if tokens <= chunk_tokens:
-        head = w * V * h
-    else:
-        head = 4 * V * h + (w * V * h if w < 4 else 0)
+    # dL/dW: one product of the compute dtype, or an fp32 accumulator (+ each chunk's product)
+    head = w * V * h if tokens <= chunk_tokens else 4 * V * h + (w * V * h if w < 4 else 0)
     return w * h * tokens + head + logits
 
 

@@ -56,17 +56,16 @@ def lr_scheduler(
     )
 
 
-def adamw_kernel(impl: str, device_type: str) -> dict[str, bool]:
-    """torch.optim.AdamW's kernel arguments for optim.impl (auto: fused on GPU)."""
+def adamw_kernel(impl: str) -> dict[str, bool]:
+    """torch.optim.AdamW's kernel arguments for optim.impl (auto: fused, on CPU too: 4.2x
+    faster than foreach for 124M fp32 parameters on 2 cores, docs/performance.md)."""
     if impl == "auto":
-        impl = "fused" if device_type == "cuda" else "foreach"
+        impl = "fused"
     return {"fused": impl == "fused", "foreach": impl == "foreach"}
 
 
-def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, device_type: str, offload: bool
-) -> torch.optim.Optimizer:
-    """AdamW: DeepSpeedCPUAdam when ZeRO offloads optimizer state, else torch's (fused on GPU).
+def build_optimizer(model: nn.Module, cfg: OptimConfig, offload: bool) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeedCPUAdam when ZeRO offloads optimizer state, else torch's (optim.impl).
 
     torch's fused AdamW needs no JIT build, unlike DeepSpeed's FusedAdam (~1 min on first use).
     """
@@ -76,4 +75,4 @@ def build_optimizer(
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, **adamw_kernel(cfg.impl, device_type), **kwargs)
+    return torch.optim.AdamW(groups, **adamw_kernel(cfg.impl), **kwargs)

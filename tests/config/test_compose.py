@@ -150,14 +150,18 @@ def test_wandb_run_id_is_checked() -> None:
     assert run.logger.wandb.id == "job-12_3"
 
 
+def config_errors(overrides: list[str]) -> str:
+    """The ConfigError message that resolving these overrides raises."""
+    with pytest.raises(ConfigError) as info:
+        resolve(compose_config(overrides), world_size=1, cuda_available=False)
+    return str(info.value)
+
+
 def test_observability_settings_are_checked() -> None:
-    cfg = compose_config([
+    text = config_errors([
         "trainer.max_steps=10", "trainer.profile_steps=[5,11]", "logger.progress=fancy",
         "logger.peak_tflops=0", "trainer.eval_every_steps=-1", "logger.wandb.init_timeout_s=0",
     ])  # fmt: skip
-    with pytest.raises(ConfigError) as info:
-        resolve(cfg, world_size=1, cuda_available=False)
-    text = str(info.value)
     assert "trainer.profile_steps=[5, 11]: give [first, last] optimizer steps with" in text
     assert "logger.progress='fancy': choose auto, bar, lines" in text
     assert "logger.peak_tflops=0.0: must be > 0, or null" in text
@@ -171,11 +175,8 @@ def test_observability_settings_are_checked() -> None:
 
 
 def test_speed_switches_are_checked_and_true_means_full_checkpointing() -> None:
-    cfg = compose_config(["trainer.activation_checkpointing=some", "optim.impl=turbo",
+    text = config_errors(["trainer.activation_checkpointing=some", "optim.impl=turbo",
                           "model.loss_impl=fast", "model.vocab_multiple=0"])  # fmt: skip
-    with pytest.raises(ConfigError) as info:
-        resolve(cfg, world_size=1, cuda_available=False)
-    text = str(info.value)
     assert "trainer.activation_checkpointing='some': choose one of none, full, selective" in text
     assert "optim.impl='turbo': choose one of auto, fused, foreach, loop" in text
     assert "model.loss_impl='fast': choose one of ('chunked', 'full')" in text

@@ -20,7 +20,7 @@ from pretrain.checkpoint.export import (
     load_hf_weights,
     model_fields_from_hf,
 )
-from pretrain.model.llama import LlamaConfig, Transformer
+from pretrain.model.llama import LlamaConfig, Transformer, saved_model_fields
 
 
 @dataclass
@@ -56,7 +56,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
         source = path
     else:
         source = find_checkpoint(path)
-        fields = manager.read_client_state(source)["config"]["model"]
+        fields = saved_model_fields(manager.read_client_state(source)["config"]["model"])
         if fields.get("_target_") != "pretrain.model.llama.Transformer":
             raise ValueError(f"{source} holds a {fields.get('_target_')}: only Llama models load")
         model = _build(fields)

@@ -80,8 +80,7 @@ class LlamaConfig:
     @property
     def padded_vocab(self) -> int:
         """Rows of the embedding and output tables: vocab_size rounded up to vocab_multiple."""
-        multiple = max(self.vocab_multiple, 1)
-        return -(-self.vocab_size // multiple) * multiple
+        return pad_vocab(self.vocab_size, self.vocab_multiple)
 
     def errors(self) -> list[str]:
         """Every inconsistency in this config, as 'model.<key>: what is wrong, what to do'."""
@@ -108,6 +107,18 @@ class LlamaConfig:
         if self.loss_impl not in LOSS_IMPLS:
             errs.append(f"model.loss_impl={self.loss_impl!r}: choose one of {LOSS_IMPLS}")
         return errs
+
+
+def pad_vocab(vocab_size: int, multiple: int) -> int:
+    """vocab_size rounded up to a multiple of `multiple` (at least 1)."""
+    multiple = max(multiple, 1)
+    return -(-vocab_size // multiple) * multiple
+
+
+def saved_model_fields(model: dict) -> dict:
+    """A model section as a checkpoint saved it. Checkpoints from before model.vocab_multiple
+    existed had tables of exactly vocab_size rows: for them it is 1."""
+    return {"vocab_multiple": 1, **model}
 
 
 class RMSNorm(nn.Module):

@@ -32,7 +32,7 @@ from pretrain.engine.deepspeed import build_engine, build_model
 from pretrain.eval.perplexity import Evaluator, byte_lengths
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token
-from pretrain.model.llama import LlamaConfig
+from pretrain.model.llama import LlamaConfig, pad_vocab, saved_model_fields
 from pretrain.train.loggers import Loggers, build_loggers
 from pretrain.train.metrics import Throughput, resolve_peak
 from pretrain.train.profiling import StepProfiler
@@ -171,15 +171,20 @@ def resume_path(run: RunConfig, ckpt_dir: Path) -> Path | None:
 
 # Fields that change what the weights mean; the others (attention kernel, dropout) may differ.
 SHAPE_KEYS = ("_target_", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden",
-              "vocab_size", "vocab_multiple", "tie_embeddings", "rope_theta", "norm_eps",
-              "max_seq_len")  # fmt: skip
+              "vocab_size", "tie_embeddings", "rope_theta", "norm_eps", "max_seq_len")  # fmt: skip
 
 
 def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:
     """Refuse to resume a checkpoint of another model shape, naming every differing key."""
-    old, new = saved.get("model", {}), run.as_dict["model"]
+    old, new = saved_model_fields(saved.get("model", {})), run.as_dict["model"]
     diff = [f"model.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
             for k in SHAPE_KEYS if k in old and old.get(k) != new.get(k)]  # fmt: skip
+    rows = [pad_vocab(m.get("vocab_size", 0), m.get("vocab_multiple", 1)) for m in (old, new)]
+    if not diff and rows[0] != rows[1]:
+        diff.append(
+            f"model.vocab_multiple: checkpoint {old.get('vocab_multiple')!r} ({rows[0]} table "
+            f"rows), config {new.get('vocab_multiple')!r} ({rows[1]} rows)"
+        )
     if diff:
         raise ValueError(
             f"{path} holds another model shape:\n  "

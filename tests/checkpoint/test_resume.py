@@ -136,3 +136,23 @@ def test_retention_and_a_truncated_file(tmp_path: Path) -> None:
     proc = launch([*TINY, f"run_dir={tmp_path}", *RUN, "model.n_layers=3"])
     assert proc.returncode != 0
     assert "model.n_layers: checkpoint 2, config 3" in proc.stderr
+
+
+def test_checkpoints_from_before_vocab_padding_resume_when_the_tables_match() -> None:
+    """A model section saved before model.vocab_multiple existed had vocab_size rows."""
+    from types import SimpleNamespace
+
+    from pretrain.train.run import check_same_model
+
+    def run(vocab: int, multiple: int) -> SimpleNamespace:
+        return SimpleNamespace(as_dict={"model": {"vocab_size": vocab, "vocab_multiple": multiple}})
+
+    check_same_model({"model": {"vocab_size": 512}}, run(512, 128), Path("old"))  # 512 rows both
+    check_same_model({"model": {"vocab_size": 333, "vocab_multiple": 128}}, run(333, 128),
+                     Path("new"))  # fmt: skip
+    check_same_model({"model": {"vocab_size": 333}}, run(333, 1), Path("old"))
+    with pytest.raises(ValueError) as info:
+        check_same_model({"model": {"vocab_size": 333}}, run(333, 128), Path("old"))
+    assert "model.vocab_multiple: checkpoint 1 (333 table rows), config 128 (384 rows)" in str(
+        info.value
+    )

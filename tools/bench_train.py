@@ -30,6 +30,7 @@ import gc
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -181,6 +182,22 @@ def _free(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
+def measured(name: str, bench: Callable[[], dict], run: RunConfig) -> dict:
+    """One row; a row that runs out of GPU memory says so instead of ending the benchmark."""
+    try:
+        return {"variant": name, **bench()}
+    except torch.OutOfMemoryError:
+        print(f"{name}: out of GPU memory", file=sys.stderr)
+        figures = ("tokens_per_s", "step_time_s", "step_time_spread", "tflops", "mfu",
+                   "peak_mem_gib", "est_mem_gib", "state_mem_gib", "final_loss")  # fmt: skip
+        t = run.trainer
+        return {"variant": name, "oom": True, "attn": "oom", "zero": run.deepspeed.zero_stage,
+                "compile": t.compile, "ac": t.activation_checkpointing, "loss": "-",
+                "optim": run.optim.impl, **dict.fromkeys(figures, float("nan"))}  # fmt: skip
+    finally:
+        _free(run.device_type == "cuda")  # each row starts from an empty device
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """'NAME:override override ...' -> (NAME, [overrides])."""
     name, _, overrides = text.partition(":")
@@ -218,15 +235,15 @@ def main() -> None:
     for name, extra in map(parse_variant, args.variant or ["ours:"]):
         run = resolve(compose([*base, *args.overrides, *extra]), world_size=1)
         dist.init(run.device_type)
-        results.append({"variant": name, **bench_ours(run, args.steps, args.warmup)})
-        _free(run.device_type == "cuda")  # each row starts from an empty device
+        results.append(measured(name, lambda r=run: bench_ours(r, args.steps, args.warmup), run))
     ours = results[0]
     plain = hf = None
     if not args.no_baselines:
         run = resolve(compose([*base, *args.overrides]), world_size=1)
-        plain = {"variant": "plain", **bench_loop(run, "plain", args.steps, args.warmup)}
-        _free(run.device_type == "cuda")
-        hf = {"variant": "hf", **bench_loop(run, "hf", args.steps, args.warmup)}
+        plain, hf = (
+            measured(kind, lambda k=kind: bench_loop(run, k, args.steps, args.warmup), run)
+            for kind in ("plain", "hf")
+        )
         results += [plain, hf]
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

@@ -58,3 +58,27 @@ def test_bench_reports_ours_against_plain_and_hf(tmp_path: Path) -> None:
                               micro_batch_size=4, dp=1, zero_stage=0, precision="fp32",
                               activation_checkpointing=ac)  # fmt: skip
         assert row["est_mem_gib"] == pytest.approx(est.total / 2**30)
+
+
+def test_a_row_out_of_gpu_memory_is_reported_not_fatal() -> None:
+    import importlib.util
+
+    import torch
+
+    from pretrain.config import resolve
+
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "tools" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = resolve(compose_config(["trainer.activation_checkpointing=selective"]), world_size=1,
+                  cuda_available=False)  # fmt: skip
+
+    def out_of_memory() -> dict:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    row = bench.measured("big", out_of_memory, run)
+    assert row["oom"] and row["variant"] == "big" and row["ac"] == "selective"
+    assert math.isnan(row["tokens_per_s"]) and math.isnan(bench.ratio(row, row))
+    assert bench.measured("ok", lambda: {"tokens_per_s": 5.0}, run) == {
+        "variant": "ok", "tokens_per_s": 5.0,
+    }  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import os
 from collections.abc import Callable
@@ -32,6 +33,14 @@ def _import_deepspeed(device_type: str) -> Any:
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if device_type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when it starts
+        # (about a minute, the first time on a machine) that only its inference_all_reduce
+        # uses; training reduces through gloo. Skip building it.
+        # (By module name: the attribute deepspeed.comm.torch is the torch package itself.)
+        ds_comm = importlib.import_module("deepspeed.comm.torch")
+        if hasattr(ds_comm, "build_shm_op"):
+            ds_comm.build_shm_op = lambda: None
     # Adopt the process group dist.init() made, so zero.Init sees the real world size.
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
     return deepspeed

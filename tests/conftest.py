@@ -150,19 +150,3 @@ def export_and_compare(run_dir: Path, weights: dict, out: Path) -> object:
     with torch.no_grad():
         assert (hf(tokens).logits - ours.eval()(tokens)).abs().max().item() < 1e-5
     return hf
-
-
-# The longest test files (minutes each on 2 cores), started first: pytest-xdist hands whole
-# files to its workers in collection order, and one of these started last sets the wall time.
-LONGEST_FILES = ("train/test_equivalence.py", "slurm/test_pretrain_sh.py",
-                 "checkpoint/test_resume.py", "checkpoint/test_interrupt.py",
-                 "train/test_training.py", "tools/test_eval_tools.py")  # fmt: skip
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        path = item.path.as_posix()
-        hits = [i for i, name in enumerate(LONGEST_FILES) if path.endswith(name)]
-        return hits[0] if hits else len(LONGEST_FILES)
-
-    items.sort(key=rank)  # stable: the rest keep their order

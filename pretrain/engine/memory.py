@@ -133,8 +133,6 @@ def estimate_memory(
     activation_checkpointing: str = "none",
     offload_optimizer: bool = False,
     grad_accum: int = 1,
-    loss_impl: str | None = None,
-    loss_chunk_tokens: int | None = None,
 ) -> MemoryEstimate:
     """Bytes per GPU for `dp` data-parallel ranks at ZeRO `zero_stage` (0-3)."""
     if zero_stage not in (0, 1, 2, 3):
@@ -153,6 +151,5 @@ def estimate_memory(
         optimizer = 0  # master weights and moments live in host memory
     tokens = seq_len * micro_batch_size
     activations = tokens * activation_bytes_per_token(cfg, precision, activation_checkpointing)
-    activations += loss_bytes(cfg, precision, tokens, loss_impl or cfg.loss_impl,
-                              loss_chunk_tokens or cfg.loss_chunk_tokens)  # fmt: skip
+    activations += loss_bytes(cfg, precision, tokens, cfg.loss_impl, cfg.loss_chunk_tokens)
     return MemoryEstimate(weights, grads, optimizer, activations, grad_accum)

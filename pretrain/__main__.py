@@ -8,7 +8,10 @@ DeepSpeed engine -> data -> Trainer.fit(). Only this module sees the raw Hydra c
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from omegaconf import DictConfig
@@ -22,6 +25,17 @@ from pretrain.train.trainer import EXIT_DIVERGED, TrainingDiverged
 log = logging.getLogger("pretrain")
 
 
+def _exit(code: int) -> NoReturn:
+    """sys.exit(code), first writing the code to $PRETRAIN_EXIT_DIR/rank<RANK> when that is
+    set. slurm/launch_node.sh reads it there: torchrun's own report of its processes' codes
+    is lost when it loses the rendezvous store first (the first node's torchrun exits as soon
+    as its processes do, while another node's are still exiting)."""
+    directory = os.environ.get("PRETRAIN_EXIT_DIR")
+    if directory:
+        Path(directory, f"rank{os.environ.get('RANK', '0')}").write_text(f"{code}\n")
+    sys.exit(code)
+
+
 @hydra.main(config_path=conf_dir(), config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     dist.setup_logging()
@@ -30,17 +44,17 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as e:
         if dist.is_main():
             log.error("%s", e)
-        sys.exit(2)
+        _exit(2)
     dist.init(run.device_type)
     dist.setup_logging()
     try:
         train(run)
     except Preempted as e:
         log.warning("%s: checkpoint saved; run the same command to resume", e)
-        sys.exit(EXIT_PREEMPTED)
+        _exit(EXIT_PREEMPTED)
     except TrainingDiverged as e:
         log.error("%s", e)
-        sys.exit(EXIT_DIVERGED)
+        _exit(EXIT_DIVERGED)
     finally:
         dist.destroy()
 

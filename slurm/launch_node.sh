@@ -57,6 +57,10 @@ echo "[$host] torchrun: node of $nnodes x $nproc process(es), rendezvous $endpoi
 
 trap '' USR1  # inherited by torchrun; the training processes install their own handler
 report=$(mktemp)
+# Each training process also writes its exit code here (2 bad config, 3 diverged, 75 saved
+# and stopped): torchrun's report of the codes is lost when the first node's torchrun, which
+# holds the rendezvous store, exits while this node's processes are still exiting.
+export PRETRAIN_EXIT_DIR=$(mktemp -d)
 torchrun \
   --nnodes="$nnodes" \
   --nproc-per-node="$nproc" \
@@ -71,7 +75,12 @@ wait  # for tee to flush the report
 if ((rc != 0)); then
   # torchrun exits 1 whatever its processes returned; its report lists their codes.
   # One code shared by all (75: stopped by a signal, checkpoint saved) is passed on.
-  codes=$(grep -oE 'exitcode *: *-?[0-9]+' "$report" | grep -oE -- '-?[0-9]+$' | sort -u)
+  codes=$(grep -oE 'exitcode *: *-?[0-9]+' "$report" | grep -oE -- '-?[0-9]+$')
+  written=("$PRETRAIN_EXIT_DIR"/rank*)
+  if [[ -e "${written[0]}" && ${#written[@]} -eq $nproc ]]; then
+    codes+=$'\n'$(cat "${written[@]}")
+  fi
+  codes=$(grep -v '^$' <<<"$codes" | sort -u)
   if [[ -n "$codes" ]]; then
     if [[ $(wc -l <<<"$codes") -eq 1 ]]; then
       rc=$codes
@@ -82,8 +91,8 @@ if ((rc != 0)); then
         "(exit 75; torchrun reports that as FAILED above): run again to resume" >&2
     fi
   elif grep -q -e RendezvousTimeoutError -e RendezvousConnectionError "$report"; then
-    # No process ever ran: the nodes did not meet. (A connection error while shutting
-    # down, after the processes ran, is harmless: their codes are handled above.)
+    # No process ever ran: the nodes did not meet. (A connection error after the processes
+    # ran, when the first node has gone, is harmless: their codes are handled above.)
     cat >&2 <<EOF
 [$host] error: rendezvous at $endpoint failed: not all $nnodes nodes joined within ${join_timeout}s.
   Check: every node's task started (squeue -s, the job log); '${endpoint%:*}' resolves from
@@ -93,7 +102,7 @@ EOF
     rc=124
   fi
 fi
-rm -f "$report"
+rm -rf "$report" "$PRETRAIN_EXIT_DIR"
 # Under slurm/pretrain.sh, a stop after a saved checkpoint is reported through a file and a
 # clean exit: srun --kill-on-bad-exit would otherwise kill the other nodes' tasks while they
 # finish (W&B upload) and hide the 75 behind their kill signals.

@@ -4,6 +4,8 @@ preemption and requeue, a node that never joins, a sweep; and slurm/launch_node.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -143,16 +145,61 @@ def test_sweep_runs_one_job_per_line(slurm: SlurmCluster, tmp_path: Path) -> Non
     assert lrs == {0: "0.001", 1: "0.003"}
 
 
+def training_processes(nodes: list[subprocess.Popen]) -> list[int]:
+    """The pids under `nodes` that torchrun started (they have LOCAL_RANK set)."""
+    found, todo = [], [node.pid for node in nodes]
+    while todo:
+        pid = todo.pop()
+        try:
+            if b"\0LOCAL_RANK=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(pid)
+            todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except FileNotFoundError:  # exited meanwhile
+            continue
+    assert len(found) == len(nodes), found
+    return found
+
+
 def test_launch_node_on_two_nodes_without_slurm(tmp_path: Path, reference: list) -> None:
-    """The documented multi-node command without Slurm: the same script on each "node"."""
-    env = {**subprocess_env(), "NNODES": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
-           "RDZV_ID": "two", "NPROC_PER_NODE": "1"}  # fmt: skip
-    command = ["bash", str(REPO / "slurm" / "launch_node.sh"), *RUN, f"run_dir={tmp_path}"]
-    nodes = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    assert curve(read_metrics(tmp_path)) == reference
+    """The documented multi-node command without Slurm: the same script on each "node".
+    Stopped by SIGUSR1, each node exits 75 (saved; run again), even the node whose training
+    process outlives the first node's torchrun and with it the rendezvous store (made
+    certain here by a 3 s sleep at its exit), then the same command resumes the run."""
+    slow_exit = tmp_path / "slow_exit"
+    slow_exit.mkdir()
+    (slow_exit / "sitecustomize.py").write_text(
+        "import atexit, os, time\n"
+        "if os.environ.get('LOCAL_RANK') is not None:\n"
+        "    atexit.register(time.sleep, 3)\n"
+    )
+    run_dir = tmp_path / "run"
+    command = ["bash", str(REPO / "slurm" / "launch_node.sh"), *RUN, f"run_dir={run_dir}"]
+
+    def start_nodes() -> list[subprocess.Popen]:
+        env = {**subprocess_env(), "NNODES": "2", "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+               "RDZV_ID": "two", "NPROC_PER_NODE": "1"}  # fmt: skip
+        slow = {**env, "PYTHONPATH": os.pathsep.join([str(slow_exit), env.get("PYTHONPATH", "")])}
+        return [subprocess.Popen(command, cwd=REPO, env=node_env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+                for node_env in (env, slow)]  # fmt: skip
+
+    def finish(nodes: list[subprocess.Popen]) -> tuple[list[int | None], str]:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+        return [n.returncode for n in nodes], "\n".join(outputs)
+
+    nodes = start_nodes()
+    wait_for_step(run_dir, 20)
+    for worker in training_processes(nodes):  # as Slurm's --signal does
+        os.kill(worker, signal.SIGUSR1)
+    codes, output = finish(nodes)
+    assert codes == [75, 75], output[-6000:]
+    assert output.count("stopped on a signal after saving a checkpoint") == 2, output[-6000:]
+    assert "rendezvous at" not in output, output[-6000:]
+
+    codes, output = finish(start_nodes())
+    assert codes == [0, 0], output[-6000:]
+    assert f"resumed from {run_dir}/checkpoints/step_" in output, output[:6000]
+    assert curve(read_metrics(run_dir)) == reference
 
 
 def test_scripts_refuse_a_launch_that_cannot_work() -> None:

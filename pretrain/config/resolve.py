@@ -27,7 +27,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 WANDB_MODES = ("online", "offline", "disabled")
 PROGRESS_MODES = ("auto", "bar", "lines")
 AC_POLICIES = ("none", "full", "selective")
-ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
+ADAMW_IMPLS = ("auto", "fused", "foreach", "loop", "cpu_adam")
 
 
 class ConfigError(ValueError):
@@ -175,6 +175,11 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
         errors.append(f"optim.grad_clip={optim.grad_clip}: must be >= 0 (0 disables clipping)")
     if optim.impl not in ADAMW_IMPLS:
         errors.append(f"optim.impl={optim.impl!r}: choose one of {', '.join(ADAMW_IMPLS)}")
+    if optim.impl == "cpu_adam" and not ds.offload_optimizer:
+        errors.append(
+            "optim.impl=cpu_adam is DeepSpeed's CPU AdamW, for optimizer state offloaded to "
+            "CPU: set deepspeed.offload_optimizer=true, or choose optim.impl=auto"
+        )
 
     # Activation checkpointing: true/false (the field's first form) mean full/none.
     policy = {"true": "full", "false": "none"}.get(
@@ -322,8 +327,10 @@ def deepspeed_config(run: RunConfig) -> dict[str, Any]:
             "min_loss_scale": 1,
         },
         "zero_optimization": zero,
-        # Our client optimizer is torch's AdamW, which ZeRO supports but does not whitelist.
+        # Our client optimizer is torch's AdamW, which ZeRO supports but does not whitelist,
+        # under offload too (torch's fused CPU kernel outsteps DeepSpeedCPUAdam: optim.impl).
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**62,  # our loggers report progress; silence DeepSpeed's own
         "wall_clock_breakdown": False,
     }

@@ -135,9 +135,10 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     impl: str = "auto"
-    """torch AdamW kernel: fused (one kernel for all parameters) | foreach (a few kernels per
-    parameter group) | loop (one parameter at a time) | auto (fused, on GPU and CPU alike).
-    deepspeed.offload_optimizer=true always uses DeepSpeedCPUAdam."""
+    """AdamW kernel: fused (torch's, one kernel for all parameters) | foreach (torch's, a few
+    kernels per parameter group) | loop (torch's, one parameter at a time) | auto (fused, on
+    GPU and CPU alike, offloaded state included) | cpu_adam (DeepSpeedCPUAdam, JIT-built on
+    first use; with deepspeed.offload_optimizer=true only)."""
 
 
 @dataclass
@@ -147,7 +148,7 @@ class DeepSpeedConfig:
     zero_stage: int = 0
     """0: plain data parallel; 1: shard optimizer state; 2: + gradients; 3: + parameters."""
     offload_optimizer: bool = False
-    """Keep optimizer state on CPU (ZeRO >= 1) and step with DeepSpeedCPUAdam (JIT-compiled)."""
+    """Keep optimizer state on CPU (ZeRO >= 1), stepped there by optim.impl's AdamW."""
     offload_params: bool = False
     """Keep parameters on CPU between uses (ZeRO-3 only)."""
     overlap_comm: bool = True

@@ -131,7 +131,7 @@ def build_engine(run: RunConfig, model: nn.Module, load_universal: bool = False)
     `load_universal`: the engine will load a universal checkpoint (another layout's).
     """
     deepspeed = _import_deepspeed(run.device_type)
-    optimizer = build_optimizer(model, run.optim, offload=run.deepspeed.offload_optimizer)
+    optimizer = build_optimizer(model, run.optim)
     config = deepspeed_config(run)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}

@@ -29,6 +29,7 @@ from pretrain.config import RunConfig
 from pretrain.data.stream import build_loader
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model
+from pretrain.engine.optim import keep_kernel_after_load
 from pretrain.eval.perplexity import Evaluator, byte_lengths
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token
@@ -93,6 +94,7 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
             *saved_layout, *layout, " (via DeepSpeed's universal checkpoint)" if universal else "",
         )  # fmt: skip
     if resume_from is not None:
+        keep_kernel_after_load(engine.client_optimizer, run.optim)
         state.load_state_dict(client_state["trainer"])
         wandb_run_id = client_state.get("wandb_run_id")
         log.info("resumed from %s at step %d (%s tokens)", resume_from, state.step,

@@ -178,9 +178,12 @@ def test_speed_switches_are_checked_and_true_means_full_checkpointing() -> None:
     text = config_errors(["trainer.activation_checkpointing=some", "optim.impl=turbo",
                           "model.loss_impl=fast", "model.vocab_multiple=0"])  # fmt: skip
     assert "trainer.activation_checkpointing='some': choose one of none, full, selective" in text
-    assert "optim.impl='turbo': choose one of auto, fused, foreach, loop" in text
+    assert "optim.impl='turbo': choose one of auto, fused, foreach, loop, cpu_adam" in text
     assert "model.loss_impl='fast': choose one of ('chunked', 'full')" in text
     assert "model.vocab_multiple=0: must be >= 1" in text
+    text = config_errors(["optim.impl=cpu_adam"])
+    assert "optim.impl=cpu_adam is DeepSpeed's CPU AdamW, for optimizer state offloaded" in text
+    assert "set deepspeed.offload_optimizer=true" in text
     for given, policy in [("true", "full"), ("false", "none"), ("selective", "selective")]:
         run = resolve(compose_config([f"trainer.activation_checkpointing={given}"]),
                       world_size=1, cuda_available=False)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -74,7 +75,7 @@ def test_every_adamw_kernel_takes_the_same_steps() -> None:
         torch.manual_seed(0)
         model = Transformer(LlamaConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=50))
         initial = torch.cat([p.detach().flatten() for p in model.parameters()])
-        opt = build_optimizer(model, OptimConfig(lr=1e-2, impl=impl), offload=False)
+        opt = build_optimizer(model, OptimConfig(lr=1e-2, impl=impl))
         assert opt.defaults["fused"] is (impl == "fused")
         assert opt.defaults["foreach"] is (impl == "foreach")
         for _ in range(3):
@@ -85,3 +86,38 @@ def test_every_adamw_kernel_takes_the_same_steps() -> None:
     assert not torch.allclose(finals["loop"], initial, atol=1e-3)  # the steps moved them
     torch.testing.assert_close(finals["fused"], finals["loop"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(finals["foreach"], finals["loop"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_optimizer_uses_this_runs_kernel() -> None:
+    """Loading a checkpoint's param groups keeps the saved run's kernel flags; the resumed run
+    must step with its own optim.impl, and take the step the saved optimizer would have taken.
+    (Groups saved by torch's AdamW resumed under DeepSpeedCPUAdam: tests/train/test_gpu.py.)"""
+    from pretrain.engine.optim import build_optimizer, keep_kernel_after_load
+
+    torch.manual_seed(0)
+    model = Transformer(LlamaConfig(n_layers=1, d_model=32, n_heads=4, vocab_size=50))
+    tokens = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def step(opt: torch.optim.Optimizer) -> None:
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+
+    saved_opt = build_optimizer(model, OptimConfig(lr=1e-2, impl="foreach"))
+    step(saved_opt)
+    saved = copy.deepcopy(saved_opt.state_dict())
+    start = [p.detach().clone() for p in model.parameters()]
+    step(saved_opt)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), start, strict=True):
+            p.copy_(s)
+    resumed = build_optimizer(model, OptimConfig(lr=1e-2, impl="fused"))
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["foreach"] and not resumed.param_groups[0]["fused"]
+    keep_kernel_after_load(resumed, OptimConfig(impl="fused"))
+    assert all(g["fused"] and not g["foreach"] for g in resumed.param_groups)
+    step(resumed)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)

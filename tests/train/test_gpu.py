@@ -8,11 +8,12 @@ follow the reference curve, not merely produce finite numbers.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import loss_list, requires_gpu, train
+from tests.conftest import TINY, launch, loss_list, read_metrics, requires_gpu, train
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
@@ -83,3 +84,19 @@ def test_fp16_records_the_loss_scale(tmp_path: Path) -> None:
     records = train(tmp_path, [*SETTINGS, "trainer.device=cuda", "precision=fp16",
                                "trainer.max_steps=4"])  # fmt: skip
     assert all(r["loss_scale"] > 0 and r["overflow_steps"] >= 0 for r in records)
+
+
+def test_offload_from_gpu_with_either_cpu_adamw_and_resume_across_them(tmp_path: Path) -> None:
+    """ZeRO-2 with optimizer state offloaded from the GPU: torch's fused AdamW (the default)
+    and DeepSpeedCPUAdam (optim.impl=cpu_adam, JIT-built on first use) take the same steps,
+    and a run saved under one resumes under the other with the same losses."""
+    offload = [*SETTINGS, *GPU, "precision=fp32", "trainer.max_steps=6", "trainer.log_every=1",
+               "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"]  # fmt: skip
+    fused = loss_list(train(tmp_path / "fused", [*offload, "checkpoint.every_steps=3"]))
+    cpu_adam = loss_list(train(tmp_path / "cpu_adam", [*offload, "optim.impl=cpu_adam"]))
+    assert cpu_adam == pytest.approx(fused, rel=1e-4)
+    shutil.rmtree(tmp_path / "fused" / "checkpoints" / "step_6")
+    proc = launch([*TINY, f"run_dir={tmp_path / 'fused'}", *offload, "optim.impl=cpu_adam"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert loss_list(read_metrics(tmp_path / "fused")) == pytest.approx(fused, rel=1e-4)

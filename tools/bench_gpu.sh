@@ -2,6 +2,7 @@
 # The GPU checks of docs/performance.md in one command, for a GPU box (run from the project root):
 #
 #   bash tools/bench_gpu.sh [tests] [small] [large] [zero]     (default: all four, in order)
+#   bash tools/bench_gpu.sh large:4096 zero                    (small/large: one seq length)
 #
 #   tests  the GPU-marked tests (flash == sdpa, bf16/ZeRO training against CPU, compiled blocks
 #          under both checkpointing policies, the chunked loss's memory, fp16 loss scale)
@@ -35,19 +36,22 @@ bench() {  # bench NAME [bench_train args...]
     "$OUT/$name.txt"
 }
 
-for part in "${parts[@]}"; do
+for spec in "${parts[@]}"; do
+  part=${spec%%:*}
+  seqs=(2048 4096)
+  [[ $spec == *:* ]] && seqs=("${spec#*:}")
   case $part in
     tests)
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
       python3 -m pytest -o addopts="" -m gpu -q -p no:cacheprovider tests >"$OUT/tests.txt" 2>&1
       echo "== tests (exit $?)"; tail -n 15 "$OUT/tests.txt" ;;
     small)
-      for seq in 2048 4096; do
+      for seq in "${seqs[@]}"; do
         bench "small_$seq" --variant ours: --variant compiled:trainer.compile=true --steps 10 \
           model=llama_125m trainer.seq_len=$seq trainer.micro_batch_size=$((32768 / seq))
       done ;;
     large)
-      for seq in 2048 4096; do
+      for seq in "${seqs[@]}"; do
         # 8K tokens per micro-batch, where transformers' model (fp32 logits) still fits; the
         # last row doubles the micro-batch, which the chunked loss leaves room for.
         bench "large_$seq" --variant ours: --variant compiled:trainer.compile=true \
@@ -59,6 +63,6 @@ for part in "${parts[@]}"; do
       bench zero_4096 --no-baselines --variant z1:deepspeed.zero_stage=1 \
         --variant z2:deepspeed.zero_stage=2 --variant z3:deepspeed.zero_stage=3 \
         --steps 4 --warmup 2 model=llama_1b trainer.seq_len=4096 trainer.micro_batch_size=4 ;;
-    *) echo "unknown part $part: choose tests, small, large, zero" >&2; exit 2 ;;
+    *) echo "unknown part $spec: choose tests, small[:SEQ], large[:SEQ], zero" >&2; exit 2 ;;
   esac
 done

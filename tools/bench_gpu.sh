@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/performance.md in one command, for a GPU box (run from the project root):
 #
-#   bash tools/bench_gpu.sh [tests] [small] [large] [zero]     (default: all four, in order)
+#   bash tools/bench_gpu.sh [tests] [loss] [small] [large] [zero]  (default: all, in order)
 #   bash tools/bench_gpu.sh large:4096 zero                    (small/large: one seq length)
 #
 #   tests  the GPU-marked tests (flash == sdpa, bf16/ZeRO training against CPU, compiled blocks
 #          under both checkpointing policies, the chunked loss's memory, fp16 loss scale)
+#   loss   bench_loss for llama_1b's head at 16K tokens: plain, chunked, chunked + compiled
 #   small  bench_train for llama_125m at seq 2048 and 4096: default switches, compiled
 #   large  bench_train for llama_1b at seq 2048 and 4096: default, compiled, compiled+selective,
 #          compiled at twice the micro-batch
@@ -26,7 +27,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests small large zero)
+[ ${#parts[@]} -eq 0 ] && parts=(tests loss small large zero)
 
 bench() {  # bench NAME [bench_train args...]
   local name=$1; shift
@@ -45,6 +46,9 @@ for spec in "${parts[@]}"; do
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
       python3 -m pytest -o addopts="" -m gpu -q -p no:cacheprovider tests >"$OUT/tests.txt" 2>&1
       echo "== tests (exit $?)"; tail -n 15 "$OUT/tests.txt" ;;
+    loss)
+      timeout "${BENCH_TIMEOUT:-420}" python3 tools/bench_loss.py --model llama_1b >"$OUT/loss.txt" 2>&1
+      echo "== loss (exit $?)"; tail -n 5 "$OUT/loss.txt" ;;
     small)
       for seq in "${seqs[@]}"; do
         bench "small_$seq" --variant ours: --variant compiled:trainer.compile=true --steps 10 \
@@ -63,6 +67,6 @@ for spec in "${parts[@]}"; do
       bench zero_4096 --no-baselines --variant z1:deepspeed.zero_stage=1 \
         --variant z2:deepspeed.zero_stage=2 --variant z3:deepspeed.zero_stage=3 \
         --steps 4 --warmup 2 model=llama_1b trainer.seq_len=4096 trainer.micro_batch_size=4 ;;
-    *) echo "unknown part $spec: choose tests, small[:SEQ], large[:SEQ], zero" >&2; exit 2 ;;
+    *) echo "unknown part $spec: choose tests, loss, small[:SEQ], large[:SEQ], zero" >&2; exit 2 ;;
   esac
 done

@@ -69,6 +69,8 @@ def build_model(run: RunConfig, factory: Callable[[], nn.Module]) -> nn.Module:
                 checkpoint_activations(block, policy)
             if run.trainer.compile:
                 block.compile()  # in place: parameter names (and checkpoints) are unchanged
+    if run.trainer.compile and hasattr(getattr(model, "lm_head", None), "compile_loss"):
+        model.lm_head.compile_loss = True  # the chunked loss's softmax gradient, fused
     return model
 
 

@@ -257,11 +257,13 @@ class LMHead(nn.Linear):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__(cfg.d_model, cfg.padded_vocab, bias=False)
         self.loss_impl, self.chunk_tokens = cfg.loss_impl, cfg.loss_chunk_tokens
+        self.compile_loss = False  # trainer.compile sets it: fuse the chunked loss's pointwise
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return F.linear(x, self.weight)  # (B, T, padded_vocab)
-        return linear_cross_entropy(x, self.weight, targets, self.loss_impl, self.chunk_tokens)
+        return linear_cross_entropy(x, self.weight, targets, self.loss_impl, self.chunk_tokens,
+                                    compiled=self.compile_loss)  # fmt: skip
 
 
 class Block(nn.Module):

@@ -16,10 +16,16 @@ Liger-Kernel's fused linear cross-entropy (Hsu et al. 2024) and of Apple's Cut C
 Numerics follow the plain path: logits in the compute dtype, softmax in fp32, gradients
 cast back to the compute dtype before their matmuls; over several chunks the weight gradient
 is accumulated in fp32 and cast once (with one chunk it is one matmul, as in the plain path).
+
+Between the matmuls, eager mode runs a chunk's softmax gradient as separate pointwise
+kernels over an fp32 copy of its logits (about 16 bytes of memory traffic per logit); with
+`compiled=True` (trainer.compile) torch.compile fuses them into a reduction and one
+pointwise kernel that read the logits in their own dtype.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -35,10 +41,12 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     impl: str = "chunked",
     chunk_tokens: int = 2048,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of `x @ weight.T` against `targets`, over non-ignored targets.
 
     x: (..., d); weight: (V, d); targets: (...) int, IGNORE_INDEX where nothing is predicted.
+    compiled: torch.compile each chunk's softmax gradient (the chunked loss, in training).
     """
     x, targets = x.flatten(0, -2), targets.flatten()  # (N, d), (N,)
     if impl == "full":
@@ -46,14 +54,60 @@ def linear_cross_entropy(
     if impl != "chunked":
         raise ValueError(f"model.loss_impl={impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_tokens)
-    return _chunks(x, weight, targets, chunk_tokens, grads=False)[0]
+        logit_grads = _compiled_logit_grads() if compiled else _logit_grads_in_place
+        return _ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_tokens, logit_grads)
+    return _chunks(x, weight, targets, chunk_tokens, None)[0]
+
+
+def _logit_grads_in_place(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, n_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a chunk's summed loss, d mean loss / d its logits `x @ weight.T` in x's dtype), eagerly.
+
+    In place on one fp32 copy of the logits, so the chunk never holds two of them.
+    """
+    z = F.linear(x, weight).float()  # (n, V); the compute-dtype logits are freed at once
+    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    valid = targets != IGNORE_INDEX
+    safe = targets.masked_fill(~valid, 0)
+    loss = ((lse - z.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+    # softmax - one_hot(target), over the valid targets' count, zero where ignored.
+    probs = z.sub_(lse[:, None]).exp_()
+    probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
+    probs.mul_((valid.to(probs.dtype) / n_valid)[:, None])
+    return loss, probs.to(x.dtype)
+
+
+def _logit_grads(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, n_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_logit_grads_in_place`'s math as a pure function, for torch.compile to fuse."""
+    z = F.linear(x, weight).float()
+    lse = torch.logsumexp(z, dim=-1)
+    valid = targets != IGNORE_INDEX
+    safe = targets.masked_fill(~valid, 0)
+    loss = ((lse - z.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+    hot = torch.arange(z.size(1), device=z.device)[None, :] == safe[:, None]
+    scale = (valid.to(torch.float32) / n_valid)[:, None]
+    return loss, ((torch.exp(z - lse[:, None]) - hot.to(torch.float32)) * scale).to(x.dtype)
+
+
+@functools.cache
+def _compiled_logit_grads() -> Any:
+    # Static shapes: a run has at most two chunk sizes (the last chunk may be shorter).
+    return torch.compile(_logit_grads, dynamic=False)
 
 
 def _chunks(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, grads: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    logit_grads: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(mean loss, d loss / d x, d loss / d weight), one chunk of tokens at a time."""
+    """(mean loss, d loss / d x, d loss / d weight), one chunk of tokens at a time; only the
+    loss when `logit_grads` (a `_logit_grads` function) is None."""
+    grads = logit_grads is not None
     n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
     total = torch.zeros((), device=x.device, dtype=torch.float32)
     grad_x = torch.empty_like(x) if grads else None
@@ -63,19 +117,14 @@ def _chunks(
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
     for start in range(0, x.size(0), chunk_tokens):
         xc, tc = x[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        logits = F.linear(xc, weight).float()  # (n, V) fp32; the compute-dtype copy is freed
-        lse = torch.logsumexp(logits, dim=-1)  # (n,)
-        valid = tc != IGNORE_INDEX
-        safe = tc.masked_fill(~valid, 0)
-        picked = logits.gather(1, safe[:, None]).squeeze(1)  # (n,)
-        total += ((lse - picked) * valid).sum()
         if not grads:
+            logits = F.linear(xc, weight).float()  # (n, V)
+            valid = tc != IGNORE_INDEX
+            picked = logits.gather(1, tc.masked_fill(~valid, 0)[:, None]).squeeze(1)
+            total += ((torch.logsumexp(logits, dim=-1) - picked) * valid).sum()
             continue
-        # d(mean loss)/d logits = (softmax - one_hot(target)) / n_valid, zero where ignored.
-        probs = logits.sub_(lse[:, None]).exp_()  # in place: the logits are not needed again
-        probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
-        probs.mul_((valid.to(probs.dtype) / n_valid)[:, None])
-        g = probs.to(x.dtype)  # (n, V), as autograd would cast it for the matmuls
+        loss, g = logit_grads(xc, weight, tc, n_valid)  # g: (n, V), in x's dtype
+        total += loss
         grad_x[start : start + chunk_tokens] = g @ weight  # (n, d)
         if one_chunk:
             grad_w = g.t() @ xc  # (V, d)
@@ -92,9 +141,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        logit_grads: Any,
     ) -> torch.Tensor:
-        loss, grad_x, grad_w = _chunks(x, weight, targets, chunk, grads=True)
+        loss, grad_x, grad_w = _chunks(x, weight, targets, chunk, logit_grads)
         # Saved like any tensor autograd keeps, so memory accounting (and the
         # saved-tensor hooks tests use to measure it) sees them.
         ctx.save_for_backward(grad_x, grad_w)
@@ -106,4 +160,4 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # The loss is usually the root (grad_loss = 1, or the fp16 loss scale).
         grad_x = grad_x * grad_loss.to(grad_x.dtype) if ctx.needs_input_grad[0] else None
         grad_w = grad_w * grad_loss.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None

@@ -19,8 +19,8 @@ def head_case(dtype: torch.dtype, n: int = 300, d: int = 32, V: int = 200):
     return x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_(), targets
 
 
-def loss_and_grads(x, w, targets, impl: str, chunk: int = 64, scale: float = 3.0):
-    loss = linear_cross_entropy(x, w, targets, impl, chunk)
+def loss_and_grads(x, w, targets, impl: str, chunk: int = 64, scale: float = 3.0, **kw):
+    loss = linear_cross_entropy(x, w, targets, impl, chunk, **kw)
     gx, gw = torch.autograd.grad(loss * scale, (x, w))  # a scale, as fp16 loss scaling does
     return loss.detach().float(), gx.float(), gw.float()
 
@@ -43,6 +43,18 @@ def test_chunked_loss_in_bf16_is_as_close_to_fp32_as_the_full_one() -> None:
         err_full = (a - ref).abs().max() / ref.abs().max()
         err_chunked = (b - ref).abs().max() / ref.abs().max()
         assert err_chunked <= 1.5 * err_full + 1e-3, (err_chunked, err_full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_chunk_gradient_equals_the_eager_one(dtype: torch.dtype) -> None:
+    """trainer.compile fuses each chunk's softmax gradient (torch.compile; inductor's C++ here),
+    short last chunk and ignored targets included: the same loss and gradients."""
+    case = head_case(dtype)
+    eager = loss_and_grads(*case, "chunked", 128)
+    compiled = loss_and_grads(*case, "chunked", 128, compiled=True)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0.02, "atol": 2e-3}
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, **tol)
 
 
 def test_chunked_loss_without_grad_and_every_target_ignored() -> None:

@@ -42,7 +42,7 @@ from pretrain import dist
 from pretrain.checkpoint.export import hf_config
 from pretrain.config import compose, resolve
 from pretrain.config.resolve import RunConfig
-from pretrain.engine.deepspeed import build_engine, build_model
+from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
 from pretrain.engine.memory import estimate_memory
 from pretrain.engine.optim import adamw_kernel, lr_scheduler, param_groups
 from pretrain.model.attention import resolve_impl
@@ -106,7 +106,8 @@ def bench_ours(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
     dist.seed_everything(run.trainer.seed)
     model = build_model(run, lambda: build_module(run))
     engine = build_engine(run, model)
-    trainer = Trainer(engine, build_data(run), run.trainer, run.grad_accum, run.tokens_per_step)
+    trainer = Trainer(engine, build_data(run), run.trainer, run.grad_accum, run.tokens_per_step,
+                      clip=trainer_clip(run))  # fmt: skip
     losses: list[float] = []
     times = timed_steps(lambda: losses.append(trainer.train_step().loss), steps, warmup,
                         run.device_type == "cuda")  # fmt: skip

@@ -28,7 +28,7 @@ from pretrain.checkpoint.export import (
 from pretrain.config import RunConfig
 from pretrain.data.stream import build_loader
 from pretrain.data.tokenizer import load as load_tokenizer
-from pretrain.engine.deepspeed import build_engine, build_model
+from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
 from pretrain.engine.optim import keep_kernel_after_load
 from pretrain.eval.perplexity import Evaluator, byte_lengths
 from pretrain.model.attention import resolve_impl
@@ -138,6 +138,7 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
         save=save, save_every=run.checkpoint.every_steps,
         save_every_minutes=run.checkpoint.every_minutes, signals=signals,
         throughput=throughput, profiler=profiler, evaluate=build_evaluator(run, engine, data),
+        clip=trainer_clip(run),
     )  # fmt: skip
     try:
         start = state.step

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as tdist
 
 from pretrain.config.schema import TrainerConfig
-from pretrain.engine.deepspeed import UpdateGate, grad_norm_fallback_needed, local_grad_norm
+from pretrain.engine.deepspeed import UpdateGate, clip_gradients
 from pretrain.train.loggers import Loggers
 from pretrain.train.metrics import Throughput, fp16_metrics, memory_metrics
 from pretrain.train.profiling import StepProfiler
@@ -81,7 +81,10 @@ class Trainer:
         throughput: Throughput | None = None,
         profiler: StepProfiler | None = None,
         evaluate: Callable[[], dict[str, float]] | None = None,
+        clip: float | None = None,
     ) -> None:
+        """`clip`: engine.deepspeed.trainer_clip(run), the max gradient norm this trainer
+        clips to (0: none) where DeepSpeed does not clip; None where DeepSpeed does."""
         self.engine, self.data, self.cfg = engine, data, cfg
         self.grad_accum, self.tokens_per_step = grad_accum, tokens_per_step
         self.loggers = loggers or Loggers([])
@@ -98,7 +101,7 @@ class Trainer:
         self.last_saved_step: int | None = None
         self._last_save_time = time.monotonic()
         self._bad_in_row = 0
-        self._manual_grad_norm = grad_norm_fallback_needed(engine)
+        self._clip = clip
         self._gate = UpdateGate(engine.client_optimizer)
 
     def fit(self) -> TrainState:
@@ -227,8 +230,8 @@ class Trainer:
             if i == self.grad_accum - 1:
                 agreed = self._agree(torch.stack(losses))
                 self._gate.skip = agreed.skipped
-                if self._manual_grad_norm:
-                    grad_norm = local_grad_norm(engine.module)  # before step() clears the grads
+                if self._clip is not None:  # before step(), which clears the gradients
+                    grad_norm = clip_gradients(engine.module, self._clip)
             engine.step()
         self._gate.skip = False
         if grad_norm is None:

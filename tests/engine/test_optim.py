@@ -121,3 +121,25 @@ def test_a_resumed_optimizer_uses_this_runs_kernel() -> None:
     step(resumed)
     for p, e in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainer_clips_only_where_deepspeed_does_not() -> None:
+    """Plain fp32 data parallel: the trainer clips (and reports the pre-clip norm); elsewhere
+    DeepSpeed's optimizers clip their own fp32 partitions."""
+    from pretrain.config import compose, resolve
+    from pretrain.engine.deepspeed import clip_gradients, trainer_clip
+
+    def clip_of(*overrides: str) -> float | None:
+        cfg = compose(["trainer.device=cpu", "optim.grad_clip=0.5", *overrides])
+        return trainer_clip(resolve(cfg, world_size=1, cuda_available=False))
+
+    assert clip_of("precision=fp32") == 0.5
+    assert clip_of("precision=fp32", "deepspeed.zero_stage=1") is None
+    assert clip_of("precision=bf16") is None
+    model = torch.nn.Linear(4, 3)
+    for p, g in zip(model.parameters(), (torch.full((3, 4), 2.0), torch.zeros(3)), strict=True):
+        p.grad = g.clone()
+    norm = (12 * 2.0**2) ** 0.5
+    assert clip_gradients(model, 0.5) == pytest.approx(norm)  # the norm before clipping
+    assert clip_gradients(model, 0.0) == pytest.approx(0.5, rel=1e-5)  # clipped; 0: no clip
+    assert clip_gradients(model, 0.0) == pytest.approx(0.5, rel=1e-5)

@@ -152,7 +152,8 @@ def training_processes(nodes: list[subprocess.Popen]) -> list[int]:
         pid = todo.pop()
         try:
             if b"\0LOCAL_RANK=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
-                found.append(pid)
+                found.append(pid)  # not its own children (data workers inherit LOCAL_RANK)
+                continue
             todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         except FileNotFoundError:  # exited meanwhile
             continue

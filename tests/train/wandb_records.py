@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,32 @@ def payloads(data: bytes) -> list[bytes]:
     return out
 
 
-def read_run(run_dir: Path) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
-    """(run id, config, history rows) of the offline run in `run_dir` (offline-run-*)."""
+def read_run(
+    run_dir: Path, timeout: float = 30.0
+) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """(run id, config, history rows) of the offline run in `run_dir` (offline-run-*).
+
+    W&B's service process may still be writing the file after `finish()` returned (seen in
+    CI: no history row at first, the row there later), so this waits, up to `timeout`
+    seconds, for a history row and a file that stopped growing.
+    """
+    (path,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    data = path.read_bytes()
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        again = path.read_bytes()
+        if again == data and _parse(data)[2]:
+            break
+        data = again
+    return _parse(path.read_bytes())
+
+
+def _parse(data: bytes) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = run_dir.glob("run-*.wandb")
     run_id, config, history = "", {}, []
-    for payload in payloads(path.read_bytes()):
+    for payload in payloads(data):
         record = pb.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from bench_train import timed_steps  # tools/ is on sys.path when run as a script
 
 from pretrain.config import compose
 from pretrain.model.llama import LlamaConfig
@@ -34,19 +34,8 @@ def time_case(name, x, weight, targets, chunk: int, steps: int) -> tuple[float, 
         loss.backward()
         x.grad = weight.grad = None
 
-    for _ in range(2):  # warm-up, and compilation
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    base = torch.cuda.memory_allocated() if cuda else 0
+    times = timed_steps(step, steps, warmup=2, cuda=cuda)  # warm-up includes compilation
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
     return statistics.median(times), peak
 

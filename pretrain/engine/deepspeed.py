@@ -157,9 +157,9 @@ def trainer_clip(run: RunConfig) -> float | None:
     """The max gradient norm the trainer clips to itself (0: none), or None: DeepSpeed clips.
 
     In plain fp32 data parallel (ZeRO-0, fp32) DeepSpeed records no gradient norm, and its
-    clipping takes a norm per parameter and an all-reduce (2 ms of an 18 ms step for the
-    tiny model on CPU); there build_engine turns it off and the trainer clips with torch's
-    foreach `clip_grad_norm_`, which also returns the norm.
+    clipping takes a norm per parameter and an all-reduce (the tiny model's step before and
+    after: docs/performance.md); there build_engine turns it off and the trainer clips with
+    torch's foreach `clip_grad_norm_`, which also returns the norm.
     """
     return (
         run.optim.grad_clip if run.deepspeed.zero_stage == 0 and run.precision == "fp32" else None

@@ -166,10 +166,13 @@ def trainer_clip(run: RunConfig) -> float | None:
     )
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """Global L2 norm of the (already all-reduced) gradients held whole on this rank, which
-    are scaled down to `max_norm` when above it (0: not clipped)."""
-    params = [p for p in model.parameters() if p.grad is not None]
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
+    """Global L2 norm of the (already all-reduced) gradients of `params`, held whole on this
+    rank, which are scaled down to `max_norm` when above it (0: not clipped).
+
+    `params`: the model's parameters as a list, built once (walking the modules for them
+    costs 0.1 ms a step, 1% of the tiny model's CPU step)."""
+    params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))

@@ -102,6 +102,7 @@ class Trainer:
         self._last_save_time = time.monotonic()
         self._bad_in_row = 0
         self._clip = clip
+        self._params = list(engine.module.parameters()) if clip is not None else []
         self._gate = UpdateGate(engine.client_optimizer)
 
     def fit(self) -> TrainState:
@@ -231,7 +232,7 @@ class Trainer:
                 agreed = self._agree(torch.stack(losses))
                 self._gate.skip = agreed.skipped
                 if self._clip is not None:  # before step(), which clears the gradients
-                    grad_norm = clip_gradients(engine.module, self._clip)
+                    grad_norm = clip_gradients(self._params, self._clip)
             engine.step()
         self._gate.skip = False
         if grad_norm is None:
@@ -241,7 +242,8 @@ class Trainer:
         return agreed
 
     def _agree(self, losses: torch.Tensor) -> StepResult:
-        """The one collective of the step: mean loss, and the flags any rank raised."""
+        """The one collective of the step: mean loss, and the flags any rank raised (on one
+        rank, just the host sync that reads the losses)."""
         stop = self.signals is not None and self.signals.received is not None
         rank = tdist.get_rank() if tdist.is_initialized() else 0
         due = (  # rank 0's clock alone decides, so every rank agrees
@@ -249,6 +251,16 @@ class Trainer:
             and self.save_every_minutes > 0
             and time.monotonic() - self._last_save_time >= 60 * self.save_every_minutes
         )
+        world = tdist.get_world_size() if tdist.is_initialized() else 1
+        if world == 1:  # nothing to agree on: read the losses (the step's one host sync)
+            values = losses.tolist()
+            return StepResult(
+                loss=sum(values) / len(values),  # NaN when one is (fsum would raise)
+                grad_norm=math.nan,
+                skipped=not all(map(math.isfinite, values)),
+                stop=stop,
+                save_due=due,
+            )
         device = losses.device
         packed = torch.stack([
             losses.mean(),
@@ -256,9 +268,7 @@ class Trainer:
             torch.tensor(float(stop), device=device),
             torch.tensor(float(due), device=device),
         ])  # fmt: skip
-        world = tdist.get_world_size() if tdist.is_initialized() else 1
-        if world > 1:
-            tdist.all_reduce(packed, op=tdist.ReduceOp.SUM)
+        tdist.all_reduce(packed, op=tdist.ReduceOp.SUM)
         loss_sum, bad, stops, dues = packed.tolist()
         return StepResult(
             loss=loss_sum / world,

@@ -140,6 +140,7 @@ def test_the_trainer_clips_only_where_deepspeed_does_not() -> None:
     for p, g in zip(model.parameters(), (torch.full((3, 4), 2.0), torch.zeros(3)), strict=True):
         p.grad = g.clone()
     norm = (12 * 2.0**2) ** 0.5
-    assert clip_gradients(model, 0.5) == pytest.approx(norm)  # the norm before clipping
-    assert clip_gradients(model, 0.0) == pytest.approx(0.5, rel=1e-5)  # clipped; 0: no clip
-    assert clip_gradients(model, 0.0) == pytest.approx(0.5, rel=1e-5)
+    params = list(model.parameters())
+    assert clip_gradients(params, 0.5) == pytest.approx(norm)  # the norm before clipping
+    assert clip_gradients(params, 0.0) == pytest.approx(0.5, rel=1e-5)  # clipped; 0: no clip
+    assert clip_gradients(params, 0.0) == pytest.approx(0.5, rel=1e-5)

@@ -1,7 +1,7 @@
-"""Run under torchrun: train the tiny model while rank 1's loss turns NaN at the steps given
-on the command line (`BAD_STEPS RUN_DIR [overrides]`), as a numerical blow-up on one rank
-would. Each rank writes `weights_rank<r>.json`: a checksum of its full weights after every
-step, so the test sees which updates were applied."""
+"""Run under torchrun (or alone): train the tiny model while the last rank's loss turns NaN
+at the steps given on the command line (`BAD_STEPS RUN_DIR [overrides]`), as a numerical
+blow-up on one rank would. Each rank writes `weights_rank<r>.json`: a checksum of its full
+weights after every step, so the test sees which updates were applied."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ forward = Transformer.forward
 
 def forward_with_nan(self: Transformer, tokens: torch.Tensor, targets: torch.Tensor) -> object:
     loss = forward(self, tokens, targets)
-    if dist.rank() == 1 and step_now[0] + 1 in bad_steps:
+    if dist.rank() == dist.world_size() - 1 and step_now[0] + 1 in bad_steps:
         loss = loss * float("nan")  # NaN loss and NaN gradients, on this rank only
     return loss
 

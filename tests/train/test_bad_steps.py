@@ -50,3 +50,22 @@ def test_nan_on_one_rank_skips_that_step_everywhere_and_a_run_of_them_stops(
     # Checkpoints at the good steps only; the newest is the last good one, complete.
     names = [p.name for p in manager.complete_checkpoints(tmp_path / "checkpoints")]
     assert names == ["step_1", "step_2", "step_4"]
+
+
+def test_nan_in_a_single_process_run_skips_that_step(tmp_path: Path) -> None:
+    """One rank, plain fp32 data parallel: the trainer reads the losses itself (no collective)
+    and clips itself (DeepSpeed does not), and a NaN step still leaves the weights alone."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "train" / "nan_probe.py"), "2", str(tmp_path),
+         *TINY, "precision=fp32", "deepspeed.zero_stage=0", "trainer.max_steps=4",
+         "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "optim.grad_clip=1.0"],
+        cwd=REPO, env={**subprocess_env(), "PYTHONPATH": str(REPO)}, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    metrics = {m["step"]: m for m in read_metrics(tmp_path)}
+    assert [metrics[s]["skipped_steps"] for s in range(1, 5)] == [0, 1, 1, 1]
+    assert metrics[2]["loss"] != metrics[2]["loss"]
+    assert all(metrics[s]["loss"] < 100 and metrics[s]["grad_norm"] > 0 for s in (1, 3, 4))
+    sums = {int(k): v for k, v in json.loads((tmp_path / "weights_rank0.json").read_text()).items()}
+    assert sums[2] == sums[1] and sums[3] != sums[2] and sums[4] != sums[3]

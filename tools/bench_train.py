@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,15 @@ def timed_steps(step: Callable[[], None], steps: int, warmup: int, cuda: bool) -
     return times
 
 
+@dataclass
+class Row:
+    """One configuration, built and ready to step: `step()` runs one optimizer step and
+    records its loss; `finish(times)` turns the timed steps into the row's figures."""
+
+    step: Callable[[], None]
+    finish: Callable[[list[float]], dict[str, float]]
+
+
 def figures(run: RunConfig, times: list[float], final_loss: float) -> dict[str, float]:
     """tokens/s from the median step, MFU, peak memory (measured and estimated)."""
     cuda = run.device_type == "cuda"
@@ -101,7 +111,7 @@ def figures(run: RunConfig, times: list[float], final_loss: float) -> dict[str, 
     }
 
 
-def bench_ours(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
+def prepare_ours(run: RunConfig) -> Row:
     """Our trainer's optimizer step under DeepSpeed."""
     dist.seed_everything(run.trainer.seed)
     model = build_model(run, lambda: build_module(run))
@@ -109,21 +119,23 @@ def bench_ours(run: RunConfig, steps: int, warmup: int) -> dict[str, float]:
     trainer = Trainer(engine, build_data(run), run.trainer, run.grad_accum, run.tokens_per_step,
                       clip=trainer_clip(run))  # fmt: skip
     losses: list[float] = []
-    times = timed_steps(lambda: losses.append(trainer.train_step().loss), steps, warmup,
-                        run.device_type == "cuda")  # fmt: skip
-    cfg: LlamaConfig = OmegaConf.to_object(run.model)
-    # What stays between steps (weights, gradients, optimizer state): tools/estimate.py's
-    # "states" figure, while the peak adds the activations of one micro-batch.
-    cuda = run.device_type == "cuda"
-    state_mem = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
-    return {
-        "attn": resolve_impl(cfg.attn_impl, engine.device, run.dtype),
-        **figures(run, times, losses[-1]),
-        "state_mem_gib": state_mem,
-    }
+
+    def finish(times: list[float]) -> dict[str, float]:
+        cfg: LlamaConfig = OmegaConf.to_object(run.model)
+        # What stays between steps (weights, gradients, optimizer state): tools/estimate.py's
+        # "states" figure, while the peak adds the activations of one micro-batch.
+        cuda = run.device_type == "cuda"
+        state_mem = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
+        return {
+            "attn": resolve_impl(cfg.attn_impl, engine.device, run.dtype),
+            **figures(run, times, losses[-1]),
+            "state_mem_gib": state_mem,
+        }
+
+    return Row(lambda: losses.append(trainer.train_step().loss), finish)
 
 
-def bench_loop(run: RunConfig, kind: str, steps: int, warmup: int) -> dict[str, float]:
+def prepare_loop(run: RunConfig, kind: str) -> Row:
     """A hand-written PyTorch training loop: `plain` (our model) or `hf` (transformers')."""
     dist.seed_everything(run.trainer.seed)
     device = torch.device(run.device_type)
@@ -169,12 +181,38 @@ def bench_loop(run: RunConfig, kind: str, steps: int, warmup: int) -> dict[str, 
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())  # the host sync our trainer also makes each step
 
-    times = timed_steps(step, steps, warmup, device.type == "cuda")
-    row = {"attn": attn, **figures(run, times, losses[-1]), "state_mem_gib": float("nan")}
-    if kind == "hf":
-        # transformers' own model, as it is: our switches and memory estimate do not apply
-        row.update(loss="full", compile=False, ac="none", est_mem_gib=float("nan"))
-    return row
+    def finish(times: list[float]) -> dict[str, float]:
+        row = {"attn": attn, **figures(run, times, losses[-1]), "state_mem_gib": float("nan")}
+        if kind == "hf":
+            # transformers' own model, as it is: our switches and memory estimate do not apply
+            row.update(loss="full", compile=False, ac="none", est_mem_gib=float("nan"))
+        return row
+
+    return Row(step, finish)
+
+
+def bench(row: Row, steps: int, warmup: int, cuda: bool) -> dict[str, float]:
+    """Warm-up, then `steps` timed steps of one row alone."""
+    return row.finish(timed_steps(row.step, steps, warmup, cuda))
+
+
+def bench_interleaved(
+    rows: list[Row], steps: int, warmup: int, rounds: int, cuda: bool
+) -> list[dict[str, float]]:
+    """All rows at once: warm-up each, then `rounds` rounds that time a share of the steps
+    of every row in turn, so a machine whose speed drifts (a shared CPU host, clocks) slows
+    every row alike. Peak memory is not per row here (all rows are resident): NaN."""
+    for row in rows:
+        timed_steps(row.step, 0, warmup, cuda)
+    times: list[list[float]] = [[] for _ in rows]
+    for r in range(rounds):
+        share = steps // rounds + (r < steps % rounds)
+        for row_times, row in zip(times, rows, strict=True):
+            row_times += timed_steps(row.step, share, 0, cuda)
+    results = [row.finish(t) for row, t in zip(rows, times, strict=True)]
+    for result in results:
+        result["peak_mem_gib"] = result["state_mem_gib"] = float("nan")
+    return results
 
 
 def _free(cuda: bool) -> None:
@@ -220,32 +258,45 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="1: time each row alone, one after another. N > 1: build every row first, then "
+        "time the steps in N rounds through all rows, so a drifting machine (a shared CPU "
+        "host) slows each row alike; all rows must fit in memory at once, and no per-row "
+        "peak memory is measured",
+    )  # fmt: skip
     parser.add_argument("--no-baselines", action="store_true", help="skip plain and hf")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every row")
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or not 1 <= args.rounds <= args.steps:
+        parser.error("--steps must be >= 1, --warmup >= 0 and 1 <= --rounds <= --steps")
 
     base = [
         "data=synthetic",  # I/O-free: the benchmark measures the model and engine
         "logger.wandb.mode=disabled",
         "trainer.global_batch_size=${trainer.micro_batch_size}",
     ]
-    results = []
+    rows: list[tuple[str, RunConfig, Callable[[], Row]]] = []  # (name, config, builder)
     for name, extra in map(parse_variant, args.variant or ["ours:"]):
         run = resolve(compose([*base, *args.overrides, *extra]), world_size=1)
-        dist.init(run.device_type)
-        results.append(measured(name, lambda r=run: bench_ours(r, args.steps, args.warmup), run))
-    ours = results[0]
-    plain = hf = None
+        rows.append((name, run, lambda r=run: prepare_ours(r)))
     if not args.no_baselines:
         run = resolve(compose([*base, *args.overrides]), world_size=1)
-        plain, hf = (
-            measured(kind, lambda k=kind: bench_loop(run, k, args.steps, args.warmup), run)
-            for kind in ("plain", "hf")
-        )
-        results += [plain, hf]
+        rows += [(k, run, lambda k=k, r=run: prepare_loop(r, k)) for k in ("plain", "hf")]
+    dist.init(run.device_type)
+    cuda = run.device_type == "cuda"
+    if args.rounds == 1:
+        results = [
+            measured(name, lambda p=prepare: bench(p(), args.steps, args.warmup, cuda), r)
+            for name, r, prepare in rows
+        ]
+    else:
+        built = [prepare() for _, _, prepare in rows]
+        timed = bench_interleaved(built, args.steps, args.warmup, args.rounds, cuda)
+        results = [{"variant": name, **t} for (name, _, _), t in zip(rows, timed, strict=True)]
+    ours = results[0]
+    plain, hf = results[-2:] if not args.no_baselines else (None, None)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(
@@ -253,6 +304,7 @@ def main() -> None:
         f"{run.model.n_layers}x{run.model.d_model} | precision {run.precision} | "
         f"ZeRO-{run.deepspeed.zero_stage} | seq_len {run.trainer.seq_len} | micro batch "
         f"{run.trainer.micro_batch_size} | median of {args.steps} steps after {args.warmup}"
+        + (f", in {args.rounds} interleaved rounds" if args.rounds > 1 else "")
     )
     print(
         f"{'row':>10} {'ZeRO':>4} {'attn':>6} {'compile':>7} {'act.ckpt':>9} {'loss':>7} "

@@ -3,12 +3,15 @@ in one run, and reports each against the baselines."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -60,16 +63,19 @@ def test_bench_reports_ours_against_plain_and_hf(tmp_path: Path) -> None:
         assert row["est_mem_gib"] == pytest.approx(est.total / 2**30)
 
 
-def test_a_row_out_of_gpu_memory_is_reported_not_fatal() -> None:
-    import importlib.util
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """tools/bench_train.py as a module (tools/ on sys.path, as when run as a script)."""
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    yield importlib.import_module("bench_train")
+    sys.modules.pop("bench_train")
 
+
+def test_a_row_out_of_gpu_memory_is_reported_not_fatal(bench: ModuleType) -> None:
     import torch
 
     from pretrain.config import resolve
 
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "tools" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     run = resolve(compose_config(["trainer.activation_checkpointing=selective"]), world_size=1,
                   cuda_available=False)  # fmt: skip
 
@@ -82,3 +88,42 @@ def test_a_row_out_of_gpu_memory_is_reported_not_fatal() -> None:
     assert bench.measured("ok", lambda: {"tokens_per_s": 5.0}, run) == {
         "variant": "ok", "tokens_per_s": 5.0,
     }  # fmt: skip
+
+
+def test_interleaved_rounds_step_every_row_in_turn(bench: ModuleType) -> None:
+    """--rounds N: each row warms up, then the timed steps go round the rows N times, so
+    every row gets the same share of each stretch of machine time."""
+    calls: list[str] = []
+
+    def row(name: str) -> object:
+        def finish(times: list[float]) -> dict[str, float]:
+            return {"steps": len(times), "peak_mem_gib": 1.0, "state_mem_gib": 1.0}
+
+        return bench.Row(lambda: calls.append(name), finish)
+
+    results = bench.bench_interleaved([row("a"), row("b")], steps=5, warmup=1, rounds=2,
+                                      cuda=False)  # fmt: skip
+    assert "".join(calls) == "ab" + "aaabbb" + "aabb"  # warm-up; rounds of 3 and 2 steps
+    assert [r["steps"] for r in results] == [5, 5]
+    assert all(math.isnan(r["peak_mem_gib"]) for r in results)  # not per row when interleaved
+
+
+def test_interleaved_rows_train_as_they_do_alone(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "tools/bench_train.py", "--steps", "4", "--warmup", "1", "--rounds", "2",
+         "--json", str(out), "trainer.device=cpu", "trainer.seq_len=32"],
+        cwd=REPO, env={**subprocess_env(), "PYTHONPATH": str(REPO)}, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "median of 4 steps after 1, in 2 interleaved rounds" in proc.stdout
+    ours, plain, hf = json.loads(out.read_text())["results"]
+    assert [ours["variant"], plain["variant"], hf["variant"]] == ["ours", "plain", "hf"]
+    # Each row keeps its own model, optimizer and data position between rounds.
+    assert plain["final_loss"] == pytest.approx(ours["final_loss"], rel=1e-4)
+    assert math.isfinite(hf["final_loss"]) and hf["final_loss"] != ours["final_loss"]
+    assert proc.stdout.rstrip().splitlines()[-1] == (
+        f"ours/hf tokens-per-s ratio: {ours['vs_hf']:.3f}"
+    )

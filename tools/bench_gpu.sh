@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/performance.md in one command, for a GPU box (run from the project root):
 #
-#   bash tools/bench_gpu.sh [tests] [loss] [small] [large] [zero]  (default: all, in order)
+#   bash tools/bench_gpu.sh [tests] [loss] [small] [large] [zero] [accum]  (default: all)
 #   bash tools/bench_gpu.sh large:4096 zero                    (small/large: one seq length)
 #
 #   tests  the GPU-marked tests (flash == sdpa, bf16/ZeRO training against CPU, compiled blocks
@@ -11,6 +11,9 @@
 #   large  bench_train for llama_1b at seq 2048 and 4096: default, compiled, compiled+selective,
 #          compiled at twice the micro-batch
 #   zero   llama_1b at seq 4096 under ZeRO 1, 2 and 3 (peak memory against the estimate)
+#   accum  llama_1b at a pretraining batch (64K tokens a step: 8 micro-batches accumulated),
+#          ZeRO-1 compiled and ZeRO-3, against plain and transformers at the same batch; the
+#          optimizer step weighs 1/8 as much per token as in `large`
 #
 # Each part writes <part>_*.txt and .json under $OUT (default ./bench-gpu). Without network,
 # install carried wheels first: a ./.whl directory is installed into a temporary site dir.
@@ -27,7 +30,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests loss small large zero)
+[ ${#parts[@]} -eq 0 ] && parts=(tests loss small large zero accum)
 
 bench() {  # bench NAME [bench_train args...]
   local name=$1; shift
@@ -67,6 +70,16 @@ for spec in "${parts[@]}"; do
       bench zero_4096 --no-baselines --variant z1:deepspeed.zero_stage=1 \
         --variant z2:deepspeed.zero_stage=2 --variant z3:deepspeed.zero_stage=3 \
         --steps 4 --warmup 2 model=llama_1b trainer.seq_len=4096 trainer.micro_batch_size=4 ;;
-    *) echo "unknown part $spec: choose tests, loss, small[:SEQ], large[:SEQ], zero" >&2; exit 2 ;;
+    accum)
+      for seq in "${seqs[@]}"; do
+        [[ $spec == *:* ]] || [ "$seq" = 4096 ] || continue  # default: seq 4096 only
+        bench "accum_$seq" --variant "z1:trainer.compile=true deepspeed.zero_stage=1" \
+          --variant "z1big:trainer.compile=true deepspeed.zero_stage=1 trainer.micro_batch_size=$((16384 / seq))" \
+          --variant z3:deepspeed.zero_stage=3 --steps 4 --warmup 2 model=llama_1b \
+          trainer.seq_len=$seq trainer.micro_batch_size=$((8192 / seq)) \
+          trainer.global_batch_size=$((65536 / seq))
+      done ;;
+    *) echo "unknown part $spec: choose tests, loss, small[:SEQ], large[:SEQ], zero, accum[:SEQ]" >&2
+       exit 2 ;;
   esac
 done

@@ -55,6 +55,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     except TrainingDiverged as e:
         log.error("%s", e)
         _exit(EXIT_DIVERGED)
+    except ConfigError as e:  # a value only the built model can check
+        if dist.is_main():
+            log.error("%s", e)
+        _exit(2)
     finally:
         dist.destroy()
 

@@ -163,6 +163,10 @@ class DeepSpeedConfig:
     """Elements of parameters prefetched ahead of use (ZeRO-3)."""
     stage3_param_persistence_threshold: int = 100_000
     """Parameters smaller than this stay whole on every rank (ZeRO-3): norms, small biases."""
+    stage3_leaf_modules: list[str] = field(default_factory=lambda: ["Block"])
+    """Module classes (name or module.Class) whose parameters ZeRO-3 gathers all at once on
+    entering them, with no hooks on their children: one fetch per Transformer block, as FSDP
+    wraps per block, instead of one per linear layer. [] gathers per submodule."""
 
 
 @dataclass

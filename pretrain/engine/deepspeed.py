@@ -20,7 +20,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from pretrain.config.resolve import RunConfig, deepspeed_config
+from pretrain.config.resolve import ConfigError, RunConfig, deepspeed_config
+from pretrain.config.schema import DeepSpeedConfig
 from pretrain.engine.optim import build_optimizer, lr_scheduler
 from pretrain.model.attention import flash_attn_func
 
@@ -134,6 +135,8 @@ def build_engine(run: RunConfig, model: nn.Module, load_universal: bool = False)
     `load_universal`: the engine will load a universal checkpoint (another layout's).
     """
     deepspeed = _import_deepspeed(run.device_type)
+    if run.deepspeed.zero_stage == 3:
+        check_leaf_modules(model, run.deepspeed.stage3_leaf_modules)
     optimizer = build_optimizer(model, run.optim)
     config = deepspeed_config(run)
     if trainer_clip(run) is not None:
@@ -151,6 +154,25 @@ def build_engine(run: RunConfig, model: nn.Module, load_universal: bool = False)
         # every gradient into buckets and back each step (4% of a 125M model's CPU step).
         engine.enable_backward_allreduce = False
     return engine
+
+
+def check_leaf_modules(model: nn.Module, names: list[str]) -> None:
+    """Raise ConfigError for a `deepspeed.stage3_leaf_modules` entry that names no module
+    class of `model` (DeepSpeed would silently fetch per submodule instead). The default's
+    `Block` is exempt: a model without one (the LSTM baseline) just has nothing to group."""
+    classes = {c for m in model.modules() for c in (type(m).__name__, _qualified(type(m)))}
+    default = DeepSpeedConfig().stage3_leaf_modules
+    unknown = [n for n in names if n not in classes and n not in default]
+    if unknown:
+        own = sorted({type(m).__name__ for m in model.modules()})
+        raise ConfigError([
+            f"deepspeed.stage3_leaf_modules={list(names)}: {unknown} name no module class of "
+            f"this model ({', '.join(own)}); name one of those, or [] to fetch per submodule"
+        ])  # fmt: skip
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def trainer_clip(run: RunConfig) -> float | None:

@@ -86,6 +86,12 @@ def test_zero3_parameters_are_born_sharded() -> None:
     assert sorted(r[0] for r in reports) == ["0", "1"]
     for _, held, total in reports:
         assert int(held) < 0.6 * int(total)  # each rank holds about half
+    # deepspeed.stage3_leaf_modules=[Block]: one fetch per block, none inside it.
+    hooks = re.findall(r"rank \d hooks: (.*)", proc.stdout)
+    assert len(hooks) == 2
+    for names in map(str.split, hooks):
+        assert {"layers.0", "layers.1", "lm_head"} <= set(names)
+        assert not [n for n in names if n.startswith("layers.") and n.count(".") > 1], names
 
 
 def test_demo_corpus_trains_from_a_clean_data_dir(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Run under torchrun: build the tiny model the way a ZeRO-3 run does and check that no rank
-holds a whole weight matrix (parameters are born sharded), then print one line per rank."""
+holds a whole weight matrix (parameters are born sharded), then print one line per rank;
+then wrap it in the engine and print which modules carry ZeRO-3's fetch hooks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 
 from pretrain import dist
 from pretrain.config import resolve
-from pretrain.engine.deepspeed import build_model
+from pretrain.engine.deepspeed import build_engine, build_model
 from pretrain.train.run import build_module
 from tests.conftest import compose_config
 
@@ -22,4 +23,7 @@ for name, p in model.named_parameters():
 total = sum(p.ds_numel for p in model.parameters())
 local = sum(p.ds_tensor.numel() for p in model.parameters())
 print(f"rank {dist.rank()}: holds {local} of {total} parameters", flush=True)
+engine = build_engine(run, model)
+hooked = [name for name, m in engine.module.named_modules() if m._forward_pre_hooks]
+print(f"rank {dist.rank()} hooks: {' '.join(hooked)}", flush=True)
 dist.destroy()

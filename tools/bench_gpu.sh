@@ -12,8 +12,8 @@
 #          compiled at twice the micro-batch
 #   zero   llama_1b at seq 4096 under ZeRO 1, 2 and 3 (peak memory against the estimate)
 #   accum  llama_1b at a pretraining batch (64K tokens a step: 8 micro-batches accumulated),
-#          ZeRO-1 compiled and ZeRO-3, against plain and transformers at the same batch; the
-#          optimizer step weighs 1/8 as much per token as in `large`
+#          ZeRO-1 and ZeRO-3 compiled (and ZeRO-3 eager), against plain and transformers at
+#          the same batch; the optimizer step weighs 1/8 as much per token as in `large`
 #
 # Each part writes <part>_*.txt and .json under $OUT (default ./bench-gpu). Without network,
 # install carried wheels first: a ./.whl directory is installed into a temporary site dir.
@@ -73,9 +73,10 @@ for spec in "${parts[@]}"; do
     accum)
       for seq in "${seqs[@]}"; do
         [[ $spec == *:* ]] || [ "$seq" = 4096 ] || continue  # default: seq 4096 only
-        bench "accum_$seq" --variant "z1:trainer.compile=true deepspeed.zero_stage=1" \
+        BENCH_TIMEOUT=${BENCH_TIMEOUT:-540} bench "accum_$seq" --variant "z1:trainer.compile=true deepspeed.zero_stage=1" \
           --variant "z1big:trainer.compile=true deepspeed.zero_stage=1 trainer.micro_batch_size=$((16384 / seq))" \
-          --variant z3:deepspeed.zero_stage=3 --steps 4 --warmup 2 model=llama_1b \
+          --variant "z3:trainer.compile=true deepspeed.zero_stage=3" \
+          --variant "z3e:deepspeed.zero_stage=3" --steps 4 --warmup 2 model=llama_1b \
           trainer.seq_len=$seq trainer.micro_batch_size=$((8192 / seq)) \
           trainer.global_batch_size=$((65536 / seq))
       done ;;

@@ -197,10 +197,13 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
         errors.append(f"deepspeed.zero_stage={ds.zero_stage}: choose 0, 1, 2 or 3")
     if ds.offload_optimizer and ds.zero_stage == 0:
         errors.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
-    if trainer.compile and ds.zero_stage == 3:
+    block_leaf = {"Block", "pretrain.model.llama.Block"} & set(ds.stage3_leaf_modules)
+    if trainer.compile and ds.zero_stage == 3 and not block_leaf:
         errors.append(
-            "trainer.compile=true with deepspeed.zero_stage=3: ZeRO-3's per-module parameter "
-            "hooks break compiled graphs; use zero_stage 0-2 or trainer.compile=false"
+            f"trainer.compile=true with deepspeed.zero_stage=3 and "
+            f"deepspeed.stage3_leaf_modules={list(ds.stage3_leaf_modules)}: ZeRO-3's hooks "
+            "inside a compiled block recompile it at every module; keep Block in "
+            "stage3_leaf_modules (the default) or set trainer.compile=false"
         )
     if ds.offload_params and ds.zero_stage != 3:
         errors.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")

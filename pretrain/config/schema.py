@@ -191,8 +191,9 @@ class TrainerConfig:
     """auto (cuda when available, else cpu) | cpu | cuda."""
     compile: bool = False
     """torch.compile each Transformer block in place: fuses RMSNorm, RoPE and SwiGLU's
-    pointwise ops into a few kernels (ZeRO 0-2; +9% to +41% tokens/s on an H100), and the
-    chunked loss's softmax gradient."""
+    pointwise ops into a few kernels (+9% to +41% tokens/s on an H100 at ZeRO-0), and the
+    chunked loss's softmax gradient. Under ZeRO-3 it needs the blocks as ZeRO-3 leaves
+    (deepspeed.stage3_leaf_modules, the default)."""
     stop_at_step: int | None = None
     """Stop after this step as a time-boxed job would (the LR schedule still runs to max_steps);
     null runs to max_steps."""

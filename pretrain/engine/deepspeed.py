@@ -69,7 +69,12 @@ def build_model(run: RunConfig, factory: Callable[[], nn.Module]) -> nn.Module:
         for block in blocks:
             if policy != "none":
                 checkpoint_activations(block, policy)
-            if run.trainer.compile:
+            if run.trainer.compile and run.deepspeed.zero_stage == 3:
+                # Only the forward: ZeRO-3's fetch and release hooks on the block (a leaf:
+                # none inside it) stay eager around it. Compiled with them, dynamo traced
+                # into them and recompiled the block for each one (a guard on its ds_id).
+                block.forward = torch.compile(block.forward)
+            elif run.trainer.compile:
                 block.compile()  # in place: parameter names (and checkpoints) are unchanged
     if run.trainer.compile and hasattr(getattr(model, "lm_head", None), "compile_loss"):
         model.lm_head.compile_loss = True  # the chunked loss's softmax gradient, fused

@@ -83,6 +83,14 @@ def test_offload_needs_the_right_zero_stage() -> None:
         resolve(cfg, 1, cuda_available=False)
 
 
+def test_compile_under_zero3_needs_the_blocks_as_leaves() -> None:
+    ok = ["trainer.compile=true", "deepspeed.zero_stage=3"]
+    resolve(compose_config(ok), 1, cuda_available=False)
+    assert "keep Block in stage3_leaf_modules" in config_errors(
+        [*ok, "deepspeed.stage3_leaf_modules=[MLP]"]
+    )
+
+
 @pytest.mark.parametrize(
     ("override", "named"),
     [

@@ -48,11 +48,11 @@ def test_bf16_training_on_gpu_follows_cpu(
     assert_follows(gpu, cpu_reference)
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
+@pytest.mark.parametrize(("policy", "stage"), [("full", 0), ("selective", 0), ("selective", 3)])
 def test_compiled_training_on_gpu_follows_cpu(
-    tmp_path: Path, cpu_reference: list[float], policy: str
+    tmp_path: Path, cpu_reference: list[float], policy: str, stage: int
 ) -> None:
-    overrides = [*SETTINGS, *GPU, "trainer.compile=true",
+    overrides = [*SETTINGS, *GPU, "trainer.compile=true", f"deepspeed.zero_stage={stage}",
                  f"trainer.activation_checkpointing={policy}"]  # fmt: skip
     assert_follows(loss_list(train(tmp_path, overrides)), cpu_reference)
 

@@ -25,5 +25,6 @@ local = sum(p.ds_tensor.numel() for p in model.parameters())
 print(f"rank {dist.rank()}: holds {local} of {total} parameters", flush=True)
 engine = build_engine(run, model)
 hooked = [name for name, m in engine.module.named_modules() if m._forward_pre_hooks]
-print(f"rank {dist.rank()} hooks: {' '.join(hooked)}", flush=True)
+if dist.rank() == 0:  # the same on every rank; one line, so no other rank's output splits it
+    print(f"rank 0 hooks: {' '.join(hooked)}", flush=True)
 dist.destroy()

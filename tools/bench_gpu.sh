@@ -71,9 +71,10 @@ for spec in "${parts[@]}"; do
         --variant z2:deepspeed.zero_stage=2 --variant z3:deepspeed.zero_stage=3 \
         --steps 4 --warmup 2 model=llama_1b trainer.seq_len=4096 trainer.micro_batch_size=4 ;;
     accum)
+      [[ $spec == *:* ]] || seqs=(4096)  # default: seq 4096 only
       for seq in "${seqs[@]}"; do
-        [[ $spec == *:* ]] || [ "$seq" = 4096 ] || continue  # default: seq 4096 only
-        BENCH_TIMEOUT=${BENCH_TIMEOUT:-540} bench "accum_$seq" --variant "z1:trainer.compile=true deepspeed.zero_stage=1" \
+        BENCH_TIMEOUT=${BENCH_TIMEOUT:-540} bench "accum_$seq" \
+          --variant "z1:trainer.compile=true deepspeed.zero_stage=1" \
           --variant "z1big:trainer.compile=true deepspeed.zero_stage=1 trainer.micro_batch_size=$((16384 / seq))" \
           --variant "z3:trainer.compile=true deepspeed.zero_stage=3" \
           --variant "z3e:deepspeed.zero_stage=3" --steps 4 --warmup 2 model=llama_1b \

@@ -17,13 +17,19 @@
 #
 # Each part writes <part>_*.txt and .json under $OUT (default ./bench-gpu). Without network,
 # install carried wheels first: a ./.whl directory is installed into a temporary site dir.
+# BENCH_CHECK=1 checks the command lines instead, on any machine and in seconds: each bench
+# resolves its rows' configs as on a GPU and prints them with their estimated peak memory
+# (`bench_train.py --check`), `tests` only collects the GPU tests, `loss` is skipped.
+# BENCH_ARGS="OVERRIDES" appends overrides (or bench_train options) to every bench, e.g.
+# BENCH_ARGS="model.attn_impl=flash". The script exits with the last failed part's code.
 # Every bench prints its rows against a plain PyTorch loop and transformers' Llama measured in
 # the same run; the last line of each is `ours/hf tokens-per-s ratio: X`. A row that runs out
 # of GPU memory prints "out of GPU memory" and nan figures; the others still run.
 set -uo pipefail
 OUT=${OUT:-bench-gpu}
 mkdir -p "$OUT"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+check=${BENCH_CHECK:+--check}
+if [ -z "$check" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   site=$(mktemp -d)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$site" .whl/*.whl || exit 1
@@ -32,13 +38,22 @@ fi
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(tests loss small large zero accum)
 
+read -r -a extra <<<"${BENCH_ARGS:-}"
 bench() {  # bench NAME [bench_train args...]
   local name=$1; shift
+  set -- "$@" ${extra[@]+"${extra[@]}"}
+  local code
+  if [ -n "$check" ]; then
+    python3 tools/bench_train.py --check "$@" >"$OUT/$name.txt" 2>&1
+    code=$?; echo "== $name (exit $code)"; cat "$OUT/$name.txt"; return $code
+  fi
   timeout "${BENCH_TIMEOUT:-420}" python3 tools/bench_train.py --json "$OUT/$name.json" "$@" \
     >"$OUT/$name.txt" 2>&1
-  echo "== $name (exit $?)"; grep -E "^ *(row|ours|compiled|sel|big|z[0-3]|plain|hf) |ratio|out of" \
+  code=$?; echo "== $name (exit $code)"; grep -E "^ *(row|ours|compiled|sel|big|z[0-3]|plain|hf) |ratio|out of" \
     "$OUT/$name.txt"
+  return $code
 }
+status=0  # the last failed part's exit code: each part still runs after another fails
 
 for spec in "${parts[@]}"; do
   part=${spec%%:*}
@@ -46,16 +61,26 @@ for spec in "${parts[@]}"; do
   [[ $spec == *:* ]] && seqs=("${spec#*:}")
   case $part in
     tests)
+      if [ -n "$check" ]; then
+        python3 -m pytest -o addopts="" -m gpu -q -p no:cacheprovider --collect-only tests \
+          >"$OUT/tests.txt" 2>&1
+        code=$?; echo "== tests (exit $code)"; tail -n 1 "$OUT/tests.txt"
+        [ $code -eq 0 ] || status=$code; continue
+      fi
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
       python3 -m pytest -o addopts="" -m gpu -q -p no:cacheprovider tests >"$OUT/tests.txt" 2>&1
-      echo "== tests (exit $?)"; tail -n 15 "$OUT/tests.txt" ;;
+      code=$?; echo "== tests (exit $code)"; tail -n 15 "$OUT/tests.txt"
+      [ $code -eq 0 ] || status=$code ;;
     loss)
+      [ -n "$check" ] && { echo "== loss (not checked)"; continue; }
       timeout "${BENCH_TIMEOUT:-420}" python3 tools/bench_loss.py --model llama_1b >"$OUT/loss.txt" 2>&1
-      echo "== loss (exit $?)"; tail -n 5 "$OUT/loss.txt" ;;
+      code=$?; echo "== loss (exit $code)"; tail -n 5 "$OUT/loss.txt"
+      [ $code -eq 0 ] || status=$code ;;
     small)
       for seq in "${seqs[@]}"; do
         bench "small_$seq" --variant ours: --variant compiled:trainer.compile=true --steps 10 \
-          model=llama_125m trainer.seq_len=$seq trainer.micro_batch_size=$((32768 / seq))
+          model=llama_125m model.max_seq_len=$seq trainer.seq_len=$seq \
+          trainer.micro_batch_size=$((32768 / seq)) || status=$?  # (its RoPE table: 2048)
       done ;;
     large)
       for seq in "${seqs[@]}"; do
@@ -64,12 +89,14 @@ for spec in "${parts[@]}"; do
         bench "large_$seq" --variant ours: --variant compiled:trainer.compile=true \
           --variant "sel:trainer.compile=true trainer.activation_checkpointing=selective" \
           --variant "big:trainer.compile=true trainer.micro_batch_size=$((16384 / seq))" \
-          --steps 8 model=llama_1b trainer.seq_len=$seq trainer.micro_batch_size=$((8192 / seq))
+          --steps 8 model=llama_1b trainer.seq_len=$seq trainer.micro_batch_size=$((8192 / seq)) \
+          || status=$?
       done ;;
     zero)
       bench zero_4096 --no-baselines --variant z1:deepspeed.zero_stage=1 \
         --variant z2:deepspeed.zero_stage=2 --variant z3:deepspeed.zero_stage=3 \
-        --steps 4 --warmup 2 model=llama_1b trainer.seq_len=4096 trainer.micro_batch_size=4 ;;
+        --steps 4 --warmup 2 model=llama_1b trainer.seq_len=4096 trainer.micro_batch_size=4 \
+        || status=$? ;;
     accum)
       [[ $spec == *:* ]] || seqs=(4096)  # default: seq 4096 only
       for seq in "${seqs[@]}"; do
@@ -79,9 +106,10 @@ for spec in "${parts[@]}"; do
           --variant "z3:trainer.compile=true deepspeed.zero_stage=3" \
           --variant "z3e:deepspeed.zero_stage=3" --steps 4 --warmup 2 model=llama_1b \
           trainer.seq_len=$seq trainer.micro_batch_size=$((8192 / seq)) \
-          trainer.global_batch_size=$((65536 / seq))
+          trainer.global_batch_size=$((65536 / seq)) || status=$?
       done ;;
     *) echo "unknown part $spec: choose tests, loss, small[:SEQ], large[:SEQ], zero, accum[:SEQ]" >&2
        exit 2 ;;
   esac
 done
+exit $status

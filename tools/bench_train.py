@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 from pretrain import dist
 from pretrain.checkpoint.export import hf_config
 from pretrain.config import compose, resolve
-from pretrain.config.resolve import RunConfig
+from pretrain.config.resolve import ConfigError, RunConfig
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
 from pretrain.engine.memory import estimate_memory
 from pretrain.engine.optim import adamw_kernel, lr_scheduler, param_groups
@@ -79,6 +79,18 @@ class Row:
     finish: Callable[[list[float]], dict[str, float]]
 
 
+def estimated_gib(run: RunConfig) -> float:
+    """`pretrain/engine/memory.py`'s peak for the row's configuration on one rank, GiB."""
+    t = run.trainer
+    estimate = estimate_memory(
+        OmegaConf.to_object(run.model), seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+        dp=1, zero_stage=run.deepspeed.zero_stage, precision=run.precision,
+        activation_checkpointing=t.activation_checkpointing, grad_accum=run.grad_accum,
+        offload_optimizer=run.deepspeed.offload_optimizer,
+    )  # fmt: skip
+    return estimate.total / 2**30
+
+
 def figures(run: RunConfig, times: list[float], final_loss: float) -> dict[str, float]:
     """tokens/s from the median step, MFU, peak memory (measured and estimated)."""
     cuda = run.device_type == "cuda"
@@ -88,12 +100,6 @@ def figures(run: RunConfig, times: list[float], final_loss: float) -> dict[str, 
     model_flops = flops_per_token(cfg, run.trainer.seq_len) * tokens_per_s  # the logged MFU's
     peak = peak_flops(torch.cuda.get_device_name(), run.precision) if cuda else None
     t = run.trainer
-    estimate = estimate_memory(
-        cfg, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size, dp=1,
-        zero_stage=run.deepspeed.zero_stage, precision=run.precision,
-        activation_checkpointing=t.activation_checkpointing, grad_accum=run.grad_accum,
-        offload_optimizer=run.deepspeed.offload_optimizer,
-    )  # fmt: skip
     return {
         "zero": run.deepspeed.zero_stage,
         "compile": t.compile,
@@ -106,7 +112,7 @@ def figures(run: RunConfig, times: list[float], final_loss: float) -> dict[str, 
         "tflops": model_flops / 1e12,
         "mfu": model_flops / peak if peak else float("nan"),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-        "est_mem_gib": estimate.total / 2**30,
+        "est_mem_gib": estimated_gib(run),
         "final_loss": final_loss,
     }
 
@@ -243,6 +249,34 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, overrides.split()
 
 
+def resolve_row(name: str, overrides: list[str], gpu: bool | None = None) -> RunConfig:
+    """The row's checked config (`gpu`: resolve as on a CUDA machine, or not; None: this
+    one); a bad override exits 2 naming the row, before any row runs."""
+    try:
+        return resolve(compose(overrides), world_size=1, cuda_available=gpu)
+    except ConfigError as e:
+        print(f"error: row {name!r}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def print_check(rows: list[tuple[str, RunConfig]]) -> None:
+    """What `--check` prints: each row's switches, batch and estimated peak memory."""
+    print(f"check: {len(rows)} rows resolve; none was built or run")
+    print(f"{'row':>10} {'device':>11} {'ZeRO':>4} {'compile':>7} {'act.ckpt':>9} {'loss':>7} "
+          f"{'seq x micro x accum':>19} {'est GiB':>8}")  # fmt: skip
+    for name, run in rows:
+        t = run.trainer
+        baseline = name in ("plain", "hf")
+        zero = "-" if baseline else str(run.deepspeed.zero_stage)
+        compiled, ac = (False, "none") if name == "hf" else (t.compile, t.activation_checkpointing)
+        loss = "full" if name == "hf" else run.model.loss_impl
+        est = float("nan") if name == "hf" else estimated_gib(run)
+        batch = f"{t.seq_len} x {t.micro_batch_size} x {run.grad_accum}"
+        device = f"{run.device_type} {run.precision}"
+        print(f"{name:>10} {device:>11} {zero:>4} {compiled!s:>7} {ac:>9} {loss:>7} "
+              f"{batch:>19} {est:>8.2f}")  # fmt: skip
+
+
 def ratio(a: dict, b: dict | None) -> float:
     return a["tokens_per_s"] / b["tokens_per_s"] if b else float("nan")
 
@@ -266,6 +300,13 @@ def main() -> None:
         "peak memory is measured",
     )  # fmt: skip
     parser.add_argument("--no-baselines", action="store_true", help="skip plain and hf")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="resolve every row's config as on a GPU machine (trainer.device=auto: cuda, "
+        "precision=auto: bf16), print what each would run (switches, batch, estimated peak "
+        "memory) and exit without building a model: checks a command line anywhere before "
+        "GPU time is spent on it",
+    )  # fmt: skip
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every row")
     args = parser.parse_args()
@@ -277,13 +318,17 @@ def main() -> None:
         "logger.wandb.mode=disabled",
         "trainer.global_batch_size=${trainer.micro_batch_size}",
     ]
+    gpu = True if args.check else None
     rows: list[tuple[str, RunConfig, Callable[[], Row]]] = []  # (name, config, builder)
     for name, extra in map(parse_variant, args.variant or ["ours:"]):
-        run = resolve(compose([*base, *args.overrides, *extra]), world_size=1)
+        run = resolve_row(name, [*base, *args.overrides, *extra], gpu)
         rows.append((name, run, lambda r=run: prepare_ours(r)))
     if not args.no_baselines:
-        run = resolve(compose([*base, *args.overrides]), world_size=1)
+        run = resolve_row("plain and hf", [*base, *args.overrides], gpu)
         rows += [(k, run, lambda k=k, r=run: prepare_loop(r, k)) for k in ("plain", "hf")]
+    if args.check:
+        print_check([(name, r) for name, r, _ in rows])
+        return
     dist.init(run.device_type)
     cuda = run.device_type == "cuda"
     if args.rounds == 1:

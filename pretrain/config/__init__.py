@@ -33,10 +33,31 @@ def conf_dir() -> str:
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
-    """The config `python -m pretrain OVERRIDES` would get, composed without running it."""
+    """The config `python -m pretrain OVERRIDES` would get, composed without running it.
+
+    Raises ConfigError naming the override at fault (a misspelt key, a wrong type, an
+    unknown config group option), as the tools that compose report it: a message, not a
+    traceback."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
 
     register()
     with initialize_config_dir(conf_dir(), version_base=None):
-        return hydra_compose("config", overrides=list(overrides or []))
+        try:
+            return hydra_compose("config", overrides=list(overrides or []))
+        except HydraException as e:
+            raise ConfigError([_composition_error(e)]) from e
+
+
+def _composition_error(e: Exception) -> str:
+    """Hydra's message, with the schema's reason (OmegaConf's first line) and without the
+    search path or the advice to append a key (`+key=...`), which a typo does not need."""
+    lines = str(e).split("\nConfig search path")[0].strip().splitlines()
+    if lines and lines[-1].startswith("To append to your config"):
+        lines.pop()
+    if e.__cause__ is not None:
+        lines[0] += f" ({str(e.__cause__).splitlines()[0]})"
+    if type(e).__name__ == "OverrideParseException":  # it does not say which override
+        lines[0] = f"an override is not key=value syntax: {lines[0]}"
+    return "\n    ".join(line for line in lines if line.strip())

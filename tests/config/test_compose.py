@@ -91,15 +91,34 @@ def test_compile_under_zero3_needs_the_blocks_as_leaves() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    ("override", "named"),
-    [
-        ("trainer.max_stepz=3", "max_stepz"),
-        ("optim.lr=fast", "optim.lr"),
-        ("model.n_layerz=2", "n_layerz"),
-        ("model=no_such_model", "no_such_model"),
-    ],
-)
+BAD_OVERRIDES = [
+    ("trainer.max_stepz=3", "max_stepz"),
+    ("optim.lr=fast", "optim.lr"),
+    ("model.n_layerz=2", "n_layerz"),
+    ("model=no_such_model", "no_such_model"),
+]
+
+
+@pytest.mark.parametrize(("override", "named"), BAD_OVERRIDES)
+def test_composing_for_a_tool_names_the_bad_override(override: str, named: str) -> None:
+    """The tools (estimate, bench_train) compose in-process: a ConfigError with the reason,
+    which they print and exit 2 on, not Hydra's traceback."""
+    with pytest.raises(ConfigError) as err:
+        compose_config([override])
+    message = str(err.value)
+    assert named in message and "Traceback" not in message
+    assert "+trainer" not in message  # no advice to append a key that the schema lacks
+    reasons = {
+        "trainer.max_stepz=3": "not in 'TrainerConfig'",
+        "optim.lr=fast": "could not be converted to Float",
+        "model=no_such_model": "llama_1b",
+    }  # the options it could have been
+    assert reasons.get(override, named) in message
+    with pytest.raises(ConfigError, match="not key=value syntax"):
+        compose_config(["trainer.seq_len=[1"])
+
+
+@pytest.mark.parametrize(("override", "named"), BAD_OVERRIDES)
 def test_bad_override_fails_fast_naming_the_key(override: str, named: str) -> None:
     proc = launch([override, "logger.wandb.mode=disabled"], timeout=120)
     assert proc.returncode != 0

@@ -127,3 +127,61 @@ def test_interleaved_rows_train_as_they_do_alone(tmp_path: Path) -> None:
     assert proc.stdout.rstrip().splitlines()[-1] == (
         f"ours/hf tokens-per-s ratio: {ours['vs_hf']:.3f}"
     )
+
+
+def test_check_resolves_every_row_as_on_a_gpu_without_building_one(
+    bench: ModuleType, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def main(*args: str) -> str:
+        monkeypatch.setattr(sys, "argv", ["bench_train.py", "--check", *args])
+        monkeypatch.setattr(bench, "prepare_ours", None)  # building a row would fail
+        monkeypatch.setattr(bench, "prepare_loop", None)
+        bench.main()
+        return capsys.readouterr().out
+
+    out = main("--variant", "c:trainer.compile=true deepspeed.zero_stage=3", "--variant", "s:",
+               "model=llama_1b", "trainer.seq_len=4096", "trainer.micro_batch_size=2",
+               "trainer.global_batch_size=16")  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert list(rows) == ["c", "s", "plain", "hf"]
+    # precision=auto and trainer.device=auto resolve as on a GPU, wherever this runs
+    assert rows["c"][1:9] == ["cuda", "bf16", "3", "True", "none", "chunked", "4096", "x"]
+    assert rows["s"][8:12] == ["x", "2", "x", "8"]  # accumulation 16 / 2
+    run = bench.resolve_row("s", ["model=llama_1b", "trainer.seq_len=4096",
+                                  "trainer.micro_batch_size=2",
+                                  "trainer.global_batch_size=16"], gpu=True)  # fmt: skip
+    assert float(rows["s"][-1]) == pytest.approx(bench.estimated_gib(run), abs=0.01)
+    assert rows["hf"][-1] == "nan"  # transformers' model: no estimate of ours applies
+    with pytest.raises(SystemExit) as exited:
+        main("--variant", "ok:", "--variant", "typo:trainer.compil=true")
+    assert exited.value.code == 2
+    assert "row 'typo'" in capsys.readouterr().err
+
+
+def test_the_gpu_script_commands_all_resolve(tmp_path: Path) -> None:
+    """BENCH_CHECK=1 runs every bench command line of tools/bench_gpu.sh through
+    `bench_train.py --check`, so a config error shows here, not in scarce GPU time
+    (llama_125m at seq 4096 once exceeded the preset's max_seq_len)."""
+    parts = ["small", "large", "zero", "accum"]
+    proc = subprocess.run(
+        ["bash", "tools/bench_gpu.sh", *parts], cwd=REPO, capture_output=True, text=True,
+        env={**subprocess_env(), "PYTHONPATH": str(REPO), "BENCH_CHECK": "1",
+             "OUT": str(tmp_path)}, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    names = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("== ")]
+    assert names == ["small_2048", "small_4096", "large_2048", "large_4096", "zero_4096",
+                     "accum_4096"]  # fmt: skip
+    assert proc.stdout.count("(exit 0)") == len(names)
+    assert "z1big" in proc.stdout and "4096 x 2 x 8" in proc.stdout  # accum: 64K tokens a step
+    assert not list(tmp_path.glob("*.json"))  # nothing ran
+    # BENCH_ARGS reach every bench; a part that fails makes the script fail, after the rest ran.
+    bad = subprocess.run(
+        ["bash", "tools/bench_gpu.sh", "zero", "small:2048"], cwd=REPO, capture_output=True,
+        text=True, env={**subprocess_env(), "PYTHONPATH": str(REPO), "BENCH_CHECK": "1",
+                        "OUT": str(tmp_path), "BENCH_ARGS": "trainer.compil=true"},
+        timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2, bad.stdout[-3000:]
+    assert "== zero_4096 (exit 2)" in bad.stdout and "== small_2048 (exit 2)" in bad.stdout
+    assert "Key 'compil' not in 'TrainerConfig'" in bad.stdout

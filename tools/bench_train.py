@@ -87,6 +87,7 @@ def estimated_gib(run: RunConfig) -> float:
         dp=1, zero_stage=run.deepspeed.zero_stage, precision=run.precision,
         activation_checkpointing=t.activation_checkpointing, grad_accum=run.grad_accum,
         offload_optimizer=run.deepspeed.offload_optimizer,
+        reduce_bucket_size=run.deepspeed.reduce_bucket_size,
     )  # fmt: skip
     return estimate.total / 2**30
 
@@ -197,9 +198,40 @@ def prepare_loop(run: RunConfig, kind: str) -> Row:
     return Row(step, finish)
 
 
-def bench(row: Row, steps: int, warmup: int, cuda: bool) -> dict[str, float]:
-    """Warm-up, then `steps` timed steps of one row alone."""
-    return row.finish(timed_steps(row.step, steps, warmup, cuda))
+def cpu_memory(work: Callable[[], Row]) -> tuple[Row, int, int]:
+    """Run `work` under torch.profiler's memory events: (its result, the peak and the final
+    sum of the CPU allocations it made, in bytes). On a CPU there is no allocator counter to
+    read, as torch.cuda has; this sees every tensor allocation and free of the CPU allocator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = work()
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return result, peak, live
+
+
+def bench(prepare: Callable[[], Row], steps: int, warmup: int, cuda: bool) -> dict[str, float]:
+    """Build one row, warm it up, then time `steps` steps of it alone. On a GPU the peak
+    memory is the allocator's over the timed steps; on a CPU, that of the allocations made
+    while the row was built and warmed up (`cpu_memory`), where the state memory is what
+    of them stayed allocated after the warm-up (weights, optimizer, engine buffers)."""
+    if cuda:
+        row = prepare()
+        return row.finish(timed_steps(row.step, steps, warmup, cuda))
+
+    def warmed() -> Row:
+        row = prepare()
+        timed_steps(row.step, 0, warmup, cuda)
+        return row
+
+    row, peak, live = cpu_memory(warmed)
+    result = row.finish(timed_steps(row.step, steps, 0, cuda))
+    return {**result, "peak_mem_gib": peak / 2**30, "state_mem_gib": live / 2**30}
 
 
 def bench_interleaved(
@@ -333,7 +365,7 @@ def main() -> None:
     cuda = run.device_type == "cuda"
     if args.rounds == 1:
         results = [
-            measured(name, lambda p=prepare: bench(p(), args.steps, args.warmup, cuda), r)
+            measured(name, lambda p=prepare: bench(p, args.steps, args.warmup, cuda), r)
             for name, r, prepare in rows
         ]
     else:

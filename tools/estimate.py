@@ -72,6 +72,7 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
             activation_checkpointing=run.trainer.activation_checkpointing,
             offload_optimizer=run.deepspeed.offload_optimizer and stage >= 1,
             grad_accum=run.grad_accum,
+            reduce_bucket_size=run.deepspeed.reduce_bucket_size,
         )
         memory[stage] = {**asdict(est), "states": est.states, "total": est.total}
     return {
@@ -132,6 +133,12 @@ def report(e: dict, gpu: str) -> str:
             f"{m['optimizer'] / GIB:>8.2f} {m['activations'] / GIB:>8.2f} "
             f"{m['total'] / GIB:>8.2f}{fits}{mark}"
         )
+    bucket = e["memory"][3]["buffers"] / GIB
+    lines.append(
+        f"(ZeRO-3 keeps its gradient partitions and a {bucket:.2f} GiB reduce bucket "
+        "(deepspeed.reduce_bucket_size) beside the activations: its total is weights + grads + "
+        "optim + bucket + activ.)"
+    )  # fmt: skip
     if capacity:
         lines.append(f"('fits' leaves 10% of the {capacity:g} GiB for buffers and fragmentation)")
     return "\n".join(lines)

@@ -3,9 +3,12 @@
 The model states follow the ZeRO paper (Rajbhandari et al. 2020, section 3.1) as DeepSpeed
 implements mixed precision: the model's own weights in the compute dtype (2 bytes for
 bf16/fp16), their gradients in the same dtype, and the optimizer's share, which for AdamW is
-an fp32 master copy (4 bytes, absent in fp32 training) plus two fp32 moments (8 bytes).
+an fp32 master copy (4 bytes; absent in fp32 training at ZeRO-0 only: DeepSpeed's ZeRO
+optimizers always step an fp32 partition) plus two fp32 moments (8 bytes).
 ZeRO-1 divides the optimizer share by the data-parallel size, ZeRO-2 the gradients too,
-ZeRO-3 the weights too.
+ZeRO-3 the weights too. ZeRO-3 also allocates, once, a flat buffer for its gradient
+partitions (so they live beside the activations) and a reduce bucket of
+`deepspeed.reduce_bucket_size` elements in the compute dtype.
 
 Activations are what autograd keeps for backward, per token of a micro-batch. Per
 Transformer block, with a fused attention kernel (no T x T score matrix is kept), in bytes,
@@ -34,15 +37,19 @@ accumulator (4*V*h) and, under bf16, each chunk's product beside it (w*V*h).
 The peak is the states plus the larger of activations and gradients: activations peak when
 backward starts, before any gradient exists; gradients are complete at its end, when the
 activations are gone. With gradient accumulation the gradients of earlier micro-batches
-are there throughout, so both count.
+are there throughout, so both count (under ZeRO-3 they are states anyway).
 
 Checked on one H100 with the full loss (bf16, seq 2048; docs/performance.md): the states
 within 0.5%; the peak within 0.5% for llama_1b at micro-batch 2 and 4 and llama_125m at 8
 and 16, 6% under for llama_1b at micro-batch 1, 3% over with full activation checkpointing;
-and within 1.2% on five held-out configurations (seq 4096, gradient accumulation, the 125M
-model). The chunked loss and selective checkpointing are checked on CPU only so far.
-Allocator fragmentation, communication buckets and ZeRO-3's prefetch buffers (+11% at 1B)
-come on top; leave 10-20% headroom.
+within 1.2% on five held-out configurations (seq 4096, gradient accumulation, the 125M
+model); ZeRO-3 0.25% under (it was 10% under before its buffer and bucket were counted).
+On CPU (`tools/bench_train.py` measures the allocations there), for a 7.1M model on one
+rank: ZeRO-0 and ZeRO-3 within 1% in fp32 and bf16. Not modelled: ZeRO-1/2's transient
+buffers at the optimizer step (DeepSpeed's buckets), which set the peak when activations
+are small (7-12% over the estimate at 7.1M parameters on CPU, none visible at 1B on the
+H100); gathered ZeRO-3 parameters on several ranks (a block, and the prefetch); allocator
+fragmentation. Leave 10-20% headroom.
 """
 
 from __future__ import annotations
@@ -70,15 +77,24 @@ class MemoryEstimate:
     """Kept for backward by one micro-batch, at the start of its backward."""
     grad_accum: int = 1
     """Micro-batches per step: above 1, gradients and activations coexist."""
+    buffers: int = 0
+    """ZeRO-3's gradient reduce bucket (`deepspeed.reduce_bucket_size` elements), allocated
+    once and kept."""
+    grads_kept: bool = False
+    """ZeRO-3 keeps its gradient partitions in one buffer allocated once (on the GPU unless
+    the optimizer is offloaded), so they count in the states, beside the activations."""
 
     @property
     def states(self) -> int:
-        """What persists between steps; gradients are freed once the optimizer has stepped."""
-        return self.weights + self.optimizer
+        """What persists between steps; gradients are freed once the optimizer has stepped,
+        except ZeRO-3's partitions."""
+        return self.weights + self.optimizer + self.buffers + (self.grads if self.grads_kept else 0)
 
     @property
     def total(self) -> int:
         """The peak (see the module docstring)."""
+        if self.grads_kept:
+            return self.states + self.activations
         if self.grad_accum > 1:
             return self.states + self.grads + self.activations
         return self.states + max(self.grads, self.activations)
@@ -133,13 +149,16 @@ def estimate_memory(
     activation_checkpointing: str = "none",
     offload_optimizer: bool = False,
     grad_accum: int = 1,
+    reduce_bucket_size: int = 500_000_000,
 ) -> MemoryEstimate:
-    """Bytes per GPU for `dp` data-parallel ranks at ZeRO `zero_stage` (0-3)."""
+    """Bytes per GPU for `dp` data-parallel ranks at ZeRO `zero_stage` (0-3);
+    `reduce_bucket_size`: `deepspeed.reduce_bucket_size` (ZeRO-3 allocates that bucket)."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage={zero_stage}: choose 0, 1, 2 or 3")
     n = num_params(cfg)
     width = BYTES[precision]
-    master = 4 if precision != "fp32" else 0
+    # DeepSpeed's ZeRO optimizers step an fp32 partition of the weights, in fp32 training too.
+    master = 4 if precision != "fp32" or zero_stage >= 1 else 0
     weights, grads, optimizer = width * n, width * n, (master + 8) * n
     if zero_stage >= 1:
         optimizer //= dp
@@ -152,4 +171,7 @@ def estimate_memory(
     tokens = seq_len * micro_batch_size
     activations = tokens * activation_bytes_per_token(cfg, precision, activation_checkpointing)
     activations += loss_bytes(cfg, precision, tokens, cfg.loss_impl, cfg.loss_chunk_tokens)
-    return MemoryEstimate(weights, grads, optimizer, activations, grad_accum)
+    zero3 = zero_stage == 3
+    buffers = width * reduce_bucket_size if zero3 else 0
+    kept = zero3 and not offload_optimizer
+    return MemoryEstimate(weights, grads, optimizer, activations, grad_accum, buffers, kept)

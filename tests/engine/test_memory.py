@@ -65,10 +65,26 @@ def test_zero_stages_divide_what_they_shard() -> None:
     assert est(2) == (2 * n, 2 * n // 4, 12 * n // 4, act)
     assert est(3) == (2 * n // 4, 2 * n // 4, 12 * n // 4, act)
     assert est(2, offload_optimizer=True)[2] == 0
+    # ZeRO-3 allocates its gradient partitions and its reduce bucket once: they are states,
+    # beside the activations at the peak (measured on CPU: tests/tools/test_bench_train.py).
+    z3 = estimate_memory(SMALL, seq_len=128, micro_batch_size=8, dp=4, zero_stage=3,
+                         reduce_bucket_size=1000)  # fmt: skip
+    assert z3.states == (2 * n + 2 * n + 12 * n) // 4 + 2 * 1000
+    assert z3.total == z3.states + act
+    offloaded = estimate_memory(SMALL, seq_len=128, micro_batch_size=8, dp=4, zero_stage=3,
+                                reduce_bucket_size=1000, offload_optimizer=True)  # fmt: skip
+    assert offloaded.states == 2 * n // 4 + 2 * 1000  # gradient partitions in host memory too
+    z2 = estimate_memory(SMALL, seq_len=128, micro_batch_size=8, dp=4, zero_stage=2,
+                         reduce_bucket_size=1000)  # fmt: skip
+    assert (z2.buffers, z2.grads_kept, z2.states) == (0, False, 2 * n + 12 * n // 4)
     fp32 = estimate_memory(SMALL, seq_len=128, micro_batch_size=8, dp=1, zero_stage=0,
                            precision="fp32")  # fmt: skip
     assert (fp32.weights, fp32.grads, fp32.optimizer) == (4 * n, 4 * n, 8 * n)  # no master copy
     assert fp32.states == 12 * n
+    # ZeRO's optimizers step an fp32 partition of the weights even in fp32 training.
+    fp32_z1 = estimate_memory(SMALL, seq_len=128, micro_batch_size=8, dp=1, zero_stage=1,
+                              precision="fp32")  # fmt: skip
+    assert fp32_z1.optimizer == 12 * n
     # One micro-batch: activations are gone before the gradients are complete ...
     assert fp32.total == 12 * n + max(4 * n, fp32.activations)
     # ... with accumulation, earlier micro-batches' gradients wait beside the activations.

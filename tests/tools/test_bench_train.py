@@ -16,6 +16,7 @@ from types import ModuleType
 import pytest
 
 from pretrain.engine.memory import estimate_memory
+from pretrain.model.flops import num_params
 from pretrain.model.llama import LlamaConfig
 from tests.conftest import REPO, compose_config, subprocess_env
 
@@ -28,6 +29,7 @@ def test_bench_reports_ours_against_plain_and_hf(tmp_path: Path) -> None:
          "--variant", "sdpa:model.attn_impl=sdpa",
          "--variant", "switched:trainer.activation_checkpointing=selective model.loss_impl=full "
                       "optim.impl=loop",
+         "--variant", "z3:deepspeed.zero_stage=3 deepspeed.reduce_bucket_size=100000",
          "--json", str(out), "trainer.device=cpu", "trainer.seq_len=32"],
         cwd=REPO, env={**subprocess_env(), "PYTHONPATH": str(REPO)}, capture_output=True,
         text=True, timeout=300,
@@ -35,8 +37,8 @@ def test_bench_reports_ours_against_plain_and_hf(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     results = {r["variant"]: r for r in record["results"]}
-    assert list(results) == ["sdpa", "switched", "plain", "hf"]
-    assert [results[k]["attn"] for k in results] == ["sdpa"] * 4
+    assert list(results) == ["sdpa", "switched", "z3", "plain", "hf"]
+    assert [results[k]["attn"] for k in results] == ["sdpa"] * 5
     for r in results.values():  # micro-batch 4 (the default; global = micro) x 32 tokens
         assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_time_s"])
         assert math.isfinite(r["final_loss"])
@@ -61,6 +63,19 @@ def test_bench_reports_ours_against_plain_and_hf(tmp_path: Path) -> None:
                               micro_batch_size=4, dp=1, zero_stage=0, precision="fp32",
                               activation_checkpointing=ac)  # fmt: skip
         assert row["est_mem_gib"] == pytest.approx(est.total / 2**30)
+    # On a CPU memory is measured too (torch.profiler's allocation events): what stays after
+    # the warm-up is the states the estimate counts, at ZeRO-0 and at ZeRO-3, whose
+    # gradient partitions and reduce bucket stay allocated.
+    n = num_params(tiny)
+    assert ours["state_mem_gib"] * 2**30 == pytest.approx(12 * n, rel=0.01)  # weights, moments
+    z3 = results["z3"]
+    est3 = estimate_memory(tiny, seq_len=32, micro_batch_size=4, dp=1, zero_stage=3,
+                           precision="fp32", reduce_bucket_size=100_000)  # fmt: skip
+    assert est3.states == 20 * n + 4 * 100_000  # + fp32 master and gradient partitions; bucket
+    assert z3["state_mem_gib"] * 2**30 == pytest.approx(est3.states, rel=0.02)
+    assert z3["est_mem_gib"] == pytest.approx(est3.total / 2**30)
+    assert z3["final_loss"] == pytest.approx(ours["final_loss"], rel=1e-4)
+    assert all(r["peak_mem_gib"] > r["state_mem_gib"] for r in results.values())
 
 
 @pytest.fixture

@@ -50,8 +50,13 @@ def test_llama_7b_on_64_h100s_by_hand(tmp_path: Path) -> None:
     assert (z3["weights"], z3["grads"], z3["optimizer"]) == (2 * n // 64, 2 * n // 64, 12 * n // 64)
     loss = 4096 * 2 * 4096 + 6 * 32000 * 4096 + 6 * 2048 * 32000
     assert z3["activations"] == 4096 * (32 * 186_368 + 32_768) + loss
-    # 16 micro-batches per step: gradients and activations count together.
-    assert z3["total"] == z3["weights"] + z3["grads"] + z3["optimizer"] + z3["activations"]
+    # ZeRO-3 keeps its gradient partitions, beside the activations, and a reduce bucket of
+    # deepspeed.reduce_bucket_size (5e8) bf16 elements.
+    assert z3["buffers"] == 2 * 500_000_000
+    assert z3["total"] == (z3["weights"] + z3["grads"] + z3["optimizer"] + z3["buffers"]
+                           + z3["activations"])  # fmt: skip
+    assert "1" in e["memory"] and e["memory"]["1"]["buffers"] == 0
+    assert "0.93 GiB reduce bucket" in proc.stdout
     assert e["memory"]["0"]["optimizer"] == 12 * n  # unsharded: 75 GiB, more than an H100 holds
     assert "0   " in proc.stdout and "too big" in proc.stdout and "<- configured" in proc.stdout
 

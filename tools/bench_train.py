@@ -14,8 +14,10 @@ device; tokens/s come from the median step time. Rows:
 Each row prints its switches (ZeRO stage, attention backend, compile, activation
 checkpointing, loss), tokens/s, MFU (`pretrain/model/flops.py`, full attention, the GPU's
 dense peak), measured peak memory beside `pretrain/engine/memory.py`'s estimate for the same
-configuration (one rank; on a GPU only), and its ratio to plain and to hf. The last line is
-`ours/hf tokens-per-s ratio: X` for the first variant.
+configuration on one rank (on a GPU the allocator's peak over the timed steps; on a CPU the
+peak of the allocations made while building and warming the row up, from torch.profiler's
+memory events; not per row with --rounds > 1), and its ratio to plain and to hf. The last
+line is `ours/hf tokens-per-s ratio: X` for the first variant.
 
     python tools/bench_train.py model=llama_125m trainer.seq_len=2048 trainer.micro_batch_size=8
     python tools/bench_train.py --variant "compiled:trainer.compile=true" \

@@ -210,11 +210,18 @@ def cpu_memory(work: Callable[[], Row]) -> tuple[Row, int, int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = work()
     live = peak = 0
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = [e for e in prof.profiler.kineto_results.events() if _is_memory(e)]
     for event in sorted(events, key=lambda e: e.start_ns()):
         live += event.nbytes()
         peak = max(peak, live)
     return result, peak, live
+
+
+def _is_memory(event: object) -> bool:
+    try:
+        return event.name() == "[memory]"
+    except UnicodeDecodeError:  # seen on some profiled ops' names under torchrun; not ours
+        return False
 
 
 def bench(prepare: Callable[[], Row], steps: int, warmup: int, cuda: bool) -> dict[str, float]:

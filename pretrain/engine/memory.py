@@ -45,11 +45,11 @@ and 16, 6% under for llama_1b at micro-batch 1, 3% over with full activation che
 within 1.2% on five held-out configurations (seq 4096, gradient accumulation, the 125M
 model); ZeRO-3 0.25% under (it was 10% under before its buffer and bucket were counted).
 On CPU (`tools/bench_train.py` measures the allocations there), for a 7.1M model on one
-rank: ZeRO-0 and ZeRO-3 within 1% in fp32 and bf16. Not modelled: ZeRO-1/2's transient
-buffers at the optimizer step (DeepSpeed's buckets), which set the peak when activations
-are small (7-12% over the estimate at 7.1M parameters on CPU, none visible at 1B on the
-H100); gathered ZeRO-3 parameters on several ranks (a block, and the prefetch); allocator
-fragmentation. Leave 10-20% headroom.
+rank: ZeRO-0 and ZeRO-3 within 1% in fp32 and bf16. Not modelled: ZeRO-1/2's reduce
+buckets, which DeepSpeed allocates when backward starts (`reduce_bucket_size` elements,
+twice with `overlap_comm`): on CPU they add exactly that to the peak, yet at 1B on the H100
+no such excess showed, so they wait for a GPU measurement; ZeRO-3's gathered parameters on
+several ranks (a block, and the prefetch); allocator fragmentation. Leave 10-20% headroom.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import importlib
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,14 @@ def _import_deepspeed(device_type: str) -> Any:
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed calls torch.distributed's all_gather_into_tensor and reduce_scatter_tensor,
+    # which torch deprecates with a FutureWarning that under ZeRO-3 came back at every step
+    # (something in the step resets the warnings registry): a flood in every rank's log
+    # about code the user does not own.
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into|reduce_scatter)_tensor` is deprecated",
+    )  # fmt: skip
     if device_type == "cpu":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when it starts
         # (about a minute, the first time on a machine) that only its inference_all_reduce

@@ -310,6 +310,7 @@ def deepspeed_config(run: RunConfig) -> dict[str, Any]:
             stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
             stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
             leaf_module={"classes": list(ds.stage3_leaf_modules)},
+            memory_efficient_linear=ds.stage3_memory_efficient_linear,
         )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": run.device_type == "cuda"}

@@ -167,6 +167,11 @@ class DeepSpeedConfig:
     """Module classes (name or module.Class) whose parameters ZeRO-3 gathers all at once on
     entering them, with no hooks on their children: one fetch per Transformer block, as FSDP
     wraps per block, instead of one per linear layer. [] gathers per submodule."""
+    stage3_memory_efficient_linear: bool = False
+    """DeepSpeed's own linear function under ZeRO-3 (its `memory_efficient_linear`), which it
+    installs as torch.nn.functional.linear for the whole process, for every model built after
+    (baselines too). Off: torch's linear, which keeps no more here (weights are already
+    in the compute dtype, no autocast copy) and needs no Python autograd Function per call."""
 
 
 @dataclass

@@ -92,6 +92,10 @@ def test_zero3_parameters_are_born_sharded() -> None:
     names = hooks[0].split()
     assert {"layers.0", "layers.1", "lm_head"} <= set(names)
     assert not [n for n in names if n.startswith("layers.") and n.count(".") > 1], names
+    # DeepSpeed's memory_efficient_linear replaces torch.nn.functional.linear for the whole
+    # process; off by default (deepspeed.stage3_memory_efficient_linear): 15-22% of a ZeRO-3
+    # step on CPU, docs/performance.md.
+    assert "rank 0 linear: torch._C._nn\n" in proc.stdout, proc.stdout
 
 
 def test_demo_corpus_trains_from_a_clean_data_dir(tmp_path: Path) -> None:

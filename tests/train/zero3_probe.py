@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from pretrain import dist
 from pretrain.config import resolve
 from pretrain.engine.deepspeed import build_engine, build_model
@@ -27,4 +29,6 @@ engine = build_engine(run, model)
 hooked = [name for name, m in engine.module.named_modules() if m._forward_pre_hooks]
 if dist.rank() == 0:  # the same on every rank; one line, so no other rank's output splits it
     print(f"rank 0 hooks: {' '.join(hooked)}", flush=True)
+    # deepspeed.stage3_memory_efficient_linear=false: torch's linear stays torch's
+    print(f"rank 0 linear: {torch.nn.functional.linear.__module__}", flush=True)
 dist.destroy()

@@ -33,6 +33,9 @@ def _import_deepspeed(device_type: str) -> Any:
     # On a GPU machine told to train on CPU, DeepSpeed must not pick CUDA by itself.
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # What DeepSpeed's own launcher sets: without it its CPU accelerator counts devices
+        # by running `numactl --hardware`, which ZeRO-3 did at every step (about 1 ms).
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -96,6 +96,7 @@ def test_zero3_parameters_are_born_sharded() -> None:
     # process; off by default (deepspeed.stage3_memory_efficient_linear): 14-23% of a ZeRO-3
     # step on CPU, docs/performance.md.
     assert "rank 0 linear: torch._C._nn\n" in proc.stdout, proc.stdout
+    assert "rank 0 devices: 2\n" in proc.stdout, proc.stdout
 
 
 def test_demo_corpus_trains_from_a_clean_data_dir(tmp_path: Path) -> None:

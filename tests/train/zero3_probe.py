@@ -31,4 +31,8 @@ if dist.rank() == 0:  # the same on every rank; one line, so no other rank's out
     print(f"rank 0 hooks: {' '.join(hooked)}", flush=True)
     # deepspeed.stage3_memory_efficient_linear=false: torch's linear stays torch's
     print(f"rank 0 linear: {torch.nn.functional.linear.__module__}", flush=True)
+    # one CPU "device" per local rank, as DeepSpeed's launcher says, not numactl each step
+    from deepspeed.accelerator import get_accelerator  # (chosen by build_model: cpu)
+
+    print(f"rank 0 devices: {get_accelerator().device_count()}", flush=True)
 dist.destroy()

@@ -209,6 +209,7 @@ def cpu_memory(work: Callable[[], Row]) -> tuple[Row, int, int]:
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = work()
+        gc.collect()  # tensors held only by reference cycles are garbage, not kept memory
     live = peak = 0
     events = [e for e in prof.profiler.kineto_results.events() if _is_memory(e)]
     for event in sorted(events, key=lambda e: e.start_ns()):

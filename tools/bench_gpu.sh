@@ -38,22 +38,23 @@ fi
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(tests loss small large zero accum)
 
+status=0  # the last failed part's exit code: each part still runs after another fails
+finished() {  # finished NAME CODE: report a part's exit code and remember a failure
+  echo "== $1 (exit $2)"; [ "$2" -eq 0 ] || status=$2
+}
 read -r -a extra <<<"${BENCH_ARGS:-}"
 bench() {  # bench NAME [bench_train args...]
   local name=$1; shift
   set -- "$@" ${extra[@]+"${extra[@]}"}
-  local code
   if [ -n "$check" ]; then
     python3 tools/bench_train.py --check "$@" >"$OUT/$name.txt" 2>&1
-    code=$?; echo "== $name (exit $code)"; cat "$OUT/$name.txt"; return $code
+    finished "$name" $?; cat "$OUT/$name.txt"; return
   fi
   timeout "${BENCH_TIMEOUT:-420}" python3 tools/bench_train.py --json "$OUT/$name.json" "$@" \
     >"$OUT/$name.txt" 2>&1
-  code=$?; echo "== $name (exit $code)"; grep -E "^ *(row|ours|compiled|sel|big|z[0-3]|plain|hf) |ratio|out of" \
-    "$OUT/$name.txt"
-  return $code
+  finished "$name" $?
+  grep -E "^ *(row|ours|compiled|sel|big|z[0-3]|plain|hf) |ratio|out of" "$OUT/$name.txt"
 }
-status=0  # the last failed part's exit code: each part still runs after another fails
 
 for spec in "${parts[@]}"; do
   part=${spec%%:*}
@@ -64,23 +65,20 @@ for spec in "${parts[@]}"; do
       if [ -n "$check" ]; then
         python3 -m pytest -o addopts="" -m gpu -q -p no:cacheprovider --collect-only tests \
           >"$OUT/tests.txt" 2>&1
-        code=$?; echo "== tests (exit $code)"; tail -n 1 "$OUT/tests.txt"
-        [ $code -eq 0 ] || status=$code; continue
+        finished tests $?; tail -n 1 "$OUT/tests.txt"; continue
       fi
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
       python3 -m pytest -o addopts="" -m gpu -q -p no:cacheprovider tests >"$OUT/tests.txt" 2>&1
-      code=$?; echo "== tests (exit $code)"; tail -n 15 "$OUT/tests.txt"
-      [ $code -eq 0 ] || status=$code ;;
+      finished tests $?; tail -n 15 "$OUT/tests.txt" ;;
     loss)
       [ -n "$check" ] && { echo "== loss (not checked)"; continue; }
       timeout "${BENCH_TIMEOUT:-420}" python3 tools/bench_loss.py --model llama_1b >"$OUT/loss.txt" 2>&1
-      code=$?; echo "== loss (exit $code)"; tail -n 5 "$OUT/loss.txt"
-      [ $code -eq 0 ] || status=$code ;;
+      finished loss $?; tail -n 5 "$OUT/loss.txt" ;;
     small)
       for seq in "${seqs[@]}"; do
         bench "small_$seq" --variant ours: --variant compiled:trainer.compile=true --steps 10 \
           model=llama_125m model.max_seq_len=$seq trainer.seq_len=$seq \
-          trainer.micro_batch_size=$((32768 / seq)) || status=$?  # (its RoPE table: 2048)
+          trainer.micro_batch_size=$((32768 / seq))  # (the preset's RoPE table: 2048)
       done ;;
     large)
       for seq in "${seqs[@]}"; do
@@ -89,14 +87,12 @@ for spec in "${parts[@]}"; do
         bench "large_$seq" --variant ours: --variant compiled:trainer.compile=true \
           --variant "sel:trainer.compile=true trainer.activation_checkpointing=selective" \
           --variant "big:trainer.compile=true trainer.micro_batch_size=$((16384 / seq))" \
-          --steps 8 model=llama_1b trainer.seq_len=$seq trainer.micro_batch_size=$((8192 / seq)) \
-          || status=$?
+          --steps 8 model=llama_1b trainer.seq_len=$seq trainer.micro_batch_size=$((8192 / seq))
       done ;;
     zero)
       bench zero_4096 --no-baselines --variant z1:deepspeed.zero_stage=1 \
         --variant z2:deepspeed.zero_stage=2 --variant z3:deepspeed.zero_stage=3 \
-        --steps 4 --warmup 2 model=llama_1b trainer.seq_len=4096 trainer.micro_batch_size=4 \
-        || status=$? ;;
+        --steps 4 --warmup 2 model=llama_1b trainer.seq_len=4096 trainer.micro_batch_size=4 ;;
     accum)
       [[ $spec == *:* ]] || seqs=(4096)  # default: seq 4096 only
       for seq in "${seqs[@]}"; do
@@ -106,7 +102,7 @@ for spec in "${parts[@]}"; do
           --variant "z3:trainer.compile=true deepspeed.zero_stage=3" \
           --variant "z3e:deepspeed.zero_stage=3" --steps 4 --warmup 2 model=llama_1b \
           trainer.seq_len=$seq trainer.micro_batch_size=$((8192 / seq)) \
-          trainer.global_batch_size=$((65536 / seq)) || status=$?
+          trainer.global_batch_size=$((65536 / seq))
       done ;;
     *) echo "unknown part $spec: choose tests, loss, small[:SEQ], large[:SEQ], zero, accum[:SEQ]" >&2
        exit 2 ;;

@@ -144,6 +144,10 @@ def prepare_ours(run: RunConfig) -> Row:
     return Row(lambda: losses.append(trainer.train_step().loss), finish)
 
 
+HF_SWITCHES = {"loss": "full", "compile": False, "ac": "none", "est_mem_gib": float("nan")}
+"""The `hf` row: transformers' own model, as it is; our switches and estimate do not apply."""
+
+
 def prepare_loop(run: RunConfig, kind: str) -> Row:
     """A hand-written PyTorch training loop: `plain` (our model) or `hf` (transformers')."""
     dist.seed_everything(run.trainer.seed)
@@ -193,8 +197,7 @@ def prepare_loop(run: RunConfig, kind: str) -> Row:
     def finish(times: list[float]) -> dict[str, float]:
         row = {"attn": attn, **figures(run, times, losses[-1]), "state_mem_gib": float("nan")}
         if kind == "hf":
-            # transformers' own model, as it is: our switches and memory estimate do not apply
-            row.update(loss="full", compile=False, ac="none", est_mem_gib=float("nan"))
+            row.update(HF_SWITCHES)
         return row
 
     return Row(step, finish)
@@ -308,15 +311,15 @@ def print_check(rows: list[tuple[str, RunConfig]]) -> None:
           f"{'seq x micro x accum':>19} {'est GiB':>8}")  # fmt: skip
     for name, run in rows:
         t = run.trainer
-        baseline = name in ("plain", "hf")
-        zero = "-" if baseline else str(run.deepspeed.zero_stage)
-        compiled, ac = (False, "none") if name == "hf" else (t.compile, t.activation_checkpointing)
-        loss = "full" if name == "hf" else run.model.loss_impl
-        est = float("nan") if name == "hf" else estimated_gib(run)
+        r = {"loss": run.model.loss_impl, "compile": t.compile,
+             "ac": t.activation_checkpointing, "est_mem_gib": estimated_gib(run)}  # fmt: skip
+        if name == "hf":
+            r.update(HF_SWITCHES)
+        zero = "-" if name in ("plain", "hf") else str(run.deepspeed.zero_stage)
         batch = f"{t.seq_len} x {t.micro_batch_size} x {run.grad_accum}"
         device = f"{run.device_type} {run.precision}"
-        print(f"{name:>10} {device:>11} {zero:>4} {compiled!s:>7} {ac:>9} {loss:>7} "
-              f"{batch:>19} {est:>8.2f}")  # fmt: skip
+        print(f"{name:>10} {device:>11} {zero:>4} {r['compile']!s:>7} {r['ac']:>9} "
+              f"{r['loss']:>7} {batch:>19} {r['est_mem_gib']:>8.2f}")  # fmt: skip
 
 
 def ratio(a: dict, b: dict | None) -> float:

@@ -114,6 +114,9 @@ def test_composing_for_a_tool_names_the_bad_override(override: str, named: str) 
         "model=no_such_model": "llama_1b",
     }  # the options it could have been
     assert reasons.get(override, named) in message
+
+
+def test_an_unparsable_override_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="not key=value syntax"):
         compose_config(["trainer.seq_len=[1"])
 

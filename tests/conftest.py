@@ -33,6 +33,8 @@ TINY = [
     "logger.wandb.mode=disabled",
     "trainer.seq_len=32",
     "trainer.log_every=1",
+    # Tests save only where they test saving: a final save costs every run a second or so.
+    "checkpoint.save_final=false",
 ]
 
 # fp32, accumulation 4 on 1 rank (2 on 2), a warm-up then cosine: the checkpoint tests' run.

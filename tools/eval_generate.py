@@ -48,7 +48,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="scores and completions (JSON)")
     add_arguments(parser)
     args = parser.parse_args()
-    import sacrebleu
+    try:
+        import sacrebleu
+    except ImportError as e:
+        parser.error(f"sacrebleu is not installed ({e}): pip install -e '.[eval]'")
 
     device = pick_device(args.device)
     try:

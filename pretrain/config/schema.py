@@ -277,11 +277,13 @@ class CheckpointConfig:
     """Crash-safe checkpoints under <run_dir>/checkpoints/step_N and resuming from them."""
 
     every_steps: int = 0
-    """Save every this many optimizer steps; 0 saves only at the end (if save_final)."""
+    """Save every this many optimizer steps; 0: only at the end (save_final) and on a stop
+    signal."""
     every_minutes: float = 0.0
     """Also save when this many minutes passed since the last save (rank 0's clock); 0: off."""
-    save_final: bool = False
-    """Save once more after the last step (or at trainer.stop_at_step)."""
+    save_final: bool = True
+    """Save once more after the last step (or at trainer.stop_at_step), so a finished run
+    always leaves weights to export, evaluate and generate from; false opts out."""
     resume: str = "auto"
     """auto: the newest complete checkpoint in the run dir, if any | none | a step_N path."""
     keep_last: int = 3

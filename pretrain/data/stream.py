@@ -1,14 +1,17 @@
 """Stream token shards into packed (B, seq_len + 1) batches, and resume exactly.
 
 Each rank runs W DataLoader workers (W = data.num_workers, or 1 in-process reader when 0).
-Every epoch the shard list is shuffled by (seed, epoch) and dealt out to the world's
-`world_size * W` readers: reader g reads shards order[g], order[g + R], ... So no token is
-read twice, and the split never depends on timing.
+Every epoch the shard list is shuffled by (seed, epoch), and the shuffled stream of tokens is
+cut into `world_size * W` contiguous, equal ranges, one per reader (`deal`): reader g reads
+tokens [g N / R, (g + 1) N / R) of the epoch's N. A range may start or end inside a shard, so
+one shard serves any number of readers; no token is read by two readers, and the split never
+depends on timing. It needs each shard's token count, which the manifest of a
+tools/prepare_data.py directory records; shards given as a glob or URLs are dealt whole.
 
-A reader concatenates its shards' token streams and cuts windows of seq_len + 1 tokens
+A reader concatenates its pieces' token streams and cuts windows of seq_len + 1 tokens
 every seq_len tokens (the last token of one window is the first of the next, so every token
 is a target exactly once, as in Megatron-LM). Windows are shuffled within bounded blocks (see
-ShardStream). A reader's whole position is (epoch, shard index and token offset where its
+ShardStream). A reader's whole position is (epoch, piece index and token offset where its
 current block starts, windows of the block already emitted): each batch travels with the
 position after it, the main process keeps the latest position per reader, and `state_dict()` is
 those positions plus which reader is next. Restoring seeks every reader there and rotates
@@ -54,6 +57,8 @@ class ShardSet:
     """The shard URLs of one split, and what the manifest says about them (if any)."""
 
     urls: list[str]
+    tokens: list[int] | None = None
+    """Each shard's token count (from the manifest), or None when unknown (globs, URLs)."""
     vocab_size: int | None = None
     tokenizer_sha256: str | None = None
     manifest: str | None = None
@@ -78,11 +83,12 @@ def find_shards(path: str, split: str = "train") -> ShardSet:
                 )
             shards = manifest[split]
             urls = [str(local / s["name"]) for s in shards]
+            tokens = [int(s["tokens"]) for s in shards]
             vocab = int(manifest["vocab_size"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{manifest_path} is unreadable or incomplete ({e}): re-run "
                             "tools/prepare_data.py") from e  # fmt: skip
-        return ShardSet(urls, vocab, manifest.get("tokenizer_sha256"), str(manifest_path))
+        return ShardSet(urls, tokens, vocab, manifest.get("tokenizer_sha256"), str(manifest_path))
     if split != "train":  # a glob or URL list has no splits: never evaluate on training data
         raise DataError(
             f"data.path={path} has no {split} split (only a directory with {MANIFEST} has "
@@ -101,8 +107,12 @@ def find_shards(path: str, split: str = "train") -> ShardSet:
     return ShardSet(urls)
 
 
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
 def _open(url: str) -> io.BufferedIOBase:
-    if "://" in url or url.startswith("pipe:"):
+    if _is_remote(url):
         import webdataset as wds
 
         return wds.gopen(url, "rb")
@@ -112,24 +122,110 @@ def _open(url: str) -> io.BufferedIOBase:
         raise DataError(f"shard {url} cannot be opened ({e.strerror}): is the path right?") from e
 
 
-def read_members(url: str) -> Iterator[np.ndarray]:
-    """The token arrays of one shard, member by member, in tar order."""
+def read_members(url: str, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+    """Tokens [start, stop) of one shard (stop None: to its end), a member at a time.
+
+    Members wholly before `start` are passed over by their tar headers: a local file seeks
+    past them, a stream reads through them. When `stop` is given the shard must reach it.
+    """
     stream = _open(url)
+    at = 0  # shard token offset of the next member
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        # "r:" seeks over the data of the members it passes; "r|" reads a stream through.
+        mode = "r|" if _is_remote(url) else "r:"
+        with tarfile.open(fileobj=stream, mode=mode) as tar:
             for info in tar:
                 suffix = info.name.rsplit(".", 1)[-1]
                 if not info.isfile() or suffix not in DTYPES:
                     continue
+                itemsize = DTYPES[suffix].itemsize
+                n = info.size // itemsize
+                if stop is not None and at >= stop:
+                    break
+                if at + n <= start:
+                    at += n
+                    continue
                 data = tar.extractfile(info).read()
-                if len(data) != info.size or len(data) % DTYPES[suffix].itemsize:
+                if len(data) != info.size or len(data) % itemsize:
                     raise tarfile.ReadError(f"member {info.name} is truncated")
-                yield np.frombuffer(data, dtype=DTYPES[suffix])
+                tokens = np.frombuffer(data, dtype=DTYPES[suffix])
+                yield tokens[max(start - at, 0) : None if stop is None else stop - at]
+                at += n
+        if stop is not None and at < stop:
+            raise tarfile.ReadError(f"it ends at token {at:,}, the manifest says {stop:,} or more")
     except tarfile.TarError as e:
         raise DataError(f"shard {url} is corrupt or truncated ({e}): re-create it with "
                         "tools/prepare_data.py, or set data.on_corrupt=skip") from e  # fmt: skip
     finally:
         stream.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dealing an epoch out to the readers
+
+
+@dataclass(frozen=True, order=True)
+class Piece:
+    """Tokens [start, stop) of one shard (stop None: to its end, length unknown)."""
+
+    url: str
+    start: int = 0
+    stop: int | None = None
+
+    def to_list(self) -> list[Any]:
+        return [self.url, self.start, self.stop]
+
+    @classmethod
+    def from_saved(cls, saved: str | list[Any]) -> Piece:
+        """A piece as state_dict() keeps it (a plain URL: a whole shard)."""
+        return cls(saved) if isinstance(saved, str) else cls(*saved)
+
+
+Shard = tuple[str, "int | None"]
+"""(url, token count or None when unknown)."""
+
+
+def _free_spans(
+    url: str, n: int | None, done: Sequence[Piece]
+) -> list[tuple[str, int, int | None]]:
+    """The parts of shard `url` (n tokens) that no piece in `done` covers."""
+    if n is None:  # unknown length: whole or nothing
+        return [] if done else [(url, 0, None)]
+    spans, at = [], 0
+    for a, b in sorted((p.start, n if p.stop is None else p.stop) for p in done):
+        if a > at:
+            spans.append((url, at, a))
+        at = max(at, b)
+    return spans + ([(url, at, n)] if at < n else [])
+
+
+def deal(
+    shards: Sequence[Shard], seed: int, source: int, epoch: int, reader: int, readers: int,
+    done: frozenset[Piece] = frozenset(),
+) -> list[Piece]:  # fmt: skip
+    """Global reader `reader`'s share (of `readers`) of a source in `epoch`.
+
+    The shards are permuted by (seed, source, epoch) and what `done` does not cover is cut
+    into `readers` contiguous ranges of equal token count; shards of unknown length count
+    as one unit each and are dealt whole.
+    """
+    order = np.random.default_rng([seed, source, epoch]).permutation(len(shards))
+    by_url: dict[str, list[Piece]] = {}
+    for piece in done:
+        by_url.setdefault(piece.url, []).append(piece)
+    spans = [span for i in order for span in _free_spans(*shards[i], by_url.get(shards[i][0], []))]
+    if any(stop is None for _, _, stop in spans):
+        lo, hi = len(spans) * reader // readers, len(spans) * (reader + 1) // readers
+        return [Piece(*span) for span in spans[lo:hi]]
+    total = sum(b - a for _, a, b in spans)
+    lo, hi = total * reader // readers, total * (reader + 1) // readers
+    pieces, at = [], 0
+    for url, a, b in spans:
+        first, last = max(lo, at), min(hi, at + b - a)
+        if first < last:
+            pieces.append(Piece(url, a + first - at, a + last - at))
+        at += b - a
+    return pieces
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,16 +266,6 @@ class ReaderState:
         return cls(sources, int(d["rows"]), int(d.get("skipped_shards", 0)))
 
 
-def deal_shards(
-    urls: list[str], seed: int, source: int, epoch: int, reader: int, readers: int,
-    done: frozenset[str] = frozenset(),
-) -> list[str]:  # fmt: skip
-    """Global reader `reader`'s share (of `readers`) of a source's shards in `epoch`: a
-    permutation keyed on (seed, source, epoch), dealt out round-robin, minus `done`."""
-    order = np.random.default_rng([seed, source, epoch]).permutation(len(urls))
-    return [u for u in (urls[i] for i in order) if u not in done][reader::readers]
-
-
 class ShardStream(IterableDataset):
     """Yields chunks of micro-batches with each reader's state after every micro-batch.
 
@@ -192,7 +278,7 @@ class ShardStream(IterableDataset):
 
     def __init__(
         self,
-        sources: list[list[str]],
+        sources: list[list[Shard]],
         weights: list[float],
         seq_len: int,
         micro_batch_size: int,
@@ -216,18 +302,18 @@ class ShardStream(IterableDataset):
         self.rotation = 0  # physical worker w plays reader (w + rotation) % readers
         self.chunk = 1  # micro-batches per transfer from a worker (IPC cost is per transfer)
         self.first_chunk = 0  # after a restore: what was left of the interrupted chunk
-        self.done: dict[tuple[int, int], frozenset[str]] = {}
-        """(source, epoch) -> shards read before a resume on another number of ranks; the
+        self.done: dict[tuple[int, int], frozenset[Piece]] = {}
+        """(source, epoch) -> pieces read before a resume on another number of ranks; the
         new layout deals out only the rest of that epoch."""
 
     def initial_state(self) -> ReaderState:
         return ReaderState(tuple(Position() for _ in self.sources))
 
-    def reader_shards(self, reader: int, epoch: int, source: int = 0) -> list[str]:
-        """The shards of `source` that reader `reader` of this rank reads in `epoch`."""
-        return deal_shards(self.sources[source], self.seed, source, epoch,
-                           self.rank * self.readers + reader, self.world * self.readers,
-                           self.done.get((source, epoch), frozenset()))  # fmt: skip
+    def reader_pieces(self, reader: int, epoch: int, source: int = 0) -> list[Piece]:
+        """What reader `reader` of this rank reads of `source` in `epoch`."""
+        return deal(self.sources[source], self.seed, source, epoch,
+                    self.rank * self.readers + reader, self.world * self.readers,
+                    self.done.get((source, epoch), frozenset()))  # fmt: skip
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, list[ReaderState]]]:
         """Chunks of micro-batches: (K, B, T + 1), reader id, the state after each one."""
@@ -280,8 +366,8 @@ class ShardStream(IterableDataset):
         global_reader = self.rank * self.readers + reader
         epoch, block_start, skip = pos.epoch, (pos.shard, pos.offset), pos.emitted
         while self.epochs is None or epoch < self.epochs:
-            shards = self.reader_shards(reader, epoch, source)
-            windows = self._windows(shards, *block_start)
+            pieces = self.reader_pieces(reader, epoch, source)
+            windows = self._windows(pieces, *block_start)
             while block := list(itertools.islice(windows, self.shuffle_windows)):
                 next_start = block[-1][1]
                 key = [self.seed, source, epoch, global_reader, *block_start]
@@ -296,61 +382,80 @@ class ShardStream(IterableDataset):
             epoch, block_start = epoch + 1, (0, 0)
 
     def _windows(
-        self, shards: list[str], shard_i: int, offset: int
+        self, pieces: list[Piece], piece_i: int, offset: int
     ) -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
-        """Windows of seq_len + 1 tokens every seq_len tokens, from (shard_i, offset) on,
-        each with the (shard, offset) where the next window starts."""
+        """Windows of seq_len + 1 tokens every seq_len tokens, from (piece_i, offset) on,
+        each with the (piece, offset) where the next window starts."""
         window, stride = self.seq_len + 1, self.seq_len
         buf = np.empty(0, dtype=np.int64)
-        at = (shard_i, offset)  # where buf[0] sits in this reader's stream
-        for i in range(shard_i, len(shards)):
-            for tokens in self._shard_tokens(shards[i], offset if i == shard_i else 0):
+        at = (piece_i, offset)  # where buf[0] sits in this reader's stream
+        for i in range(piece_i, len(pieces)):
+            for tokens in self._piece_tokens(pieces[i], offset if i == piece_i else 0):
                 buf = np.concatenate([buf, tokens.astype(np.int64)])
                 while len(buf) >= window:
                     row, buf = buf[:window], buf[stride:]
-                    at = self._advance(shards, *at, stride, i)
+                    at = self._advance(pieces, *at, stride, i)
                     yield row, at
 
     def _advance(
-        self, shards: list[str], shard: int, offset: int, n: int, current: int
+        self, pieces: list[Piece], piece: int, offset: int, n: int, current: int
     ) -> tuple[int, int]:
-        """Move a stream position n tokens on, across the (fully read) shards before `current`."""
+        """Move a stream position n tokens on, across the (fully read) pieces before `current`."""
         offset += n
-        while shard < current and offset >= self._shard_length(shards[shard]):
-            offset -= self._shard_length(shards[shard])
-            shard += 1
-        return shard, offset
+        while piece < current and offset >= self.piece_length(pieces[piece]):
+            offset -= self.piece_length(pieces[piece])
+            piece += 1
+        return piece, offset
 
-    def _shard_length(self, url: str) -> int:
+    def piece_length(self, piece: Piece) -> int:
+        if piece.stop is not None:
+            return piece.stop - piece.start
         lengths = self.__dict__.setdefault("_lengths", {})
-        if url not in lengths:
-            lengths[url] = sum(len(t) for t in read_members(url))
-        return lengths[url]
+        if piece not in lengths:
+            lengths[piece] = sum(len(t) for t in read_members(piece.url))
+        return lengths[piece]
 
-    def _shard_tokens(self, url: str, skip: int) -> Iterator[np.ndarray]:
-        """The shard's tokens from offset `skip`, checked against the vocabulary."""
-        lengths = self.__dict__.setdefault("_lengths", {})
-        total = 0
+    def _piece_tokens(self, piece: Piece, skip: int) -> Iterator[np.ndarray]:
+        """The piece's tokens from offset `skip`, checked against the vocabulary."""
+        read = skip
         try:
-            for tokens in read_members(url):
-                total += len(tokens)
+            stop = piece.stop
+            for tokens in read_members(piece.url, piece.start + skip, stop):
+                read += len(tokens)
                 if tokens.size and int(tokens.max()) >= self.vocab_size:
                     raise DataError(
-                        f"shard {url} holds token id {int(tokens.max())} >= model.vocab_size="
-                        f"{self.vocab_size}: the shards were made with a larger tokenizer; "
-                        "raise model.vocab_size or re-tokenize"
+                        f"shard {piece.url} holds token id {int(tokens.max())} >= "
+                        f"model.vocab_size={self.vocab_size}: the shards were made with a larger "
+                        "tokenizer; raise model.vocab_size or re-tokenize"
                     )
-                if skip >= len(tokens):
-                    skip -= len(tokens)
-                    continue
-                yield tokens[skip:]
-                skip = 0
+                yield tokens
         except DataError as e:
             if self.on_corrupt != "skip" or "corrupt" not in str(e):
                 raise
-            log.warning("skipping the rest of corrupt shard %s (data.on_corrupt=skip)", url)
+            log.warning("skipping the rest of corrupt shard %s (data.on_corrupt=skip)", piece.url)
             self.skipped_shards += 1
-        lengths[url] = total
+        if piece.stop is None:  # learnt by reading it (a skipped corrupt shard ends here)
+            self.__dict__.setdefault("_lengths", {})[piece] = read
+
+
+DEALING = "token-ranges/1"
+"""How an epoch is dealt to readers (`deal`); positions saved under another way mean other
+tokens, so they are refused rather than silently read as these."""
+
+
+def _check_dealing(state: Mapping[str, Any]) -> None:
+    if state.get("dealing") != DEALING:
+        raise DataError(
+            "the checkpoint's data position was saved by a loader that dealt whole shards to "
+            "readers (an older pretrain); this one deals token ranges, so that position means "
+            "other data. Resume it with the version that wrote it, or start a new run_dir from "
+            "its weights (tools/export_hf.py, then model.init_from=...)"
+        )
+
+
+def _saved_done(state: Mapping[str, Any]) -> Iterator[tuple[tuple[int, int], frozenset[Piece]]]:
+    for source, epoch, pieces in state.get("done", []):
+        yield (int(source), int(epoch)), frozenset(Piece.from_saved(p) for p in pieces)
 
 
 class TokenLoader:
@@ -422,12 +527,16 @@ class TokenLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "dealing": DEALING,
             "readers": self.dataset.readers,
             "chunk_batches": self.dataset.chunk,
             "next_reader": self.next_reader,
             "chunk_left": self.chunk_left,
             "positions": {r: p.to_dict() for r, p in self.positions.items()},
-            "done": [[s, e, sorted(urls)] for (s, e), urls in self.dataset.done.items()],
+            "done": [
+                [s, e, [p.to_list() for p in sorted(pieces, key=str)]]
+                for (s, e), pieces in self.dataset.done.items()
+            ],
         }
 
     def load_resharded_state(self, states: list[dict[str, Any]], step: int) -> None:
@@ -441,13 +550,14 @@ class TokenLoader:
         and what old readers had already read of the next epoch is read again then.
         """
         del step  # positions say more than the step count
+        for state in states:
+            _check_dealing(state)
         ds = self.dataset
         old_readers = [(r, k) for r, st in enumerate(states) for k in range(int(st["readers"]))]
         total = len(old_readers)
-        done_before = {(int(s), int(e)): frozenset(urls) for st in states[:1]
-                       for s, e, urls in st.get("done", [])}  # fmt: skip
+        done_before = {key: pieces for st in states[:1] for key, pieces in _saved_done(st)}
         starts = []
-        for source, urls in enumerate(ds.sources):
+        for source, shards in enumerate(ds.sources):
             positions = []
             for g, (r, k) in enumerate(old_readers):
                 saved = states[r]["positions"].get(k, states[r]["positions"].get(str(k)))
@@ -459,7 +569,7 @@ class TokenLoader:
             for g, pos in positions:
                 if pos.epoch < epoch:
                     continue
-                mine = deal_shards(urls, ds.seed, source, epoch, g, total, before)
+                mine = deal(shards, ds.seed, source, epoch, g, total, before)
                 done.update(mine if pos.epoch > epoch else mine[: self._begun(mine, pos)])
             ds.done[(source, epoch)] = frozenset(done)
             starts.append(Position(epoch=epoch))
@@ -468,19 +578,20 @@ class TokenLoader:
         self.next_reader, self.chunk_left = 0, 0
         self._pending, self._it = [], None
 
-    def _begun(self, shards: list[str], pos: Position) -> int:
-        """How many of a reader's `shards` it had begun at `pos`: those before the current
+    def _begun(self, pieces: list[Piece], pos: Position) -> int:
+        """How many of a reader's `pieces` it had begun at `pos`: those before the current
         shuffle block, and, once the block has emitted a window, all that the block spans."""
         if not pos.emitted:
             return pos.shard + (1 if pos.offset else 0)
         left = pos.offset + self.dataset.shuffle_windows * self.dataset.seq_len + 1
         i = pos.shard
-        while i < len(shards) and left > 0:
-            left -= self.dataset._shard_length(shards[i])
+        while i < len(pieces) and left > 0:
+            left -= self.dataset.piece_length(pieces[i])
             i += 1
         return i
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_dealing(state)
         saved = (state["readers"], state["chunk_batches"])
         if saved != (self.dataset.readers, self.dataset.chunk):
             raise DataError(
@@ -490,7 +601,7 @@ class TokenLoader:
                 "data.chunk_batches as in the saved run to resume exactly"
             )
         self.positions = {int(r): ReaderState.from_dict(p) for r, p in state["positions"].items()}
-        self.dataset.done = {(int(s), int(e)): frozenset(u) for s, e, u in state.get("done", [])}
+        self.dataset.done = dict(_saved_done(state))
         self.next_reader = int(state["next_reader"])
         self.chunk_left = int(state["chunk_left"])
         self._pending, self._it = [], None
@@ -530,7 +641,7 @@ def build_loader(
     specs = [(str(s["path"]), float(s.get("weight", 1.0))) for s in sources] or [(path, 1.0)]
     readers = max(num_workers, 1)
     expected_tokenizer = fingerprint(load_tokenizer(tokenizer)) if tokenizer is not None else ""
-    urls: list[list[str]] = []
+    sets: list[list[Shard]] = []
     for src, weight in specs:
         if weight <= 0:
             raise DataError(f"data.sources: {src} has weight {weight}; weights must be > 0")
@@ -543,25 +654,44 @@ def build_loader(
                 f"{str(shard_set.tokenizer_sha256)[:12]}, not data.tokenizer={tokenizer} "
                 f"({expected_tokenizer[:12]}): re-run tools/prepare_data.py with that tokenizer"
             )
-        if len(shard_set.urls) < world_size * readers:
-            raise DataError(
-                f"data.path={src} has {len(shard_set.urls)} {split} shard(s) for {world_size} "
-                f"rank(s) x {readers} reader(s) = {world_size * readers}: every reader needs a "
-                "shard of its own. Lower data.num_workers, or write more, smaller shards "
-                "(prepare_data.py --shard-tokens)"
-            )
-        missing = [u for u in shard_set.urls if "://" not in u and not u.startswith("pipe:")
-                   and not Path(u).is_file()]  # fmt: skip
+        _check_enough(shard_set, src, split, world_size * readers, seq_len, world_size)
+        missing = [u for u in shard_set.urls if not _is_remote(u) and not Path(u).is_file()]
         if missing:
             raise DataError(
                 f"{len(missing)} shard(s) of data.path={src} are missing or not files, first "
                 f"{missing[0]}: restore them or re-run tools/prepare_data.py"
             )
-        urls.append(shard_set.urls)
+        tokens = shard_set.tokens or [None] * len(shard_set.urls)
+        sets.append(list(zip(shard_set.urls, tokens, strict=True)))
     dataset = ShardStream(
-        urls, [w for _, w in specs], seq_len, micro_batch_size, seed, rank, world_size, readers,
+        sets, [w for _, w in specs], seq_len, micro_batch_size, seed, rank, world_size, readers,
         vocab_size, epochs, on_corrupt, shuffle_windows,
     )  # fmt: skip
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return TokenLoader(dataset, num_workers, pin_memory, prefetch_factor, chunk_batches, tokenizer)
+
+
+def _check_enough(
+    shard_set: ShardSet, src: str, split: str, readers: int, seq_len: int, world_size: int
+) -> None:
+    """Every reader (ranks x workers) must get at least one window of every epoch: a token
+    range of seq_len + 1 tokens, or, for shards of unknown length, a shard of its own."""
+    fix = (f"{world_size} rank(s) x {readers // world_size} reader(s) = {readers}. Lower "
+           "data.num_workers (0 reads in the training process)")  # fmt: skip
+    if shard_set.tokens is None:
+        if len(shard_set.urls) < readers:
+            raise DataError(
+                f"data.path={src} has {len(shard_set.urls)} {split} shard(s) of unknown length "
+                f"for {fix}, or point data.path at the tools/prepare_data.py directory itself: "
+                f"its {MANIFEST} records each shard's tokens, so shards can be split among "
+                "readers"
+            )
+        return
+    total = sum(shard_set.tokens)
+    if total // readers < seq_len + 1:
+        raise DataError(
+            f"data.path={src} holds {total:,} {split} tokens: {total // readers:,} for each of "
+            f"{fix}, or trainer.seq_len={seq_len}, or use more data: each reader needs at "
+            f"least one window of seq_len + 1 = {seq_len + 1} tokens"
+        )

@@ -46,6 +46,30 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def schedule_warnings(cfg: OptimConfig, max_steps: int) -> list[str]:
+    """What makes this schedule other than intended, in words with the numbers and the fix.
+
+    A warning, not a config error: a smoke test or a debugging run (`trainer.max_steps=3`
+    under the default warmup) is a valid run, and refusing it would make every short run
+    restate the schedule. Said at start, before any step, and in the run summary.
+    """
+    warmup = cfg.warmup_steps
+    if warmup < max_steps:
+        return []
+    peak = lr_factor(max_steps, warmup, max_steps, cfg.min_lr_ratio)
+    where = (
+        "reaches optim.lr only at the last step"
+        if warmup == max_steps
+        else f"never reaches optim.lr={cfg.lr:g} (it ends at {peak * cfg.lr:.3g}, {peak:.0%} of it)"
+    )
+    return [
+        f"optim.warmup_steps={warmup} >= trainer.max_steps={max_steps}: the learning rate "
+        f"rises for the whole run, {where}, and the cosine decay never starts. Set "
+        f"optim.warmup_steps below {max_steps} (a tenth of the run is usual: "
+        f"optim.warmup_steps={max(max_steps // 10, 1)}), or raise trainer.max_steps"
+    ]
+
+
 def lr_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:

@@ -29,7 +29,7 @@ from pretrain.config import RunConfig
 from pretrain.data.stream import build_loader
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
-from pretrain.engine.optim import keep_kernel_after_load
+from pretrain.engine.optim import keep_kernel_after_load, schedule_warnings
 from pretrain.eval.perplexity import Evaluator, byte_lengths
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token
@@ -54,6 +54,8 @@ def train(run: RunConfig) -> TrainState:
 
 
 def _train(run: RunConfig, signals: StopSignals) -> TrainState:
+    for warning in schedule_warnings(run.optim, run.trainer.max_steps) if dist.is_main() else []:
+        log.warning("%s", warning)
     dist.seed_everything(run.trainer.seed)
     # Cheap checks first: bad data or a checkpoint of another shape fail before the model
     # and the engine cost anything.
@@ -286,6 +288,23 @@ def model_flops_per_token(run: RunConfig) -> float | None:
     return flops_per_token(spec, run.trainer.seq_len) if isinstance(spec, LlamaConfig) else None
 
 
+def _saving(run: RunConfig) -> str:
+    """What will be saved, when, and where, in words."""
+    c = run.checkpoint
+    when = [f"every {c.every_steps} steps"] if c.every_steps else []
+    when += [f"every {c.every_minutes:g} min"] if c.every_minutes else []
+    if c.save_final or c.export_hf:
+        when.append(f"at step {last_step(run)} (the end)")
+    when.append("on SIGTERM/SIGUSR1/SIGINT")
+    keep = f"keep last {c.keep_last}" if c.keep_last else "keep all"
+    where = f"{checkpoint.checkpoint_dir(run.run_dir)}/step_N"
+    text = f"{', '.join(when)} -> {where} ({keep})"
+    end = last_step(run)
+    if not (c.save_final or c.export_hf or (c.every_steps and end % c.every_steps == 0)):
+        text += f"; step {end} (the end) NOT saved: checkpoint.save_final=false"
+    return text + (f"; HF export -> {run.run_dir / 'hf'}" if c.export_hf else "")
+
+
 def _log_summary(
     run: RunConfig, engine: object, state: TrainState, throughput: Throughput,
     peak_source: str, loggers: Loggers | None,
@@ -308,7 +327,14 @@ def _log_summary(
         f"batch      {run.tokens_per_step:,} tokens/step = {t.global_batch_size} seqs x {t.seq_len}"
         f" (micro {t.micro_batch_size} x accum {run.grad_accum} x world {run.world_size})",
         f"schedule   steps {state.step + 1}-{end} of {t.max_steps}"
-        f" ({(end - state.step) * run.tokens_per_step:,} tokens to go)",
+        f" ({(end - state.step) * run.tokens_per_step:,} tokens to go) | lr {run.optim.lr:g},"
+        f" warmup {run.optim.warmup_steps} steps, cosine to {run.optim.min_lr_ratio:g}x"
+        + (
+            " (warmup >= max_steps: the LR never peaks, see the warning above)"
+            if schedule_warnings(run.optim, t.max_steps)
+            else ""
+        ),
+        f"checkpoint {_saving(run)}",
         f"MFU basis  {peak_source}",
     ]
     if loggers is not None:

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from pretrain.data import shards, tokenizer
-from pretrain.data.stream import DataError, TokenLoader, build_loader, read_members
-from tests.conftest import TINY, launch
+from pretrain.data.stream import DataError, Piece, TokenLoader, build_loader, read_members
+from tests.conftest import EXACT, TINY, curve, launch, train
 
 SEQ = 16
 
@@ -53,6 +53,35 @@ def _stream(shard_dir: Path, split: str) -> np.ndarray:
     manifest = json.loads((shard_dir / "manifest.json").read_text())
     parts = [t for s in manifest[split] for t in read_members(str(shard_dir / s["name"]))]
     return np.concatenate(parts)
+
+
+def _length(pieces: list[Piece]) -> int:
+    return sum(len(t) for p in pieces for t in read_members(p.url, p.start, p.stop))
+
+
+def _covers_every_token_once(pieces: list[Piece], shard_dir: Path) -> None:
+    """The pieces tile every train shard of `shard_dir` exactly: no token twice, none left."""
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    by_url: dict[str, list[tuple[int, int]]] = {}
+    for p in pieces:
+        by_url.setdefault(p.url, []).append((p.start, p.stop))
+    assert sorted(by_url) == sorted(str(shard_dir / s["name"]) for s in manifest["train"])
+    for shard in manifest["train"]:
+        spans = sorted(by_url[str(shard_dir / shard["name"])])
+        ends = [0] + [b for _, b in spans]
+        assert [a for a, _ in spans] == ends[:-1] and ends[-1] == shard["tokens"]
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus small enough for one train shard (of 22 members), as prepare_data's default
+    shard size makes of anything under ~33M tokens."""
+    root = tmp_path_factory.mktemp("one")
+    _corpus(root / "corpus")
+    shards.prepare([root / "corpus"], "bytes", root / "shards", member_tokens=300,
+                   val_fraction=0.1, progress=False)  # fmt: skip
+    assert len(json.loads((root / "shards" / "manifest.json").read_text())["train"]) == 1
+    return root / "shards"
 
 
 def _take(loader, n: int) -> list[torch.Tensor]:
@@ -101,37 +130,46 @@ def test_bpe_tokenizer_trains_to_size_and_round_trips(tmp_path: Path) -> None:
     assert tokenizer.fingerprint(loaded) == tokenizer.fingerprint(tok)
 
 
+@pytest.mark.parametrize("data", ["dataset", "one_shard"])
 def test_readers_of_two_ranks_with_two_workers_read_each_window_once(
-    dataset: tuple[Path, list[str]],
+    data: str, request: pytest.FixtureRequest
 ) -> None:
-    shard_dir, _ = dataset
+    """Each epoch is cut into one token range per reader (2 ranks x 2 workers), however few
+    the shards: every window of each reader's range is read, none twice, and the ranges
+    tile every shard."""
+    shard_dir = request.getfixturevalue(data)
+    shard_dir = shard_dir[0] if isinstance(shard_dir, tuple) else shard_dir
     rows: list[bytes] = []
-    expected = 0
+    expected, pieces, lengths = 0, [], []
     for rank in (0, 1):
         loader = build_loader(str(shard_dir), 259, SEQ, 1, seed=3, rank=rank, world_size=2,
                               num_workers=2, epochs=1)  # fmt: skip
         rows += [b.numpy().tobytes() for b in loader]
         for reader in range(2):
-            urls = loader.dataset.reader_shards(reader, epoch=0)
-            length = sum(len(t) for u in urls for t in read_members(u))
-            expected += (length - 1) // SEQ
+            mine = loader.dataset.reader_pieces(reader, epoch=0)
+            pieces += mine
+            lengths.append(_length(mine))
+            expected += (lengths[-1] - 1) // SEQ
     assert len(rows) == expected  # every window of every reader's stream ...
     assert len(set(rows)) == len(rows)  # ... and none twice (the documents are distinct)
-    urls = [u for r in (0, 1) for w in (0, 1) for u in
-            build_loader(str(shard_dir), 259, SEQ, 1, seed=3, rank=r, world_size=2,
-                         num_workers=2).dataset.reader_shards(w, 0)]  # fmt: skip
-    assert sorted(urls) == sorted(str(p) for p in shard_dir.glob("train-*.tar"))
+    _covers_every_token_once(pieces, shard_dir)
+    assert max(lengths) - min(lengths) <= 1  # equal shares, to the token
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(
+    ("data", "workers", "rank"), [("dataset", 0, 0), ("dataset", 2, 0), ("one_shard", 2, 1)]
+)
 def test_resume_yields_exactly_the_uninterrupted_batches(
-    dataset: tuple[Path, list[str]], workers: int
+    data: str, workers: int, rank: int, request: pytest.FixtureRequest
 ) -> None:
-    shard_dir, _ = dataset
+    """Stopped after k micro-batches and restored from its state_dict, a loader gives the
+    batches of an uninterrupted one; also for rank 1 of 2 with 2 workers on one shard."""
+    shard_dir = request.getfixturevalue(data)
+    shard_dir = shard_dir[0] if isinstance(shard_dir, tuple) else shard_dir
 
     def make():
-        return build_loader(str(shard_dir), 259, SEQ, 3, seed=5, num_workers=workers,
-                            shuffle_windows=7)  # fmt: skip
+        return build_loader(str(shard_dir), 259, SEQ, 3, seed=5, rank=rank, world_size=rank + 1,
+                            num_workers=workers, shuffle_windows=7)  # fmt: skip
 
     total = 80  # several epochs of this small set: crosses members, shards and epochs
     reference = _take(make(), total)
@@ -231,9 +269,19 @@ def test_tokens_outside_the_vocabulary_are_caught(dataset: tuple[Path, list[str]
         next(loader)
 
 
-def test_too_few_shards_for_ranks_times_workers(dataset: tuple[Path, list[str]]) -> None:
-    with pytest.raises(DataError, match="every reader needs a shard"):
-        build_loader(str(dataset[0]), 259, SEQ, 1, seed=0, world_size=64, num_workers=4)
+def test_too_little_data_for_ranks_times_workers(dataset: tuple[Path, list[str]]) -> None:
+    """A manifest directory is split among readers by tokens: only less than one window per
+    reader is refused. Shards of unknown length (a glob) are dealt whole, one per reader."""
+    shard_dir = dataset[0]
+    total = json.loads((shard_dir / "manifest.json").read_text())["tokens"]
+    readers = total // (SEQ + 1) // 4 * 4 + 4  # just too many for a window each
+    build_loader(str(shard_dir), 259, SEQ, 1, seed=0, world_size=readers // 8, num_workers=4)
+    with pytest.raises(DataError, match=r"num_workers.*each reader needs at least one window of"):
+        build_loader(str(shard_dir), 259, SEQ, 1, seed=0, world_size=readers // 4, num_workers=4)
+    n = len(list(shard_dir.glob("train-*.tar")))
+    with pytest.raises(DataError, match=rf"{n} train shard\(s\) of unknown length .* manifest"):
+        build_loader(str(shard_dir / "train-*.tar"), 259, SEQ, 1, seed=0, world_size=n,
+                     num_workers=2)  # fmt: skip
 
 
 def _copy_with_truncated_shard(src: Path, dst: Path) -> Path:
@@ -279,7 +327,7 @@ def test_unreadable_shard_is_named(dataset: tuple[Path, list[str]], tmp_path: Pa
         build_loader(str(tmp_path / "s" / "train-*.tar"), 259, SEQ, 1, seed=0, num_workers=0)
     # A shard that vanishes after the start is named when it is opened.
     loader = build_loader(str(dataset[0] / "train-*.tar"), 259, SEQ, 1, seed=0, num_workers=0)
-    loader.dataset.sources[0][0] = str(tmp_path / "gone.tar")
+    loader.dataset.sources[0][0] = (str(tmp_path / "gone.tar"), None)
     with pytest.raises(DataError, match=r"gone\.tar cannot be opened"):
         for _ in range(500):
             next(loader)
@@ -415,12 +463,30 @@ def test_resume_on_another_number_of_ranks_reads_no_window_twice(
     after = head + [b.numpy().tobytes() for b in resumed]
 
     assert set(before).isdisjoint(after) and len(set(after)) == len(after)
-    begun = new.dataset.done[(0, 0)]
-    assert 2 <= len(begun) < len(list(shard_dir.glob("train-*.tar")))
-    # Every shard not begun before the stop is read whole by the new readers.
-    expected = 0
+    begun = sorted(new.dataset.done[(0, 0)])
+    total = json.loads((shard_dir / "manifest.json").read_text())["tokens"]
+    assert len(begun) >= 2 and _length(begun) < total
+    # Every token not begun before the stop is read by the new readers, none twice.
+    expected, pieces = 0, list(begun)
     for reader in range(2):
-        urls = resumed.dataset.reader_shards(reader, epoch=0)
-        assert not set(urls) & begun
-        expected += (sum(len(t) for u in urls for t in read_members(u)) - 1) // SEQ
+        mine = resumed.dataset.reader_pieces(reader, epoch=0)
+        pieces += mine
+        expected += (_length(mine) - 1) // SEQ
+    _covers_every_token_once(pieces, shard_dir)
     assert len(after) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_one_shard_trains_with_default_workers_on_one_and_two_ranks(
+    one_shard: Path, tmp_path: Path
+) -> None:
+    """A one-shard corpus with the default data.num_workers=2 trains on 1 rank and on 2
+    (4 readers), and a 2-rank run stopped at step 3 and resumed equals the straight run."""
+    data = ["data=shards", f"data.path={one_shard}", "model.vocab_size=259", *EXACT,
+            "trainer.max_steps=6"]  # fmt: skip
+    assert len(curve(train(tmp_path / "one", data))) == 6
+    straight = curve(train(tmp_path / "two", data, nproc=2))
+    run_dir = tmp_path / "resumed"
+    train(run_dir, [*data, "trainer.stop_at_step=3", "checkpoint.save_final=true"], nproc=2)
+    assert curve(train(run_dir, data, nproc=2)) == straight

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pretrain.config.schema import OptimConfig
-from pretrain.engine.optim import lr_factor, lr_scheduler, param_groups
+from pretrain.engine.optim import lr_factor, lr_scheduler, param_groups, schedule_warnings
 from pretrain.model import LlamaConfig, Transformer
 from pretrain.model.baselines import LSTMLM
 
@@ -144,3 +144,17 @@ def test_the_trainer_clips_only_where_deepspeed_does_not() -> None:
     assert clip_gradients(params, 0.5) == pytest.approx(norm)  # the norm before clipping
     assert clip_gradients(params, 0.0) == pytest.approx(0.5, rel=1e-5)  # clipped; 0: no clip
     assert clip_gradients(params, 0.0) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_a_warmup_past_the_last_step_is_named_with_its_numbers() -> None:
+    """optim.warmup_steps >= trainer.max_steps: the peak LR is never (or only at the last
+    step) reached; the warning gives the LR the run ends at and a warmup that fits."""
+    cfg = OptimConfig(lr=3e-4, warmup_steps=100)
+    assert schedule_warnings(cfg, max_steps=101) == []
+    (short,) = schedule_warnings(cfg, max_steps=80)
+    assert "optim.warmup_steps=100 >= trainer.max_steps=80" in short
+    assert "never reaches optim.lr=0.0003 (it ends at 0.00024, 80% of it)" in short
+    assert "optim.warmup_steps=8" in short
+    (equal,) = schedule_warnings(cfg, max_steps=100)
+    assert "reaches optim.lr only at the last step" in equal
+    assert schedule_warnings(OptimConfig(warmup_steps=0), max_steps=1) == []

@@ -124,8 +124,10 @@ class OptimConfig:
     """Peak learning rate, reached after warmup_steps."""
     min_lr_ratio: float = 0.1
     """The cosine ends at lr * min_lr_ratio at trainer.max_steps (Chinchilla used 0.1)."""
-    warmup_steps: int = 100
-    """Optimizer steps of linear warmup from lr / warmup_steps."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warmup from lr / warmup_steps. The default is a tenth of the
+    default trainer.max_steps (100); the experiment presets set their own (2000 at scale). A
+    warmup at or past trainer.max_steps is warned about at start."""
     weight_decay: float = 0.1
     """Decoupled weight decay; never applied to norms, biases or embeddings."""
     beta1: float = 0.9

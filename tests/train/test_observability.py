@@ -125,14 +125,14 @@ def test_console_is_one_plain_line_per_interval(runs: dict) -> None:
     assert "batch      256 tokens/step = 8 seqs x 32 (micro 2 x accum 2 x world 2)" in summary
     assert "schedule   steps 4-6 of 6" in summary
     assert "MFU basis  0.001 TFLOP/s per device (logger.peak_tflops)" in summary
-    # The default warmup (100 steps) cannot happen in 6 steps: said before the first step.
-    warning = "optim.warmup_steps=100 >= trainer.max_steps=6: the learning rate rises"
+    # The default warmup (10 steps) cannot happen in 6 steps: said before the first step.
+    warning = "optim.warmup_steps=10 >= trainer.max_steps=6: the learning rate rises"
     assert 0 <= summary.find(warning) < summary.find("INFO step 4/6")
-    assert "warmup 100 steps, cosine to 0.1x (warmup >= max_steps: the LR never" in summary
+    assert "warmup 10 steps, cosine to 0.1x (warmup >= max_steps: the LR never" in summary
     ckpts = runs["dir"] / "checkpoints"
     saving = f"every 3 steps, on SIGTERM/SIGUSR1/SIGINT -> {ckpts}/step_N (keep last 3)"
     assert f"checkpoint {saving}\n" in summary  # TINY: save_final=false; 6 is a multiple of 3
-    assert summary.count("optim.warmup_steps=100 >=") == 1  # rank 0 alone says it
+    assert summary.count("optim.warmup_steps=10 >=") == 1  # rank 0 alone says it
     assert re.search(r"W&B        offline: \S+/wandb/offline-run-\S+ \(`wandb sync`", summary)
     last_line = r"INFO step 6/6 \|.* \| val_loss \d\.\d{4} \| val_ppl \d+\.\d\d$"
     assert re.search(last_line, summary, re.M)

@@ -234,8 +234,9 @@ def deal(
 
 @dataclass(frozen=True)
 class Position:
-    """Where a reader is in one source: the block of windows it is in (epoch, shard index into
-    its list, token offset where the block starts) and how many of its windows were emitted."""
+    """Where a reader is in one source: the block of windows it is in (epoch, index into its
+    list of pieces, token offset in that piece where the block starts) and how many of the
+    block's windows were emitted. (The field keeps its saved name, `shard`.)"""
 
     epoch: int = 0
     shard: int = 0

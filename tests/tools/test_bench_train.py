@@ -71,14 +71,14 @@ def test_bench_reports_ours_against_plain_and_hf(tmp_path: Path) -> None:
     assert ours["state_mem_gib"] * 2**30 == pytest.approx(12 * num_params(tiny), rel=0.01)
     # ZeRO-3 on a 2M-parameter model, where its states are tens of megabytes: + the fp32
     # master and the gradient partitions (4n each: 7.9 MB) and the bucket (8 MB). Some runs
-    # keep 0.4-1.3 MB more after the warm-up, not explained yet (not garbage: collected
-    # first), hence a tolerance below either term.
+    # keep 0.4-3.4 MB more after the warm-up (3.4 MB once, with the other test worker busy),
+    # not explained yet (not garbage: collected first), hence a tolerance below either term.
     wider = replace(tiny, d_model=256, ffn_hidden=768, n_heads=8, n_kv_heads=8)
     n, z3 = num_params(wider), results["z3"]
     est3 = estimate_memory(wider, seq_len=32, micro_batch_size=4, dp=1, zero_stage=3,
                            precision="fp32", reduce_bucket_size=2_000_000)  # fmt: skip
     assert est3.states == 20 * n + 4 * 2_000_000
-    assert z3["state_mem_gib"] * 2**30 == pytest.approx(est3.states, abs=3 * 2**20)
+    assert z3["state_mem_gib"] * 2**30 == pytest.approx(est3.states, abs=5 * 2**20)
     assert z3["est_mem_gib"] == pytest.approx(est3.total / 2**30)
     assert math.isfinite(z3["final_loss"])
     assert all(r["peak_mem_gib"] > r["state_mem_gib"] for r in results.values())

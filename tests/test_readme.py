@@ -117,10 +117,12 @@ def _demo_trained(cwd: Path, out: str) -> None:
     # The README's sample of the start-up summary: every label is there, in that order.
     sample = re.search(r"^```\n(run {8}demo.*?)^```", README_TEXT, re.M | re.S)
     assert sample, "the README's start-up summary sample is gone"
+    printed = [re.sub(r"^\S+ INFO ", "", line) for line in out.splitlines()]
     labels = [line[:11] for line in sample.group(1).splitlines()]
-    heads = [re.sub(r"^\S+ INFO ", "", line)[:11] for line in out.splitlines()]
-    found = [head for head in heads if head in labels]
+    found = [line[:11] for line in printed if line[:11] in labels]
     assert found[: len(labels)] == labels, (labels, found)
+    for line in sample.group(1).splitlines():  # all but the W&B run's random id, verbatim
+        assert "offline-run-" in line or line in printed, f"the demo no longer prints {line!r}"
 
 
 def _one_shard_trained(cwd: Path, out: str) -> None:
@@ -156,6 +158,8 @@ def _prefix(command: str, table: dict) -> str | None:
 def test_every_table_entry_names_a_readme_command_and_a_real_test() -> None:
     """No stale entry: each exception matches a README command, each covering test exists."""
     commands = readme_commands(README_TEXT)
+    for command in commands:  # each runs in a shell of its own: no state carries over
+        assert not re.match(r"(cd|export|pushd) ", command) and "<<" not in command, command
     for prefix in [*NOT_RUN, *NEEDS_EXTRA, *CHECKS]:
         assert any(c.startswith(prefix) for c in commands), f"no README command {prefix!r}"
     for _, covered in NOT_RUN.values():

@@ -164,7 +164,7 @@ def read_members(url: str, start: int = 0, stop: int | None = None) -> Iterator[
 # Dealing an epoch out to the readers
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Piece:
     """Tokens [start, stop) of one shard (stop None: to its end, length unknown)."""
 
@@ -176,9 +176,13 @@ class Piece:
         return [self.url, self.start, self.stop]
 
     @classmethod
-    def from_saved(cls, saved: str | list[Any]) -> Piece:
-        """A piece as state_dict() keeps it (a plain URL: a whole shard)."""
-        return cls(saved) if isinstance(saved, str) else cls(*saved)
+    def from_saved(cls, saved: list[Any]) -> Piece:
+        """A piece as state_dict() keeps it: [url, start, stop]."""
+        return cls(*saved)
+
+    def head(self, n: int) -> Piece:
+        """Its first n tokens (the whole piece when its length is unknown)."""
+        return self if self.stop is None else Piece(self.url, self.start, self.start + n)
 
 
 Shard = tuple[str, "int | None"]
@@ -199,6 +203,11 @@ def _free_spans(
     return spans + ([(url, at, n)] if at < n else [])
 
 
+def _share(total: int, reader: int, readers: int) -> tuple[int, int]:
+    """Reader `reader`'s [lo, hi) of `total` units cut into `readers` equal ranges."""
+    return total * reader // readers, total * (reader + 1) // readers
+
+
 def deal(
     shards: Sequence[Shard], seed: int, source: int, epoch: int, reader: int, readers: int,
     done: frozenset[Piece] = frozenset(),
@@ -215,10 +224,8 @@ def deal(
         by_url.setdefault(piece.url, []).append(piece)
     spans = [span for i in order for span in _free_spans(*shards[i], by_url.get(shards[i][0], []))]
     if any(stop is None for _, _, stop in spans):
-        lo, hi = len(spans) * reader // readers, len(spans) * (reader + 1) // readers
-        return [Piece(*span) for span in spans[lo:hi]]
-    total = sum(b - a for _, a, b in spans)
-    lo, hi = total * reader // readers, total * (reader + 1) // readers
+        return [Piece(*span) for span in spans[slice(*_share(len(spans), reader, readers))]]
+    lo, hi = _share(sum(b - a for _, a, b in spans), reader, readers)
     pieces, at = [], 0
     for url, a, b in spans:
         first, last = max(lo, at), min(hi, at + b - a)
@@ -408,12 +415,18 @@ class ShardStream(IterableDataset):
             piece += 1
         return piece, offset
 
+    def _read_lengths(self) -> dict[Piece, int]:
+        """Lengths learnt by reading: pieces of unknown length, and pieces a skipped
+        corruption cut short (data.on_corrupt=skip)."""
+        return self.__dict__.setdefault("_lengths", {})
+
     def piece_length(self, piece: Piece) -> int:
+        lengths = self._read_lengths()
+        if piece in lengths:
+            return lengths[piece]
         if piece.stop is not None:
             return piece.stop - piece.start
-        lengths = self.__dict__.setdefault("_lengths", {})
-        if piece not in lengths:
-            lengths[piece] = sum(len(t) for t in read_members(piece.url))
+        lengths[piece] = sum(len(t) for t in read_members(piece.url))
         return lengths[piece]
 
     def _piece_tokens(self, piece: Piece, skip: int) -> Iterator[np.ndarray]:
@@ -435,8 +448,8 @@ class ShardStream(IterableDataset):
                 raise
             log.warning("skipping the rest of corrupt shard %s (data.on_corrupt=skip)", piece.url)
             self.skipped_shards += 1
-        if piece.stop is None:  # learnt by reading it (a skipped corrupt shard ends here)
-            self.__dict__.setdefault("_lengths", {})[piece] = read
+        if piece.stop is None or read < piece.stop - piece.start:  # a skipped corruption
+            self._read_lengths()[piece] = read
 
 
 DEALING = "token-ranges/1"
@@ -571,7 +584,7 @@ class TokenLoader:
                 if pos.epoch < epoch:
                     continue
                 mine = deal(shards, ds.seed, source, epoch, g, total, before)
-                done.update(mine if pos.epoch > epoch else mine[: self._begun(mine, pos)])
+                done.update(mine if pos.epoch > epoch else self._begun(mine, pos))
             ds.done[(source, epoch)] = frozenset(done)
             starts.append(Position(epoch=epoch))
         fresh = ReaderState(tuple(starts))
@@ -579,17 +592,20 @@ class TokenLoader:
         self.next_reader, self.chunk_left = 0, 0
         self._pending, self._it = [], None
 
-    def _begun(self, pieces: list[Piece], pos: Position) -> int:
-        """How many of a reader's `pieces` it had begun at `pos`: those before the current
-        shuffle block, and, once the block has emitted a window, all that the block spans."""
-        if not pos.emitted:
-            return pos.shard + (1 if pos.offset else 0)
-        left = pos.offset + self.dataset.shuffle_windows * self.dataset.seq_len + 1
-        i = pos.shard
+    def _begun(self, pieces: list[Piece], pos: Position) -> list[Piece]:
+        """What of a reader's `pieces` it had begun at `pos`: all before its current shuffle
+        block, and, once the block has emitted a window, all that the block spans
+        (shuffle_windows x seq_len + 1 tokens from its start), to the token where lengths
+        are known."""
+        ds = self.dataset
+        span = ds.shuffle_windows * ds.seq_len + 1 if pos.emitted else 0
+        begun, left, i = list(pieces[: pos.shard]), pos.offset + span, pos.shard
         while i < len(pieces) and left > 0:
-            left -= self.dataset.piece_length(pieces[i])
+            length = ds.piece_length(pieces[i])
+            begun.append(pieces[i] if left >= length else pieces[i].head(left))
+            left -= length
             i += 1
-        return i
+        return begun
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_dealing(state)
@@ -678,8 +694,9 @@ def _check_enough(
 ) -> None:
     """Every reader (ranks x workers) must get at least one window of every epoch: a token
     range of seq_len + 1 tokens, or, for shards of unknown length, a shard of its own."""
-    fix = (f"{world_size} rank(s) x {readers // world_size} reader(s) = {readers}. Lower "
-           "data.num_workers (0 reads in the training process)")  # fmt: skip
+    fewer = ("Lower data.num_workers (0 reads in the training process)" if readers > world_size
+             else "Use fewer ranks")  # fmt: skip
+    fix = f"{world_size} rank(s) x {readers // world_size} reader(s) = {readers}. {fewer}"
     if shard_set.tokens is None:
         if len(shard_set.urls) < readers:
             raise DataError(

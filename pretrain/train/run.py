@@ -54,8 +54,9 @@ def train(run: RunConfig) -> TrainState:
 
 
 def _train(run: RunConfig, signals: StopSignals) -> TrainState:
-    for warning in schedule_warnings(run.optim, run.trainer.max_steps) if dist.is_main() else []:
-        log.warning("%s", warning)
+    if dist.is_main():
+        for warning in schedule_warnings(run.optim, run.trainer.max_steps):
+            log.warning("%s", warning)
     dist.seed_everything(run.trainer.seed)
     # Cheap checks first: bad data or a checkpoint of another shape fail before the model
     # and the engine cost anything.
@@ -290,16 +291,16 @@ def model_flops_per_token(run: RunConfig) -> float | None:
 
 def _saving(run: RunConfig) -> str:
     """What will be saved, when, and where, in words."""
-    c = run.checkpoint
+    c, end = run.checkpoint, last_step(run)
     when = [f"every {c.every_steps} steps"] if c.every_steps else []
     when += [f"every {c.every_minutes:g} min"] if c.every_minutes else []
     if c.save_final or c.export_hf:
-        when.append(f"at step {last_step(run)} (the end)")
+        early = ", or where early stopping ends it" if run.trainer.early_stopping_patience else ""
+        when.append(f"at the last step ({end}{early})")
     when.append("on SIGTERM/SIGUSR1/SIGINT")
     keep = f"keep last {c.keep_last}" if c.keep_last else "keep all"
-    where = f"{checkpoint.checkpoint_dir(run.run_dir)}/step_N"
-    text = f"{', '.join(when)} -> {where} ({keep})"
-    end = last_step(run)
+    keep += f" + every multiple of {c.keep_every}" if c.keep_every and c.keep_last else ""
+    text = f"{', '.join(when)} -> {checkpoint.checkpoint_dir(run.run_dir)}/step_N ({keep})"
     if not (c.save_final or c.export_hf or (c.every_steps and end % c.every_steps == 0)):
         text += f"; step {end} (the end) NOT saved: checkpoint.save_final=false"
     return text + (f"; HF export -> {run.run_dir / 'hf'}" if c.export_hf else "")

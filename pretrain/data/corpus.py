@@ -61,7 +61,7 @@ def build_demo(cache_dir: str | Path, vocab_size: int, max_bytes: int) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     texts = list(shard_writer.read_documents(files))
     tokenizers.train_bpe(texts, vocab_size).save(str(tokenizer_path))
-    # ~32 shards (about 2 bytes of source per token), enough for ranks x workers readers.
+    # ~32 shards (about 2 bytes of source per token): each epoch mixes them in a new order.
     shard_writer.prepare(
         files, tokenizer_path, cache / "shards", shard_tokens=max(2**12, max_bytes // 64),
         member_tokens=2**14, val_fraction=0.02, progress=False,

@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pretrain import dist
-from pretrain.config import ConfigError, conf_dir, register, resolve
+from pretrain.config import ConfigError, compose, conf_dir, register, resolve
 from pretrain.train.run import train
 from pretrain.train.signals import EXIT_PREEMPTED, Preempted
 from pretrain.train.trainer import EXIT_DIVERGED, TrainingDiverged
@@ -63,8 +63,24 @@ def _hydra_main(cfg: DictConfig) -> None:
         dist.destroy()
 
 
+def _check_composes(args: list[str]) -> None:
+    """Exit 2 with one message when the overrides do not compose (a misspelt key, a wrong
+    type, an unknown option), as every config error does; Hydra itself would print its own
+    report and exit 1. Hydra's flags (--cfg, --help, -m) and hydra.* settings are Hydra's."""
+    if any(a.startswith(("-", "hydra.", "+hydra.", "~hydra.")) for a in args):
+        return
+    try:
+        compose(args)
+    except ConfigError as e:
+        dist.setup_logging()
+        if dist.is_main():
+            log.error("%s", e)
+        _exit(2)
+
+
 def main() -> None:
     register()
+    _check_composes(sys.argv[1:])
     _hydra_main()
 
 

@@ -375,7 +375,10 @@ class ShardStream(IterableDataset):
         epoch, block_start, skip = pos.epoch, (pos.shard, pos.offset), pos.emitted
         while self.epochs is None or epoch < self.epochs:
             pieces = self.reader_pieces(reader, epoch, source)
+            whole = block_start == (0, 0) and not skip and (source, epoch) not in self.done
             windows = self._windows(pieces, *block_start)
+            if whole:  # a whole pass that yields nothing would loop over epochs forever
+                windows = self._nonempty(windows, pieces, epoch)
             while block := list(itertools.islice(windows, self.shuffle_windows)):
                 next_start = block[-1][1]
                 key = [self.seed, source, epoch, global_reader, *block_start]
@@ -388,6 +391,23 @@ class ShardStream(IterableDataset):
                     yield block[order[emitted - 1]][0], after
                 skip, block_start = 0, next_start
             epoch, block_start = epoch + 1, (0, 0)
+
+    def _nonempty(
+        self, windows: Iterator[tuple[np.ndarray, tuple[int, int]]], pieces: list[Piece],
+        epoch: int,
+    ) -> Iterator[tuple[np.ndarray, tuple[int, int]]]:  # fmt: skip
+        """`windows`, or a DataError naming the pieces when a whole epoch of them yields none."""
+        first = next(windows, None)
+        if first is None:
+            names = ", ".join(str(p.url) for p in pieces[:3]) + (", ..." if len(pieces) > 3 else "")
+            skipped = " (data.on_corrupt=skip skipped them)" if self.skipped_shards else ""
+            raise DataError(
+                f"a data reader read its whole share of epoch {epoch} without one window of "
+                f"seq_len + 1 = {self.seq_len + 1} tokens, from {names}: the shards are empty "
+                f"or corrupt{skipped}. Check them, or re-create them with tools/prepare_data.py"
+            )
+        yield first
+        yield from windows
 
     def _windows(
         self, pieces: list[Piece], piece_i: int, offset: int

@@ -136,6 +136,22 @@ def test_cross_field_error_exits_2_before_any_model_is_built(tmp_path: Path) -> 
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [("trainer.max_stepz=3", "Key 'max_stepz' not in 'TrainerConfig'"),
+     ("optim.lr=fast", "optim.lr=fast")],
+)  # fmt: skip
+def test_an_override_that_does_not_compose_exits_2_with_one_message(
+    override: str, said: str, tmp_path: Path
+) -> None:
+    """The README's own examples of a misspelt key and a wrong type: exit 2 (not Hydra's 1),
+    one message naming the override, no traceback, no run dir."""
+    proc = launch([override, f"run_dir={tmp_path / 'run'}"], timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert said in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_global_batch_can_be_given_in_tokens() -> None:
     cfg = compose_config(
         ["trainer.global_batch_tokens=4096", "trainer.seq_len=256", "trainer.micro_batch_size=4"]

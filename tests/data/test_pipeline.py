@@ -314,6 +314,20 @@ def test_on_corrupt_skip_counts_and_goes_on(
     assert loader.dataset.skipped_shards == 1
 
 
+def test_a_pass_without_a_window_stops_instead_of_looping(
+    dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """Every train shard corrupt and skipped (data.on_corrupt=skip), epochs unlimited: the
+    reader would pass over its shards forever; it stops at the first empty pass, naming them."""
+    shutil.copytree(dataset[0], tmp_path / "s")
+    for shard in (tmp_path / "s").glob("train-*.tar"):
+        shard.write_bytes(bytes(1024))  # zeroed headers: a tar with no member
+    loader = build_loader(str(tmp_path / "s"), 259, SEQ, 1, seed=0, num_workers=0,
+                          on_corrupt="skip")  # fmt: skip
+    with pytest.raises(DataError, match=r"whole share of epoch 0 without one window.*train-0"):
+        next(loader)
+
+
 def test_missing_shard_listed_in_the_manifest_is_named(
     dataset: tuple[Path, list[str]], tmp_path: Path
 ) -> None:

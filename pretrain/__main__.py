@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from pretrain import dist
 from pretrain.config import ConfigError, compose, conf_dir, register, resolve
+from pretrain.data.stream import DataError
 from pretrain.train.run import train
 from pretrain.train.signals import EXIT_PREEMPTED, Preempted
 from pretrain.train.trainer import EXIT_DIVERGED, TrainingDiverged
@@ -34,6 +35,19 @@ def _exit(code: int) -> NoReturn:
     if directory:
         Path(directory, f"rank{os.environ.get('RANK', '0')}").write_text(f"{code}\n")
     sys.exit(code)
+
+
+EXIT_DATA = 4
+"""The data is missing, unreadable, corrupt or too small for the run (pretrain.data.DataError)."""
+
+
+def _data_message(e: DataError) -> str:
+    """The error's own words: one raised in a DataLoader worker arrives wrapped in the
+    worker's traceback, whose last line is the original message."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return f"data error: {text}"
 
 
 @hydra.main(config_path=conf_dir(), config_name="config", version_base=None)
@@ -59,6 +73,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         if dist.is_main():
             log.error("%s", e)
         _exit(2)
+    except DataError as e:
+        log.error("%s", _data_message(e))
+        _exit(EXIT_DATA)
     finally:
         dist.destroy()
 

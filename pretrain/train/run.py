@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -26,7 +27,7 @@ from pretrain.checkpoint.export import (
     load_hf_weights,
 )
 from pretrain.config import RunConfig
-from pretrain.data.stream import build_loader
+from pretrain.data.stream import DataError, build_loader
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
 from pretrain.engine.optim import keep_kernel_after_load, schedule_warnings
@@ -245,17 +246,22 @@ def build_named_val_data(run: RunConfig, path: str, tokenizer: str | None) -> It
 def _instantiate_data(
     run: RunConfig, rank: int, world_size: int, grad_accum: int, **extra: object
 ) -> Iterator[torch.Tensor]:
-    return instantiate(
-        run.data,
-        **extra,
-        vocab_size=run.vocab_size,
-        seq_len=run.trainer.seq_len,
-        micro_batch_size=run.trainer.micro_batch_size,
-        grad_accum=grad_accum,
-        seed=run.trainer.seed,
-        rank=rank,
-        world_size=world_size,
-    )
+    try:
+        return instantiate(
+            run.data,
+            **extra,
+            vocab_size=run.vocab_size,
+            seq_len=run.trainer.seq_len,
+            micro_batch_size=run.trainer.micro_batch_size,
+            grad_accum=grad_accum,
+            seed=run.trainer.seed,
+            rank=rank,
+            world_size=world_size,
+        )
+    except InstantiationException as e:  # Hydra wraps the data source's own error
+        if isinstance(e.__cause__, DataError):
+            raise e.__cause__ from None
+        raise
 
 
 def build_evaluator(

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as tdist
 
 from pretrain.config.schema import TrainerConfig
+from pretrain.data.stream import DataError
 from pretrain.engine.deepspeed import UpdateGate, clip_gradients
 from pretrain.train.loggers import Loggers
 from pretrain.train.metrics import Throughput, fp16_metrics, memory_metrics
@@ -223,7 +224,7 @@ class Trainer:
         data_wait = 0.0
         for i in range(self.grad_accum):
             t0 = time.perf_counter()
-            batch = next(self.data).to(engine.device, non_blocking=True)  # (B, T + 1)
+            batch = self._next_batch().to(engine.device, non_blocking=True)  # (B, T + 1)
             data_wait += time.perf_counter() - t0
             loss = engine(batch[:, :-1], batch[:, 1:])
             engine.backward(loss)
@@ -240,6 +241,17 @@ class Trainer:
         agreed.grad_norm = grad_norm
         agreed.data_wait_s = data_wait
         return agreed
+
+    def _next_batch(self) -> torch.Tensor:
+        """The next micro-batch; a stream that ends before the last step is a DataError."""
+        try:
+            return next(self.data)
+        except StopIteration:
+            raise DataError(
+                f"the data ran out during step {self.state.step + 1} of trainer.max_steps="
+                f"{self.cfg.max_steps}: a finite data.epochs holds fewer batches than the run "
+                "asks for. Raise data.epochs (null: no limit) or lower trainer.max_steps"
+            ) from None
 
     def _agree(self, losses: torch.Tensor) -> StepResult:
         """The one collective of the step: mean loss, and the flags any rank raised (on one

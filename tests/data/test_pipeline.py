@@ -257,9 +257,22 @@ def test_evaluation_without_a_val_split_fails_before_training(
 ) -> None:
     proc = launch([*TINY, "data=shards", f"data.path={dataset[0]}/*.tar", "model.vocab_size=259",
                    "trainer.eval_every_steps=5", f"run_dir={tmp_path}"])  # fmt: skip
-    assert proc.returncode != 0
+    assert proc.returncode == 4, proc.stderr[-2000:]  # a data error: one message, its own code
     assert "has no val split" in proc.stderr and "trainer.eval_every_steps=0" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()  # no step ran
+
+
+def test_data_that_runs_out_before_the_last_step_is_named(
+    dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """data.epochs=1 holds a few steps of this small set; asked for 1000, the run stops with
+    exit 4 and the fix, not a bare StopIteration (2 DataLoader workers)."""
+    proc = launch([*TINY, "data=shards", f"data.path={dataset[0]}", "model.vocab_size=259",
+                   "data.epochs=1", "trainer.max_steps=1000", f"run_dir={tmp_path}"])  # fmt: skip
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "the data ran out during step" in proc.stderr and "Raise data.epochs" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_model_vocab_smaller_than_the_tokenizer_is_refused(dataset: tuple[Path, list[str]]) -> None:

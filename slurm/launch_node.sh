@@ -15,7 +15,7 @@
 #   NPROC_PER_NODE  training processes on this node    [Slurm's GPUs on the node, else nvidia-smi's
 #                                                       count, else 1 (CPU)]
 #
-# Exit code: the training's own (0 done, 2 bad config, 3 diverged, 75 stopped by a signal
+# Exit code: the training's own (0 done, 2 bad config, 3 diverged, 4 bad data, 75 stopped by a signal
 # after saving its checkpoint: run again to resume); 124 when not every node joined in time.
 # Stopping: send SIGUSR1 (or SIGTERM) to the training processes, or SIGTERM to torchrun. This
 # script and torchrun ignore SIGUSR1, so a signal sent to the whole job step (Slurm's
@@ -57,7 +57,7 @@ echo "[$host] torchrun: node of $nnodes x $nproc process(es), rendezvous $endpoi
 
 trap '' USR1  # inherited by torchrun; the training processes install their own handler
 report=$(mktemp)
-# Each training process also writes its exit code here (2 bad config, 3 diverged, 75 saved
+# Each training process also writes its exit code here (2 bad config, 3 diverged, 4 data, 75 saved
 # and stopped): torchrun's report of the codes is lost when the first node's torchrun, which
 # holds the rendezvous store, exits while this node's processes are still exiting.
 export PRETRAIN_EXIT_DIR=$(mktemp -d)

@@ -226,6 +226,28 @@ def check_same_tokenizer(ckpt: Path, tokenizer: str | None) -> None:
         )
 
 
+def check_same_data_tokenizer(
+    ckpt: Path, saved_sha256: str | None, data_sha256: str | None, allow: bool
+) -> None:
+    """Refuse to resume `ckpt` on shards whose manifest names another tokenizer than the data
+    it was trained on (data.tokenizer need not be set); `allow`
+    (data.allow_tokenizer_change) turns that into a warning."""
+    if not saved_sha256 or not data_sha256 or saved_sha256 == data_sha256:
+        return
+    what = (f"{ckpt} was trained on data tokenized by sha256 {saved_sha256[:12]}, but this "
+            f"run's shards were tokenized by sha256 {data_sha256[:12]}")  # fmt: skip
+    if allow:
+        log.warning("%s: resuming anyway (data.allow_tokenizer_change=true)", what)
+        return
+    from pretrain.data.stream import DataError
+
+    raise DataError(
+        f"{what}: every token id would mean other text. Use the data the run was trained on, "
+        "set data.allow_tokenizer_change=true if the change is meant, or start afresh "
+        "(checkpoint.resume=none or another run_dir)"
+    )
+
+
 def _checkpoint_tokenizer(ckpt: Path) -> Any | None:
     path = ckpt / TOKENIZER_FILE
     if not path.is_file():

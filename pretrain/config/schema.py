@@ -99,6 +99,10 @@ class ShardsDataSchema:
     """Micro-batches a worker sends at once: one transfer per chunk, not per micro-batch."""
     tokenizer: str | None = None
     """Optional tokenizer.json the shards must have been made with (checked at start)."""
+    allow_tokenizer_change: bool = False
+    """Resume a checkpoint on shards of another tokenizer than it was trained on (or mix
+    sources of different tokenizers). Off: refused, since every token id would mean other
+    text; on: warned about (e.g. continued pretraining after a vocabulary change)."""
 
 
 @dataclass

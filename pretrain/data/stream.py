@@ -514,6 +514,11 @@ class TokenLoader:
         self.tokenizer = tokenizer
         """The tokenizer file (or `bytes`) the shards were made with, when known: checkpoints
         carry a copy, so an exported model comes with its tokenizer."""
+        self.tokenizer_sha256: str | None = None
+        """The fingerprint of the tokenizer the shards' manifests name (None for globs and
+        URLs): checkpoints keep it, and a resume on other data is refused."""
+        self.allow_tokenizer_change = False
+        """data.allow_tokenizer_change: resume on data of another tokenizer (warned about)."""
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.dataset.chunk = chunk_batches if num_workers > 0 else 1
         self.positions: dict[int, ReaderState] = {}
@@ -663,6 +668,7 @@ def build_loader(
     sources: Sequence[Mapping[str, Any]] = (),
     tokenizer: str | None = None,
     pin_memory: bool | None = None,
+    allow_tokenizer_change: bool = False,
 ) -> TokenLoader:
     """data=shards: check each shard set against the model and the world, then stream them.
 
@@ -679,6 +685,7 @@ def build_loader(
     readers = max(num_workers, 1)
     expected_tokenizer = fingerprint(load_tokenizer(tokenizer)) if tokenizer is not None else ""
     sets: list[list[Shard]] = []
+    fingerprints: dict[str, str] = {}  # tokenizer sha256 -> a source made with it
     for src, weight in specs:
         if weight <= 0:
             raise DataError(f"data.sources: {src} has weight {weight}; weights must be > 0")
@@ -691,6 +698,8 @@ def build_loader(
                 f"{str(shard_set.tokenizer_sha256)[:12]}, not data.tokenizer={tokenizer} "
                 f"({expected_tokenizer[:12]}): re-run tools/prepare_data.py with that tokenizer"
             )
+        if shard_set.tokenizer_sha256:
+            fingerprints.setdefault(shard_set.tokenizer_sha256, src)
         _check_enough(shard_set, src, split, world_size * readers, seq_len, world_size)
         missing = [u for u in shard_set.urls if not _is_remote(u) and not Path(u).is_file()]
         if missing:
@@ -706,7 +715,19 @@ def build_loader(
     )  # fmt: skip
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    return TokenLoader(dataset, num_workers, pin_memory, prefetch_factor, chunk_batches, tokenizer)
+    if len(fingerprints) > 1 and not allow_tokenizer_change:
+        raise DataError(
+            f"data.sources were tokenized by {len(fingerprints)} different tokenizers "
+            f"({', '.join(f'{v}: {k[:12]}' for k, v in fingerprints.items())}): the same token "
+            "id would mean different text. Re-tokenize them with one tokenizer, or set "
+            "data.allow_tokenizer_change=true if that is meant"
+        )
+    loader = TokenLoader(
+        dataset, num_workers, pin_memory, prefetch_factor, chunk_batches, tokenizer
+    )
+    loader.tokenizer_sha256 = next(iter(fingerprints), None) if len(fingerprints) == 1 else None
+    loader.allow_tokenizer_change = allow_tokenizer_change
+    return loader
 
 
 def _check_enough(

@@ -22,6 +22,7 @@ from pretrain.checkpoint import manager as checkpoint
 from pretrain.checkpoint import reshard
 from pretrain.checkpoint.export import (
     TOKENIZER_FILE,
+    check_same_data_tokenizer,
     check_same_tokenizer,
     export_hf,
     load_hf_weights,
@@ -71,9 +72,14 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
     layout = (run.world_size, run.deepspeed.zero_stage)
     saved_layout, universal = layout, False
     if resume_from is not None and checkpoint.is_complete(resume_from):
-        saved = checkpoint.read_client_state(resume_from)["config"]
+        client = checkpoint.read_client_state(resume_from)
+        saved = client["config"]
         check_same_model(saved, run, resume_from)
-        check_same_tokenizer(resume_from, getattr(data, "tokenizer", None))
+        allow = getattr(data, "allow_tokenizer_change", False)
+        check_same_data_tokenizer(resume_from, client.get("data_tokenizer_sha256"),
+                                  getattr(data, "tokenizer_sha256", None), allow)  # fmt: skip
+        if not allow:
+            check_same_tokenizer(resume_from, getattr(data, "tokenizer", None))
         saved_layout = reshard.saved_layout(saved)
         universal = reshard.needs_universal(saved_layout, layout, resume_from)
         if universal:
@@ -129,6 +135,7 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
             "trainer": s.state_dict(),
             "config": run.as_dict,
             "wandb_run_id": loggers.wandb_run_id if loggers else None,
+            "data_tokenizer_sha256": getattr(data, "tokenizer_sha256", None),
         }
         path = checkpoint.save(
             engine, ckpt_dir, s.step, client_state, {"data": data.state_dict()}, files

@@ -462,6 +462,59 @@ def test_shards_from_another_tokenizer_are_refused(
     build_loader(str(dataset[0]), 512, SEQ, 1, seed=0, tokenizer="bytes")  # the right one
 
 
+@pytest.fixture(scope="module")
+def bpe_dataset(dataset: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same documents as `dataset`, tokenized by a 300-token BPE instead of bytes."""
+    root = tmp_path_factory.mktemp("bpe")
+    docs = dataset[1]
+    tokenizer.train_bpe(docs * 3, vocab_size=300).save(str(root / "bpe.json"))
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    shards.prepare([root / "corpus.jsonl"], root / "bpe.json", root / "shards",
+                   shard_tokens=1000, member_tokens=300, val_fraction=0.1,
+                   progress=False)  # fmt: skip
+    return root / "shards"
+
+
+def test_sources_of_different_tokenizers_are_not_mixed(
+    dataset: tuple[Path, list[str]], bpe_dataset: Path
+) -> None:
+    sources = [{"path": str(dataset[0])}, {"path": str(bpe_dataset)}]
+    with pytest.raises(DataError, match=r"2 different tokenizers.*allow_tokenizer_change"):
+        build_loader(None, 300, SEQ, 1, seed=0, sources=sources, num_workers=0)
+    mixed = build_loader(None, 300, SEQ, 1, seed=0, sources=sources, num_workers=0,
+                         allow_tokenizer_change=True)  # fmt: skip
+    assert mixed.tokenizer_sha256 is None  # no one tokenizer to hold a resume to
+    alone = build_loader(str(bpe_dataset), 300, SEQ, 1, seed=0, num_workers=0)
+    manifest = json.loads((bpe_dataset / "manifest.json").read_text())
+    assert alone.tokenizer_sha256 == manifest["tokenizer_sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_resume_on_another_tokenizers_data_is_refused_unless_allowed(
+    dataset: tuple[Path, list[str]], bpe_dataset: Path, tmp_path: Path
+) -> None:
+    """data.tokenizer unset: the checkpoint keeps the fingerprint its data's manifest names,
+    and resuming on shards of another tokenizer exits 4, unless the change is allowed."""
+    run = [*TINY, "data=shards", "model.vocab_size=300", "trainer.max_steps=4",
+           f"run_dir={tmp_path}"]  # fmt: skip
+    train(tmp_path, [*run, f"data.path={dataset[0]}", "trainer.stop_at_step=2",
+                     "checkpoint.save_final=true"])  # fmt: skip
+    proc = launch([*run, f"data.path={bpe_dataset}"])
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "was trained on data tokenized by sha256" in proc.stderr
+    assert "data.allow_tokenizer_change=true" in proc.stderr and "Traceback" not in proc.stderr
+    allowed = launch([*run, f"data.path={bpe_dataset}", "data.allow_tokenizer_change=true"])
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "resuming anyway (data.allow_tokenizer_change=true)" in allowed.stderr
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
 def test_zstd_jsonl_corpus(tmp_path: Path) -> None:
     zstandard = pytest.importorskip("zstandard")
     lines = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)).encode()

@@ -208,34 +208,24 @@ def write_tokenizer(tokenizer: Any, out: Path, model_max_length: int) -> None:
     )
 
 
-def check_same_tokenizer(ckpt: Path, tokenizer: str | None) -> None:
-    """Refuse to resume `ckpt` with data made by another tokenizer than the one it carries."""
-    saved = _checkpoint_tokenizer(ckpt)
-    if saved is None or tokenizer is None:
-        return
-    from pretrain.data.tokenizer import fingerprint
-    from pretrain.data.tokenizer import load as load_tokenizer
-
-    theirs, ours = fingerprint(saved), fingerprint(load_tokenizer(tokenizer))
-    if theirs != ours:
-        raise ValueError(
-            f"{ckpt} was trained with another tokenizer (sha256 {theirs[:12]}) than this run's "
-            f"data uses ({tokenizer}, sha256 {ours[:12]}): the token ids would mean other "
-            "things. Use the data the run was trained on, or checkpoint.resume=none (or "
-            "another run_dir) to start afresh."
-        )
-
-
-def check_same_data_tokenizer(
-    ckpt: Path, saved_sha256: str | None, data_sha256: str | None, allow: bool
+def check_same_tokenizer(
+    ckpt: Path, saved_sha256: str | None, data_sha256: str | None, allow: bool = False
 ) -> None:
-    """Refuse to resume `ckpt` on shards whose manifest names another tokenizer than the data
-    it was trained on (data.tokenizer need not be set); `allow`
-    (data.allow_tokenizer_change) turns that into a warning."""
+    """Refuse to resume `ckpt` on data of another tokenizer than the run was trained on.
+
+    `saved_sha256` is the fingerprint the checkpoint recorded for its data (older
+    checkpoints: that of the tokenizer.json they carry, if any); `data_sha256` that of this
+    run's data (its manifest, or data.tokenizer). `allow` (data.allow_tokenizer_change)
+    turns the refusal into a warning.
+    """
+    if saved_sha256 is None and (saved := _checkpoint_tokenizer(ckpt)) is not None:
+        from pretrain.data.tokenizer import fingerprint
+
+        saved_sha256 = fingerprint(saved)
     if not saved_sha256 or not data_sha256 or saved_sha256 == data_sha256:
         return
     what = (f"{ckpt} was trained on data tokenized by sha256 {saved_sha256[:12]}, but this "
-            f"run's shards were tokenized by sha256 {data_sha256[:12]}")  # fmt: skip
+            f"run's data was tokenized by sha256 {data_sha256[:12]}")  # fmt: skip
     if allow:
         log.warning("%s: resuming anyway (data.allow_tokenizer_change=true)", what)
         return

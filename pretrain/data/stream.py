@@ -453,8 +453,7 @@ class ShardStream(IterableDataset):
         """The piece's tokens from offset `skip`, checked against the vocabulary."""
         read = skip
         try:
-            stop = piece.stop
-            for tokens in read_members(piece.url, piece.start + skip, stop):
+            for tokens in read_members(piece.url, piece.start + skip, piece.stop):
                 read += len(tokens)
                 if tokens.size and int(tokens.max()) >= self.vocab_size:
                     raise DataError(
@@ -515,8 +514,9 @@ class TokenLoader:
         """The tokenizer file (or `bytes`) the shards were made with, when known: checkpoints
         carry a copy, so an exported model comes with its tokenizer."""
         self.tokenizer_sha256: str | None = None
-        """The fingerprint of the tokenizer the shards' manifests name (None for globs and
-        URLs): checkpoints keep it, and a resume on other data is refused."""
+        """The fingerprint of the tokenizer the shards were made with (their manifests', or
+        data.tokenizer's; None when neither says): checkpoints keep it, and a resume on data
+        of another tokenizer is refused."""
         self.allow_tokenizer_change = False
         """data.allow_tokenizer_change: resume on data of another tokenizer (warned about)."""
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
@@ -725,7 +725,8 @@ def build_loader(
     loader = TokenLoader(
         dataset, num_workers, pin_memory, prefetch_factor, chunk_batches, tokenizer
     )
-    loader.tokenizer_sha256 = next(iter(fingerprints), None) if len(fingerprints) == 1 else None
+    one = next(iter(fingerprints)) if len(fingerprints) == 1 else None
+    loader.tokenizer_sha256 = one or expected_tokenizer or None  # a glob: data.tokenizer's
     loader.allow_tokenizer_change = allow_tokenizer_change
     return loader
 

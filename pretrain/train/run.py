@@ -22,7 +22,6 @@ from pretrain.checkpoint import manager as checkpoint
 from pretrain.checkpoint import reshard
 from pretrain.checkpoint.export import (
     TOKENIZER_FILE,
-    check_same_data_tokenizer,
     check_same_tokenizer,
     export_hf,
     load_hf_weights,
@@ -75,11 +74,9 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
         client = checkpoint.read_client_state(resume_from)
         saved = client["config"]
         check_same_model(saved, run, resume_from)
-        allow = getattr(data, "allow_tokenizer_change", False)
-        check_same_data_tokenizer(resume_from, client.get("data_tokenizer_sha256"),
-                                  getattr(data, "tokenizer_sha256", None), allow)  # fmt: skip
-        if not allow:
-            check_same_tokenizer(resume_from, getattr(data, "tokenizer", None))
+        check_same_tokenizer(resume_from, client.get("data_tokenizer_sha256"),
+                             getattr(data, "tokenizer_sha256", None),
+                             getattr(data, "allow_tokenizer_change", False))  # fmt: skip
         saved_layout = reshard.saved_layout(saved)
         universal = reshard.needs_universal(saved_layout, layout, resume_from)
         if universal:

@@ -113,15 +113,21 @@ def test_import_refuses_another_shape_naming_each_key(tmp_path: Path) -> None:
 
 
 def test_resuming_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    """A checkpoint that recorded no fingerprint (older ones) is held to the tokenizer.json
+    it carries; one without either has nothing to check."""
     from pretrain.checkpoint.export import check_same_tokenizer
-    from pretrain.data.tokenizer import train_bpe
+    from pretrain.data.stream import DataError
+    from pretrain.data.tokenizer import fingerprint, train_bpe
 
     ckpt = tmp_path / "step_2"
     ckpt.mkdir()
     byte_tokenizer().save(str(ckpt / "tokenizer.json"))
-    check_same_tokenizer(ckpt, "bytes")  # the same one: fine
-    other = tmp_path / "bpe.json"
-    train_bpe(["def f(x):\n    return x\n"] * 50, 300).save(str(other))
-    with pytest.raises(ValueError, match="trained with another tokenizer"):
-        check_same_tokenizer(ckpt, str(other))
-    check_same_tokenizer(tmp_path, str(other))  # a checkpoint without one: nothing to check
+    ours = fingerprint(byte_tokenizer())
+    check_same_tokenizer(ckpt, None, ours)  # the same one: fine
+    other = fingerprint(train_bpe(["def f(x):\n    return x\n"] * 50, 300))
+    with pytest.raises(DataError, match="was trained on data tokenized by sha256"):
+        check_same_tokenizer(ckpt, None, other)
+    with pytest.raises(DataError, match="allow_tokenizer_change"):
+        check_same_tokenizer(tmp_path, ours, other)  # the fingerprint the checkpoint recorded
+    check_same_tokenizer(tmp_path, ours, other, allow=True)  # warned about, not refused
+    check_same_tokenizer(tmp_path, None, other)  # a checkpoint without either: nothing to check

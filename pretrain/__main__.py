@@ -8,9 +8,7 @@ DeepSpeed engine -> data -> Trainer.fit(). Only this module sees the raw Hydra c
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 import hydra
@@ -27,13 +25,8 @@ log = logging.getLogger("pretrain")
 
 
 def _exit(code: int) -> NoReturn:
-    """sys.exit(code), first writing the code to $PRETRAIN_EXIT_DIR/rank<RANK> when that is
-    set. slurm/launch_node.sh reads it there: torchrun's own report of its processes' codes
-    is lost when it loses the rendezvous store first (the first node's torchrun exits as soon
-    as its processes do, while another node's are still exiting)."""
-    directory = os.environ.get("PRETRAIN_EXIT_DIR")
-    if directory:
-        Path(directory, f"rank{os.environ.get('RANK', '0')}").write_text(f"{code}\n")
+    """sys.exit(code), first recording the code for slurm/launch_node.sh."""
+    dist.write_exit_code(code)
     sys.exit(code)
 
 
@@ -59,10 +52,13 @@ def _hydra_main(cfg: DictConfig) -> None:
         if dist.is_main():
             log.error("%s", e)
         _exit(2)
-    dist.init(run.device_type)
+    dist.init(run.device_type, dist.process_group_timeout(run.trainer.hang_timeout_s))
     dist.setup_logging()
     try:
         train(run)
+        # Every rank done before any closes its connections: a rank that shuts gloo down
+        # while another still finishes its last messages can abort that one at exit.
+        dist.barrier()
     except Preempted as e:
         log.warning("%s: checkpoint saved; run the same command to resume", e)
         _exit(EXIT_PREEMPTED)

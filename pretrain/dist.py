@@ -12,6 +12,7 @@ import os
 import random
 import socket
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,10 +45,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PROCESS_GROUP_SLACK_S = 120.0
+"""The process group's timeout is trainer.hang_timeout_s plus this: the watchdog, which names
+the stuck rank, speaks first; the timeout bounds the collectives it does not watch (set-up)."""
+
+
+def process_group_timeout(hang_timeout_s: float) -> float:
+    """Seconds any collective may wait: hang_timeout_s + slack, or torch's 30 min when off."""
+    return hang_timeout_s + PROCESS_GROUP_SLACK_S if hang_timeout_s else 1800.0
+
+
 def init(device_type: str, timeout_s: float = 600.0) -> torch.device:
     """Join (or, without a launcher, create) the default process group; return this rank's device.
 
-    gloo on CPU, nccl on CUDA. Safe to call twice.
+    gloo on CPU, nccl on CUDA; a collective that waits `timeout_s` raises. Safe to call twice.
     """
     if "RANK" not in os.environ:  # plain `python -m pretrain`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
@@ -64,6 +75,16 @@ def init(device_type: str, timeout_s: float = 600.0) -> torch.device:
             timeout=timedelta(seconds=timeout_s),
         )
     return device
+
+
+def write_exit_code(code: int) -> None:
+    """Write `code` to $PRETRAIN_EXIT_DIR/rank<RANK> when that is set. slurm/launch_node.sh
+    reads it there: torchrun's own report of its processes' codes is lost when it loses the
+    rendezvous store first (the first node's torchrun exits as soon as its processes do,
+    while another node's are still exiting)."""
+    directory = os.environ.get("PRETRAIN_EXIT_DIR")
+    if directory:
+        Path(directory, f"rank{os.environ.get('RANK', '0')}").write_text(f"{code}\n")
 
 
 def destroy() -> None:

@@ -15,8 +15,9 @@
 #   NPROC_PER_NODE  training processes on this node    [Slurm's GPUs on the node, else nvidia-smi's
 #                                                       count, else 1 (CPU)]
 #
-# Exit code: the training's own (0 done, 2 bad config, 3 diverged, 4 bad data, 75 stopped by a signal
-# after saving its checkpoint: run again to resume); 124 when not every node joined in time.
+# Exit code: the training's own (0 done, 2 bad config, 3 diverged, 4 bad data, 5 hung: some rank
+# made no progress for trainer.hang_timeout_s, 75 stopped by a signal after saving its checkpoint:
+# run again to resume); 124 when not every node joined in time.
 # Stopping: send SIGUSR1 (or SIGTERM) to the training processes, or SIGTERM to torchrun. This
 # script and torchrun ignore SIGUSR1, so a signal sent to the whole job step (Slurm's
 # --signal, scancel -s USR1) reaches the training processes without killing their parents.
@@ -57,8 +58,8 @@ echo "[$host] torchrun: node of $nnodes x $nproc process(es), rendezvous $endpoi
 
 trap '' USR1  # inherited by torchrun; the training processes install their own handler
 report=$(mktemp)
-# Each training process also writes its exit code here (2 bad config, 3 diverged, 4 data, 75 saved
-# and stopped): torchrun's report of the codes is lost when the first node's torchrun, which
+# Each training process also writes its exit code here (2 bad config, 3 diverged, 4 data, 5 hung,
+# 75 saved and stopped): torchrun's report of the codes is lost when the first node's torchrun, which
 # holds the rendezvous store, exits while this node's processes are still exiting.
 export PRETRAIN_EXIT_DIR=$(mktemp -d)
 torchrun \
@@ -85,6 +86,8 @@ if ((rc != 0)); then
     if [[ $(wc -l <<<"$codes") -eq 1 ]]; then
       rc=$codes
       ((rc < 0)) && rc=$((128 - rc))  # killed by signal N: 128 + N, as a shell reports it
+    elif grep -qx 5 <<<"$codes"; then
+      rc=5  # a rank found the job hung: the others' codes are torchrun stopping them
     fi
     if ((rc == 75)); then
       echo "[$host] the training processes stopped on a signal after saving a checkpoint" \

@@ -17,6 +17,8 @@
 # checkpoint and exit 75; this script then requeues the job (scontrol requeue), which
 # starts again from that checkpoint. `scontrol requeue JOBID` (SIGTERM, then a restart)
 # and a preempting partition work too: the SIGTERM also saves, within Slurm's KillWait.
+# A hang (a rank with no progress for trainer.hang_timeout_s: exit 5) is requeued the same
+# way, resuming from the newest checkpoint; MAX_REQUEUES bounds both.
 #
 # Environment: NPROC_PER_NODE (processes per node; default the GPUs on the node, else 1),
 # RDZV_PORT (rendezvous port on the first node; default derived from the job id),
@@ -83,9 +85,11 @@ if ((terminated)); then
   # srun stops relaying output once Slurm tears the step down, so the save is not logged.
   echo "job $SLURM_JOB_ID: SIGTERM (requeue, preemption or cancel): the training processes" \
     "saved a checkpoint if they had time (KillWait); Slurm requeues or ends the job"
-elif ((rc == 75)); then
+elif ((rc == 75 || rc == 5)); then
   if ((restarts < ${MAX_REQUEUES:-20})); then
-    echo "job $SLURM_JOB_ID: stopped by a signal, checkpoint saved; requeueing"
+    why="stopped by a signal, checkpoint saved"
+    ((rc == 5)) && why="a rank hung (trainer.hang_timeout_s): resuming from the newest checkpoint"
+    echo "job $SLURM_JOB_ID: $why; requeueing"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     echo "error: scontrol requeue $SLURM_JOB_ID failed; submit the same command to resume" >&2
   else

@@ -124,6 +124,10 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     ):
         if getattr(trainer, key) < 1:
             errors.append(f"trainer.{key}={getattr(trainer, key)}: must be >= 1")
+    if trainer.hang_timeout_s < 0:
+        errors.append(
+            f"trainer.hang_timeout_s={trainer.hang_timeout_s}: must be >= 0 (0: no hang timeout)"
+        )
     tokens = trainer.global_batch_tokens
     if tokens is not None and trainer.seq_len >= 1:
         if tokens < 1 or tokens % trainer.seq_len:

@@ -156,6 +156,9 @@ def read_members(url: str, start: int = 0, stop: int | None = None) -> Iterator[
     except tarfile.TarError as e:
         raise DataError(f"shard {url} is corrupt or truncated ({e}): re-create it with "
                         "tools/prepare_data.py, or set data.on_corrupt=skip") from e  # fmt: skip
+    except OSError as e:  # an I/O error, or a pipe: command that failed
+        raise DataError(f"shard {url} could not be read ({e}): check the file system or "
+                        "the URL, or set data.on_corrupt=skip") from e  # fmt: skip
     finally:
         stream.close()
 

@@ -41,6 +41,7 @@ from pretrain.train.profiling import StepProfiler
 from pretrain.train.signals import Preempted, StopSignals
 from pretrain.train.state import TrainState
 from pretrain.train.trainer import Trainer
+from pretrain.train.watchdog import Watchdog
 
 log = logging.getLogger("pretrain")
 
@@ -50,11 +51,12 @@ def train(run: RunConfig) -> TrainState:
 
     Raises `Preempted` after a stop signal, once the checkpoint of that step is committed.
     """
-    with StopSignals() as signals:  # from the start: a stop during set-up ends after step 1
-        return _train(run, signals)
+    # From the start: a stop during set-up ends after step 1.
+    with StopSignals() as signals, Watchdog(run.trainer.hang_timeout_s) as watchdog:
+        return _train(run, signals, watchdog)
 
 
-def _train(run: RunConfig, signals: StopSignals) -> TrainState:
+def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainState:
     if dist.is_main():
         for warning in schedule_warnings(run.optim, run.trainer.max_steps):
             log.warning("%s", warning)
@@ -146,7 +148,7 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
         save=save, save_every=run.checkpoint.every_steps,
         save_every_minutes=run.checkpoint.every_minutes, signals=signals,
         throughput=throughput, profiler=profiler, evaluate=build_evaluator(run, engine, data),
-        clip=trainer_clip(run),
+        clip=trainer_clip(run), watchdog=watchdog,
     )  # fmt: skip
     try:
         start = state.step
@@ -154,6 +156,7 @@ def _train(run: RunConfig, signals: StopSignals) -> TrainState:
         just_saved = trainer.last_saved_step == state.step
         final = run.checkpoint.save_final or run.checkpoint.export_hf
         if final and state.step > start and not just_saved:
+            watchdog.at(state.step, "save")
             save(state)
         if run.checkpoint.export_hf and trainer.stop_signal is None:
             if dist.is_main():

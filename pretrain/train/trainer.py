@@ -28,6 +28,7 @@ from pretrain.train.metrics import Throughput, fp16_metrics, memory_metrics
 from pretrain.train.profiling import StepProfiler
 from pretrain.train.signals import StopSignals
 from pretrain.train.state import TrainState
+from pretrain.train.watchdog import Watchdog
 
 log = logging.getLogger("pretrain")
 
@@ -83,9 +84,11 @@ class Trainer:
         profiler: StepProfiler | None = None,
         evaluate: Callable[[], dict[str, float]] | None = None,
         clip: float | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         """`clip`: engine.deepspeed.trainer_clip(run), the max gradient norm this trainer
-        clips to (0: none) where DeepSpeed does not clip; None where DeepSpeed does."""
+        clips to (0: none) where DeepSpeed does not clip; None where DeepSpeed does.
+        `watchdog`: told each phase of each step (data, compute, sync, eval, save)."""
         self.engine, self.data, self.cfg = engine, data, cfg
         self.grad_accum, self.tokens_per_step = grad_accum, tokens_per_step
         self.loggers = loggers or Loggers([])
@@ -105,6 +108,11 @@ class Trainer:
         self._clip = clip
         self._params = list(engine.module.parameters()) if clip is not None else []
         self._gate = UpdateGate(engine.client_optimizer)
+        self.watchdog = watchdog
+
+    def _at(self, phase: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.at(self.state.step + (phase not in ("eval", "save")), phase)
 
     def fit(self) -> TrainState:
         """Train from `state.step` to the last step; returns the final state."""
@@ -131,6 +139,7 @@ class Trainer:
             record = self._metrics(result, lr, step_time)
             evaluated = self._eval_due(last) and not result.stop  # a stop saves in its grace
             if evaluated:
+                self._at("eval")
                 record.update(self.evaluate())
             self.loggers.log(record, self.state.step)
             if evaluated and self._patience_ran_out(record["val_loss"]):
@@ -141,6 +150,7 @@ class Trainer:
             # divergence); a stop request saves regardless: the weights are the last good ones.
             due = (periodic or result.save_due) and not result.skipped
             if self.save and (due or result.stop or self.state.stopped_early):
+                self._at("save")
                 self.save(self.state)
                 self.last_saved_step = self.state.step
                 self._last_save_time = time.monotonic()
@@ -224,13 +234,17 @@ class Trainer:
         data_wait = 0.0
         for i in range(self.grad_accum):
             t0 = time.perf_counter()
+            self._at("data")
             batch = self._next_batch().to(engine.device, non_blocking=True)  # (B, T + 1)
             data_wait += time.perf_counter() - t0
+            self._at("compute")
             loss = engine(batch[:, :-1], batch[:, 1:])
             engine.backward(loss)
             losses.append(loss.detach().float())
             if i == self.grad_accum - 1:
+                self._at("sync")
                 agreed = self._agree(torch.stack(losses))
+                self._at("compute")
                 self._gate.skip = agreed.skipped
                 if self._clip is not None:  # before step(), which clears the gradients
                     grad_norm = clip_gradients(self._params, self._clip)

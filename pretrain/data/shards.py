@@ -3,8 +3,11 @@
 Each shard is a tar of members `<n>.u16` (or `.u32` when the vocabulary exceeds 65,536):
 raw little-endian token ids, a contiguous piece of the stream of EOS-separated documents.
 Members hold ~64K tokens, so reading is a few large sequential reads rather than one small
-read per document. Packing into training windows happens in the loader, so a new `seq_len`
-needs no re-sharding. A document goes to the validation split when its hash says so, which
+read per document. Each member `<n>.u16` is preceded by `<n>.crc32`, the CRC-32 of its bytes
+(8 hex digits), and the manifest records each shard's token count and the CRC-32 of the whole
+file: the loader checks every member it reads, and a whole shard when it reads one.
+Packing into training windows happens in the loader, so a new `seq_len` needs no
+re-sharding. A document goes to the validation split when its hash says so, which
 keeps the split stable as the corpus grows. The same input gives the same shards.
 """
 
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +143,9 @@ class SplitWriter:
         member, rest = stream[:n], stream[n:]
         self._pending, self._pending_len = [rest], len(rest)
         key = f"{self._shard['members']:08d}"
-        self._writer.write({"__key__": key, dtype_suffix(self.dtype): member.tobytes()})
+        data = member.tobytes()
+        crc = f"{zlib.crc32(data):08x}".encode()
+        self._writer.write({"__key__": key, "crc32": crc, dtype_suffix(self.dtype): data})
         self._shard["members"] += 1
         self._shard["tokens"] += len(member)
         if self._shard["tokens"] >= self.shard_tokens:
@@ -147,6 +153,7 @@ class SplitWriter:
 
     def _close(self) -> None:
         self._writer.close()
+        self._shard["crc32"] = file_crc32(self._tmp)
         os.replace(self._tmp, self.out / self._shard["name"])
         self.shards.append(self._shard)
         self._writer = self._shard = None
@@ -157,6 +164,15 @@ class SplitWriter:
         if self._shard is not None:
             self._close()
         return self.shards
+
+
+def file_crc32(path: Path) -> str:
+    """The CRC-32 of a file's bytes, as 8 hex digits (what the manifest records per shard)."""
+    crc = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
 
 
 def prepare(

@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import tarfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,11 @@ class DataError(ValueError):
     """Bad data: the message names the shard or manifest at fault and what to do."""
 
 
+class CorruptShard(DataError):
+    """A shard whose bytes are wrong (truncated, unreadable, failing a checksum, token ids out
+    of range): `data.on_corrupt=skip` skips the rest of it and counts it."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding shards
 
@@ -62,6 +68,8 @@ class ShardSet:
     vocab_size: int | None = None
     tokenizer_sha256: str | None = None
     manifest: str | None = None
+    checksums: dict[str, str] | None = None
+    """url -> the CRC-32 of the whole shard file, where the manifest records one."""
 
 
 def find_shards(path: str, split: str = "train") -> ShardSet:
@@ -82,13 +90,15 @@ def find_shards(path: str, split: str = "train") -> ShardSet:
                     f"with --val-fraction > 0, or set trainer.eval_every_steps=0"
                 )
             shards = manifest[split]
-            urls = [str(local / s["name"]) for s in shards]
+            urls = [_inside(local, s["name"], manifest_path) for s in shards]
             tokens = [int(s["tokens"]) for s in shards]
             vocab = int(manifest["vocab_size"])
+            sums = {u: str(s["crc32"]) for u, s in zip(urls, shards, strict=True) if "crc32" in s}
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{manifest_path} is unreadable or incomplete ({e}): re-run "
                             "tools/prepare_data.py") from e  # fmt: skip
-        return ShardSet(urls, tokens, vocab, manifest.get("tokenizer_sha256"), str(manifest_path))
+        return ShardSet(urls, tokens, vocab, manifest.get("tokenizer_sha256"), str(manifest_path),
+                        sums)  # fmt: skip
     if split != "train":  # a glob or URL list has no splits: never evaluate on training data
         raise DataError(
             f"data.path={path} has no {split} split (only a directory with {MANIFEST} has "
@@ -107,6 +117,23 @@ def find_shards(path: str, split: str = "train") -> ShardSet:
     return ShardSet(urls)
 
 
+def _inside(directory: Path, name: object, manifest: Path) -> str:
+    """The path of shard `name` of a manifest, which must be a file name inside `directory`:
+    a manifest must not make the loader open files elsewhere (`../x.tar`, `/etc/passwd`)."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or Path(name).is_absolute()
+        or ".." in Path(name).parts
+    ):
+        raise DataError(
+            f"{manifest} names shard {name!r}, which is not inside {directory}: a manifest "
+            "lists shards by their names in its own directory. Re-run tools/prepare_data.py, "
+            "or point data.path at the shards you mean (a glob or URLs)"
+        )
+    return str(directory / name)
+
+
 def _is_remote(url: str) -> bool:
     return "://" in url or url.startswith("pipe:")
 
@@ -122,20 +149,78 @@ def _open(url: str) -> io.BufferedIOBase:
         raise DataError(f"shard {url} cannot be opened ({e.strerror}): is the path right?") from e
 
 
-def read_members(url: str, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+_GAP = 1 << 16
+"""Bytes a seek may pass over that the checksum still reads (tar padding, small members)."""
+
+
+class _Hashing(io.RawIOBase):
+    """A read-only stream that computes the CRC-32 of the bytes read through it, in order;
+    `crc()` is None once a seek has jumped over bytes that were never read."""
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        self.raw, self.pos, self.hashed, self._crc = raw, 0, 0, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self.raw.seekable()
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = self.raw.seek(offset, whence)
+        return self.pos
+
+    def read(self, size: int = -1) -> bytes:
+        if self.hashed is not None and 0 < self.pos - self.hashed <= _GAP and self.seekable():
+            self.raw.seek(self.hashed)  # tar padding a seek passed over: hash it too
+            self._crc = zlib.crc32(self.raw.read(self.pos - self.hashed), self._crc)
+            self.hashed = self.raw.tell()
+        data = self.raw.read(size)
+        if self.hashed is not None:
+            if self.pos > self.hashed:
+                self.hashed = None  # a gap: the whole-file checksum cannot be had
+            elif self.pos + len(data) > self.hashed:
+                self._crc = zlib.crc32(data[self.hashed - self.pos :], self._crc)
+                self.hashed = self.pos + len(data)
+        self.pos += len(data)
+        return data
+
+    def crc(self) -> str | None:
+        """The whole file's CRC-32 after reading what is left; None after a gap."""
+        while self.hashed is not None and self.read(1 << 20):
+            pass
+        return None if self.hashed is None else f"{self._crc:08x}"
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def read_members(
+    url: str, start: int = 0, stop: int | None = None, crc32: str | None = None
+) -> Iterator[np.ndarray]:
     """Tokens [start, stop) of one shard (stop None: to its end), a member at a time.
 
     Members wholly before `start` are passed over by their tar headers: a local file seeks
     past them, a stream reads through them. When `stop` is given the shard must reach it.
+    Every member read is checked against its `.crc32` member, where the shard has them; a
+    read of the whole shard also against `crc32`, the manifest's checksum of the file.
     """
-    stream = _open(url)
+    stream = _Hashing(_open(url))
     at = 0  # shard token offset of the next member
+    sums: dict[str, str] = {}
     try:
         # "r:" seeks over the data of the members it passes; "r|" reads a stream through.
         mode = "r|" if _is_remote(url) else "r:"
         with tarfile.open(fileobj=stream, mode=mode) as tar:
             for info in tar:
-                suffix = info.name.rsplit(".", 1)[-1]
+                key, _, suffix = info.name.rpartition(".")
+                if info.isfile() and suffix == "crc32" and info.size <= 16:
+                    sums[key] = tar.extractfile(info).read().decode("ascii", "replace").strip()
+                    continue
                 if not info.isfile() or suffix not in DTYPES:
                     continue
                 itemsize = DTYPES[suffix].itemsize
@@ -148,17 +233,23 @@ def read_members(url: str, start: int = 0, stop: int | None = None) -> Iterator[
                 data = tar.extractfile(info).read()
                 if len(data) != info.size or len(data) % itemsize:
                     raise tarfile.ReadError(f"member {info.name} is truncated")
+                expected = sums.pop(key, None)
+                if expected is not None and f"{zlib.crc32(data):08x}" != expected:
+                    raise tarfile.ReadError(f"member {info.name} fails its checksum")
                 tokens = np.frombuffer(data, dtype=DTYPES[suffix])
                 yield tokens[max(start - at, 0) : None if stop is None else stop - at]
                 at += n
         if stop is not None and at < stop:
             raise tarfile.ReadError(f"it ends at token {at:,}, the manifest says {stop:,} or more")
+        whole = start == 0 and (stop is None or stop == at)
+        if crc32 is not None and whole and stream.crc() not in (None, crc32):
+            raise tarfile.ReadError(f"the file fails the manifest's checksum (crc32 {crc32})")
     except tarfile.TarError as e:
-        raise DataError(f"shard {url} is corrupt or truncated ({e}): re-create it with "
-                        "tools/prepare_data.py, or set data.on_corrupt=skip") from e  # fmt: skip
+        raise CorruptShard(f"shard {url} is corrupt or truncated ({e}): re-create it with "
+                           "tools/prepare_data.py, or set data.on_corrupt=skip") from e  # fmt: skip
     except OSError as e:  # an I/O error, or a pipe: command that failed
-        raise DataError(f"shard {url} could not be read ({e}): check the file system or "
-                        "the URL, or set data.on_corrupt=skip") from e  # fmt: skip
+        raise CorruptShard(f"shard {url} could not be read ({e}): check the file system or "
+                           "the URL, or set data.on_corrupt=skip") from e  # fmt: skip
     finally:
         stream.close()
 
@@ -301,8 +392,11 @@ class ShardStream(IterableDataset):
         epochs: int | None = None,
         on_corrupt: str = "error",
         shuffle_windows: int = 512,
+        checksums: Mapping[str, str] | None = None,
     ) -> None:
+        """`checksums`: shard url -> the CRC-32 of its file (the manifests' records)."""
         self.sources, self.seq_len, self.micro = sources, seq_len, micro_batch_size
+        self.checksums = dict(checksums or {})
         total = float(sum(weights))
         self.weights = np.asarray([w / total for w in weights])
         self.seed, self.rank, self.world, self.readers = seed, rank, world_size, readers_per_rank
@@ -456,19 +550,22 @@ class ShardStream(IterableDataset):
         """The piece's tokens from offset `skip`, checked against the vocabulary."""
         read = skip
         try:
-            for tokens in read_members(piece.url, piece.start + skip, piece.stop):
+            crc = self.checksums.get(piece.url)
+            for tokens in read_members(piece.url, piece.start + skip, piece.stop, crc):
                 read += len(tokens)
                 if tokens.size and int(tokens.max()) >= self.vocab_size:
-                    raise DataError(
+                    raise CorruptShard(
                         f"shard {piece.url} holds token id {int(tokens.max())} >= "
-                        f"model.vocab_size={self.vocab_size}: the shards were made with a larger "
-                        "tokenizer; raise model.vocab_size or re-tokenize"
+                        f"model.vocab_size={self.vocab_size}. Either the shard is corrupt "
+                        "(re-create it with tools/prepare_data.py, or set data.on_corrupt=skip) "
+                        "or it was made with another, larger tokenizer (re-tokenize with the "
+                        "model's tokenizer, or raise model.vocab_size for a new run)"
                     )
                 yield tokens
-        except DataError as e:
-            if self.on_corrupt != "skip" or "corrupt" not in str(e):
+        except CorruptShard as e:
+            if self.on_corrupt != "skip":
                 raise
-            log.warning("skipping the rest of corrupt shard %s (data.on_corrupt=skip)", piece.url)
+            log.warning("skipping the rest of shard %s (data.on_corrupt=skip): %s", piece.url, e)
             self.skipped_shards += 1
         if piece.stop is None or read < piece.stop - piece.start:  # a skipped corruption
             self._read_lengths()[piece] = read
@@ -689,6 +786,7 @@ def build_loader(
     expected_tokenizer = fingerprint(load_tokenizer(tokenizer)) if tokenizer is not None else ""
     sets: list[list[Shard]] = []
     fingerprints: dict[str, str] = {}  # tokenizer sha256 -> a source made with it
+    checksums: dict[str, str] = {}
     for src, weight in specs:
         if weight <= 0:
             raise DataError(f"data.sources: {src} has weight {weight}; weights must be > 0")
@@ -712,9 +810,10 @@ def build_loader(
             )
         tokens = shard_set.tokens or [None] * len(shard_set.urls)
         sets.append(list(zip(shard_set.urls, tokens, strict=True)))
+        checksums.update(shard_set.checksums or {})
     dataset = ShardStream(
         sets, [w for _, w in specs], seq_len, micro_batch_size, seed, rank, world_size, readers,
-        vocab_size, epochs, on_corrupt, shuffle_windows,
+        vocab_size, epochs, on_corrupt, shuffle_windows, checksums,
     )  # fmt: skip
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

@@ -7,6 +7,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import io
 import json
 import shutil
 import threading
@@ -339,6 +340,130 @@ def test_a_pass_without_a_window_stops_instead_of_looping(
                           on_corrupt="skip")  # fmt: skip
     with pytest.raises(DataError, match=r"whole share of epoch 0 without one window.*train-0"):
         next(loader)
+
+
+def _first_train_shard(src: Path, dst: Path) -> tuple[Path, dict]:
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    return dst / manifest["train"][0]["name"], manifest["train"][0]
+
+
+def _member_offsets(shard: Path) -> list[int]:
+    """Byte offsets of the token members' data in a shard."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return [m.offset_data for m in tar.getmembers() if m.name.endswith(".u16")]
+
+
+def _read_all(shard_dir: Path, **kwargs: object) -> TokenLoader:
+    loader = build_loader(str(shard_dir), 259, SEQ, 1, seed=0, num_workers=0, epochs=1,
+                          **kwargs)  # fmt: skip
+    list(loader)
+    return loader
+
+
+def test_every_member_and_shard_carries_a_checksum(dataset: tuple[Path, list[str]]) -> None:
+    """The writer's records: a crc32 per shard in the manifest, one per member in the tar."""
+    import tarfile
+
+    manifest = json.loads((dataset[0] / "manifest.json").read_text())
+    for entry in manifest["train"] + manifest["val"]:
+        path = dataset[0] / entry["name"]
+        assert entry["crc32"] == shards.file_crc32(path)
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+        assert sorted(n for n in names if n.endswith(".crc32")) == sorted(
+            n.replace(".u16", ".crc32") for n in names if n.endswith(".u16")
+        )
+
+
+def test_zeroed_body_bytes_fail_the_member_checksum(
+    dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """Zeros written over token bytes (same size, valid tar): named as corrupt, or skipped
+    and counted under data.on_corrupt=skip."""
+    shard, _ = _first_train_shard(dataset[0], tmp_path / "s")
+    data = bytearray(shard.read_bytes())
+    at = _member_offsets(shard)[1]
+    data[at + 10 : at + 50] = bytes(40)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"shard {shard} is corrupt.*fails its checksum"):
+        _read_all(tmp_path / "s")
+    assert _read_all(tmp_path / "s", on_corrupt="skip").dataset.skipped_shards == 1
+
+
+def test_a_zeroed_first_header_is_caught_by_the_token_count(
+    dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """The tar reads as empty: the manifest's token count tells, instead of a silent
+    shorter epoch."""
+    shard, _ = _first_train_shard(dataset[0], tmp_path / "s")
+    data = bytearray(shard.read_bytes())
+    data[:512] = bytes(512)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"shard {shard} is corrupt.*the manifest says"):
+        _read_all(tmp_path / "s")
+    assert _read_all(tmp_path / "s", on_corrupt="skip").dataset.skipped_shards == 1
+
+
+def test_random_bytes_are_corrupt_not_a_bigger_tokenizer(
+    dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """Random bytes over a member (ids past the vocabulary, a tar without member checksums,
+    as older shards are): the message offers both causes, and skip skips the shard."""
+    import tarfile
+
+    shard, _ = _first_train_shard(dataset[0], tmp_path / "s")
+    members = {}
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            if m.name.endswith(".u16"):
+                members[m.name] = tar.extractfile(m).read()
+    first = sorted(members)[0]
+    members[first] = np.random.default_rng(0).bytes(len(members[first]))
+    with tarfile.open(shard, "w") as tar:
+        for name, data in sorted(members.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    del manifest["train"][0]["crc32"]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    both = r"token id \d+ >= model.vocab_size=259. Either the shard is corrupt .* or it was "
+    with pytest.raises(DataError, match=both + "made with another, larger tokenizer"):
+        _read_all(tmp_path / "s")
+    assert _read_all(tmp_path / "s", on_corrupt="skip").dataset.skipped_shards == 1
+
+
+def test_a_same_size_change_fails_the_whole_shard_checksum(
+    dataset: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """A changed byte outside any member and header (the padding after a member) passes
+    every other check; the manifest's checksum of the file catches it when the shard is
+    read whole."""
+    import tarfile
+
+    shard, _ = _first_train_shard(dataset[0], tmp_path / "s")
+    with tarfile.open(shard) as tar:
+        first = tar.getmembers()[0]  # 00000000.crc32: 8 bytes, then 504 of padding
+    data = bytearray(shard.read_bytes())
+    data[first.offset_data + 100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"fails the manifest's checksum"):
+        _read_all(tmp_path / "s")
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd", "sub/../../x.tar"])
+def test_a_shard_name_outside_the_dataset_is_refused(
+    dataset: tuple[Path, list[str]], tmp_path: Path, name: str
+) -> None:
+    shutil.copytree(dataset[0], tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["train"][0]["name"] = name
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"names shard .* which is not inside"):
+        build_loader(str(tmp_path / "s"), 259, SEQ, 1, seed=0, num_workers=0)
 
 
 def test_missing_shard_listed_in_the_manifest_is_named(

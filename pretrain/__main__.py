@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pretrain import dist
+from pretrain.checkpoint.manager import CheckpointError
 from pretrain.config import ConfigError, compose, conf_dir, register, resolve
 from pretrain.data.stream import DataError
 from pretrain.train.run import train
@@ -72,6 +73,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except DataError as e:
         log.error("%s", _data_message(e))
         _exit(EXIT_DATA)
+    except CheckpointError as e:  # a full disk, a corrupt or unsafe checkpoint: one message
+        log.error("%s", e)
+        _exit(1)
     finally:
         dist.destroy()
 

@@ -3,7 +3,8 @@
     python tools/inspect_ckpt.py RUN_DIR [--json]
 
 A checkpoint is complete when its commit marker (COMMITTED.json) lists every file at its
-size; only complete ones are ever resumed from or exported. Incomplete ones are what an
+size (and CRC-32, which resuming verifies); only complete ones are ever resumed from or
+exported. Incomplete ones are what an
 interrupted save left behind, safe to delete.
 """
 

@@ -48,11 +48,17 @@ def find_checkpoint(run_or_ckpt: Path) -> Path:
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of checkpoint `ckpt`, for any ZeRO stage and world size, on CPU."""
+    """The full fp32 weights of checkpoint `ckpt`, for any ZeRO stage and world size, on CPU
+    (loaded as data only: `manager.safe_loading`)."""
+    with manager.safe_loading(ckpt):
+        return _consolidated(ckpt)
+
+
+def _consolidated(ckpt: Path) -> dict[str, torch.Tensor]:
     stage = manager.read_client_state(ckpt)["config"]["deepspeed"]["zero_stage"]
     if stage == 0:  # every rank held everything; rank 0 saved the module whole
         states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)  # fmt: skip
+                            weights_only=True)  # fmt: skip
         module = states["module"]
         # With bf16, the fp32 master weights live in the optimizer's flat partitions.
         if next(iter(module.values())).dtype == torch.float32 or not any(

@@ -70,8 +70,9 @@ def convert(ckpt: Path) -> Path:
             input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
         )  # fmt: skip
-        ds_to_universal.main(args)
-        _normalize(tmp)
+        with manager.safe_loading(ckpt):
+            ds_to_universal.main(args)
+            _normalize(tmp)
         (tmp / _DONE).touch()
         os.replace(tmp, out)
     dist.barrier()
@@ -87,7 +88,7 @@ def _normalize(universal: Path) -> None:
         shutil.copyfile(universal / flat, universal / z3)
     zero = universal / "zero"
     state_file = zero / "optimizer_state.pt"
-    sd = torch.load(state_file, weights_only=False)
+    sd = torch.load(state_file, weights_only=True)
     groups = sd.get("param_groups") or sd["optimizer_state_dict"]["param_groups"]
     step = _adam_step(zero, sd)
     sd.setdefault("param_groups", groups)
@@ -97,14 +98,14 @@ def _normalize(universal: Path) -> None:
     torch.save(sd, state_file)
     # ZeRO-3 writes each state as a flat tensor; the stage 1-2 loader wants {"param": shaped}
     # (which the ZeRO-3 loader reads too) and a step per parameter.
-    model_states = torch.load(universal / flat, map_location="cpu", weights_only=False)
+    model_states = torch.load(universal / flat, map_location="cpu", weights_only=True)
     shapes = {n: s for group in model_states["param_shapes"] for n, s in group.items()}
     for param_dir in zero.iterdir():
         if not param_dir.is_dir():
             continue
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             f = param_dir / f"{key}.pt"
-            value = torch.load(f, weights_only=False) if f.exists() else None
+            value = torch.load(f, weights_only=True) if f.exists() else None
             if isinstance(value, torch.Tensor):
                 torch.save({"param": value.view(shapes[param_dir.name])}, f)
         if not (param_dir / "step.pt").exists():
@@ -114,7 +115,7 @@ def _normalize(universal: Path) -> None:
 def _adam_step(zero: Path, sd: dict[str, Any]) -> Any:
     if "optimizer_state_dict" in sd:  # written from ZeRO-3
         return sd["optimizer_state_dict"]["state"][0]["step"]
-    return torch.load(next(zero.glob("*/step.pt")), weights_only=False)
+    return torch.load(next(zero.glob("*/step.pt")), weights_only=True)
 
 
 def _ds_version() -> str:
@@ -156,14 +157,15 @@ def load(engine: Any, path: Path, universal: bool) -> tuple[dict[str, Any], list
     comes from the saved rank of the same number, or the last one.
     """
     kwargs = dict(load_optimizer_states=True, load_lr_scheduler_states=True)
-    if universal:
-        before = hyperparameters(engine)
-        engine.load_checkpoint(str(path), tag=UNIVERSAL, **kwargs)
-        restore_hyperparameters(engine, before)
-    else:
-        engine.load_checkpoint(str(path.parent), tag=path.name, **kwargs)
-    client_state = manager.read_client_state(path)
-    old_world, _ = saved_layout(client_state["config"])
-    saved = [torch.load(path / f"rank_{r}.pt", weights_only=False) for r in range(old_world)]
+    with manager.safe_loading(path):
+        if universal:
+            before = hyperparameters(engine)
+            engine.load_checkpoint(str(path), tag=UNIVERSAL, **kwargs)
+            restore_hyperparameters(engine, before)
+        else:
+            engine.load_checkpoint(str(path.parent), tag=path.name, **kwargs)
+        client_state = manager.read_client_state(path)
+        old_world, _ = saved_layout(client_state["config"])
+        saved = [torch.load(path / f"rank_{r}.pt", weights_only=True) for r in range(old_world)]
     manager.set_rng_state(saved[min(dist.rank(), old_world - 1)]["rng"])
     return client_state, saved

@@ -298,6 +298,10 @@ class CheckpointConfig:
     always leaves weights to export, evaluate and generate from; false opts out."""
     resume: str = "auto"
     """auto: the newest complete checkpoint in the run dir, if any | none | a step_N path."""
+    verify: bool = True
+    """Before resuming, check the chosen checkpoint's files against the CRC-32s its
+    COMMITTED.json records (the ranks read a share each; the time it took is logged) and fall
+    back to the one before on a mismatch, saying why; false loads unchecked."""
     keep_last: int = 3
     """Complete checkpoints kept (older ones deleted); 0 keeps all."""
     keep_every: int = 0

@@ -177,10 +177,21 @@ def resume_path(run: RunConfig, ckpt_dir: Path) -> Path | None:
     """The checkpoint to resume from: checkpoint.resume=auto|none|<step_N dir>."""
     if run.checkpoint.resume == "none":
         return None
-    if run.checkpoint.resume != "auto":
-        return Path(run.checkpoint.resume)
-    complete = checkpoint.complete_checkpoints(ckpt_dir)
-    return complete[-1] if complete else None
+    if run.checkpoint.resume == "auto":
+        return checkpoint.choose_resume(ckpt_dir, run.checkpoint.verify)
+    path = Path(run.checkpoint.resume)
+    problems = (
+        checkpoint.verify_timed(path)
+        if run.checkpoint.verify and checkpoint.is_complete(path)
+        else []
+    )
+    if problems:
+        raise checkpoint.CheckpointError(
+            f"checkpoint.resume={path} fails its checksums: {'; '.join(problems)}. Restore it "
+            "from a copy, or resume from another checkpoint (checkpoint.verify=false loads it "
+            "unchecked)"
+        )
+    return path
 
 
 # Fields that change what the weights mean; the others (attention kernel, dropout) may differ.

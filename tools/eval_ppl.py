@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import manager
-from pretrain.checkpoint.export import TOKENIZER_FILE
+from pretrain.checkpoint.export import TOKENIZER_FILE, check_same_tokenizer
 from pretrain.data.stream import DataError, build_loader
 from pretrain.data.tokenizer import eos_id
 from pretrain.eval.load import Loaded, load_model, pick_device
@@ -50,7 +50,13 @@ def score_shards(
     data = build_loader(
         args.data, loaded.model.config.vocab_size, seq_len, batch, seed=seed, split=args.split,
         num_workers=0, epochs=1, tokenizer=str(tokenizer) if tokenizer.is_file() else None,
+        allow_tokenizer_change=args.allow_tokenizer_change,
     )  # fmt: skip
+    if manager.is_complete(loaded.source):  # also for a checkpoint that carries no tokenizer
+        saved = manager.read_client_state(loaded.source).get("data_tokenizer_sha256")
+        check_same_tokenizer(loaded.source, saved, data.tokenizer_sha256,
+                             args.allow_tokenizer_change, "--allow-tokenizer-change",
+                             resuming=False)  # fmt: skip
     table = None
     if loaded.tokenizer is not None:
         table = byte_lengths(loaded.tokenizer, loaded.model.config.vocab_size)
@@ -98,6 +104,9 @@ def main() -> None:
         help="window shuffle seed (default: the trained seed, else 0)",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--allow-tokenizer-change", action="store_true",
+                        help="score shards made with another tokenizer than the model's data "
+                        "(refused by default: the ids would mean other text)")  # fmt: skip
     parser.add_argument("--output", type=Path, help="also write the figures here (JSON)")
     args = parser.parse_args()
     device = pick_device(args.device)

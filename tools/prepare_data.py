@@ -4,12 +4,16 @@
 
 Then train on it: python -m pretrain data=shards data.path=DIR. Re-running with the same
 inputs, tokenizer and settings does nothing; the manifest is written last, atomically.
+Documents that are not text (more than 1% of characters invalid UTF-8, or NUL characters:
+binary files, other encodings) are skipped, named in a warning and counted in the manifest
+(`rejected_documents`); a corpus with no text at all exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from pretrain.data import shards
 
@@ -24,16 +28,22 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.005, help="documents held out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    m = shards.prepare(
-        args.input, args.tokenizer, args.output, shard_tokens=args.shard_tokens,
-        member_tokens=args.member_tokens, val_fraction=args.val_fraction,
-    )  # fmt: skip
+    try:
+        m = shards.prepare(
+            args.input, args.tokenizer, args.output, shard_tokens=args.shard_tokens,
+            member_tokens=args.member_tokens, val_fraction=args.val_fraction,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     mb = m["text_bytes"] / 1e6
     print(
         f"{m['documents']:,} documents, {m['tokens']:,} tokens ({m['dtype']}) -> "
         f"{len(m['train'])} train + {len(m['val'])} val shard(s) in {args.output}; "
         f"{mb:.1f} MB of text in {m['seconds']:.1f} s"
-    )
+        + (f"; {m['rejected_documents']:,} not-text document(s) skipped"
+           if m.get("rejected_documents") else "")
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

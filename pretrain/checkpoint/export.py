@@ -215,14 +215,16 @@ def write_tokenizer(tokenizer: Any, out: Path, model_max_length: int) -> None:
 
 
 def check_same_tokenizer(
-    ckpt: Path, saved_sha256: str | None, data_sha256: str | None, allow: bool = False
-) -> None:
-    """Refuse to resume `ckpt` on data of another tokenizer than the run was trained on.
+    ckpt: Path, saved_sha256: str | None, data_sha256: str | None, allow: bool = False,
+    allow_flag: str = "data.allow_tokenizer_change=true", resuming: bool = True,
+) -> None:  # fmt: skip
+    """Refuse to resume (or, `resuming` false, to evaluate) `ckpt` on data of another
+    tokenizer than the run was trained on.
 
     `saved_sha256` is the fingerprint the checkpoint recorded for its data (older
     checkpoints: that of the tokenizer.json they carry, if any); `data_sha256` that of this
-    run's data (its manifest, or data.tokenizer). `allow` (data.allow_tokenizer_change)
-    turns the refusal into a warning.
+    data (its manifest, or data.tokenizer). `allow` (`allow_flag`) turns the refusal into a
+    warning.
     """
     if saved_sha256 is None and (saved := _checkpoint_tokenizer(ckpt)) is not None:
         from pretrain.data.tokenizer import fingerprint
@@ -230,17 +232,18 @@ def check_same_tokenizer(
         saved_sha256 = fingerprint(saved)
     if not saved_sha256 or not data_sha256 or saved_sha256 == data_sha256:
         return
-    what = (f"{ckpt} was trained on data tokenized by sha256 {saved_sha256[:12]}, but this "
-            f"run's data was tokenized by sha256 {data_sha256[:12]}")  # fmt: skip
+    what = (f"{ckpt} was trained on data tokenized by sha256 {saved_sha256[:12]}, but "
+            f"{'this run' if resuming else 'the'}'s data was tokenized by sha256 "
+            f"{data_sha256[:12]}")  # fmt: skip
     if allow:
-        log.warning("%s: resuming anyway (data.allow_tokenizer_change=true)", what)
+        log.warning("%s: going on anyway (%s)", what, allow_flag)
         return
     from pretrain.data.stream import DataError
 
+    afresh = ", or start afresh (checkpoint.resume=none or another run_dir)" if resuming else ""
     raise DataError(
-        f"{what}: every token id would mean other text. Use the data the run was trained on, "
-        "set data.allow_tokenizer_change=true if the change is meant, or start afresh "
-        "(checkpoint.resume=none or another run_dir)"
+        f"{what}: every token id would mean other text. Use data made with the run's "
+        f"tokenizer, or set {allow_flag} if the change is meant{afresh}"
     )
 
 

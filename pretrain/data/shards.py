@@ -76,23 +76,54 @@ def _open_text(path: Path) -> io.TextIOBase:
     return path.open(encoding="utf-8", errors="replace")
 
 
-def read_documents(files: list[Path]) -> Iterator[str]:
-    """Documents: a whole plain-text file each, or each JSON line's `text` field."""
+NOT_TEXT_FRACTION = 0.01
+"""A document with more than this fraction of its characters not valid UTF-8, or with a NUL
+character, is not text (a binary file, another encoding): skipped and counted."""
+
+
+def not_text(text: str) -> str | None:
+    """Why `text` (decoded with errors="replace") is not text, or None when it is."""
+    if "\x00" in text:
+        return "it holds NUL characters (a binary file?)"
+    bad = text.count("\ufffd")
+    if bad > NOT_TEXT_FRACTION * len(text):
+        return (f"{bad:,} of its {len(text):,} characters are not valid UTF-8 (binary, or "
+                "another encoding?)")  # fmt: skip
+    return None
+
+
+def read_documents(files: list[Path], rejected: list[str] | None = None) -> Iterator[str]:
+    """Documents: a whole plain-text file each, or each JSON line's `text` field. Documents
+    that are not text (`not_text`) are skipped; `rejected` gets "<where>: <why>" for each."""
     for path in files:
         is_jsonl = any(s in path.name for s in (".jsonl", ".json.gz")) or path.name.endswith(".zst")
         with _open_text(path) as f:
             if not is_jsonl:
-                yield f.read()
+                yield from _text_only([(str(path), f.read())], rejected)
                 continue
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(
-                        f"{path}:{lineno}: not a JSON object with a 'text' field ({e})"
-                    ) from e
+            yield from _text_only(_json_texts(path, f), rejected)
+
+
+def _json_texts(path: Path, lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{lineno}", json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if "\ufffd" in line or "\x00" in line:
+                yield f"{path}:{lineno}", line  # not_text names it better than the JSON error
+                continue
+            raise ValueError(f"{path}:{lineno}: not a JSON object with a 'text' field ({e})") from e
+
+
+def _text_only(docs: Iterator[tuple[str, str]], rejected: list[str] | None) -> Iterator[str]:
+    for where, text in docs:
+        why = not_text(text)
+        if why is None:
+            yield text
+        elif rejected is not None:
+            rejected.append(f"{where}: {why}")
 
 
 def is_validation(doc: str, fraction: float) -> bool:
@@ -239,7 +270,8 @@ def prepare(
             )
         batch.clear()
 
-    for text in read_documents(files):
+    rejected: list[str] = []
+    for text in read_documents(files, rejected):
         if text:
             batch.append(text)
         if len(batch) >= batch_docs:
@@ -247,8 +279,14 @@ def prepare(
     flush()
     if bar is not None:
         bar.close()
+    if rejected:
+        log.warning(
+            "skipped %d document(s) that are not text (more than %.0f%% invalid UTF-8, or NUL "
+            "characters), first: %s", len(rejected), 100 * NOT_TEXT_FRACTION, rejected[0],
+        )  # fmt: skip
     if docs == 0:
-        raise ValueError(f"the corpus {[str(i) for i in inputs]} holds no documents")
+        why = f" ({len(rejected)} rejected as not text, first {rejected[0]})" if rejected else ""
+        raise ValueError(f"the corpus {[str(i) for i in inputs]} holds no documents{why}")
     manifest = {
         **settings,
         "format": "pretrain-shards/1",
@@ -258,6 +296,8 @@ def prepare(
         "documents": docs,
         "tokens": tokens,
         "text_bytes": text_bytes,
+        "rejected_documents": len(rejected),
+        "rejected_examples": rejected[:10],
         "seconds": round(time.perf_counter() - t0, 3),
         "train": writers["train"].finish(),
         "val": writers["val"].finish(),

@@ -10,6 +10,8 @@ import http.server
 import io
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 
 from pretrain.data import shards, tokenizer
 from pretrain.data.stream import DataError, Piece, TokenLoader, build_loader, read_members
-from tests.conftest import EXACT, TINY, curve, launch, train
+from tests.conftest import EXACT, REPO, TINY, curve, launch, train
 
 SEQ = 16
 
@@ -631,13 +633,27 @@ def test_resume_on_another_tokenizers_data_is_refused_unless_allowed(
     assert "data.allow_tokenizer_change=true" in proc.stderr and "Traceback" not in proc.stderr
     allowed = launch([*run, f"data.path={bpe_dataset}", "data.allow_tokenizer_change=true"])
     assert allowed.returncode == 0, allowed.stderr[-3000:]
-    assert "resuming anyway (data.allow_tokenizer_change=true)" in allowed.stderr
+    assert "going on anyway (data.allow_tokenizer_change=true)" in allowed.stderr
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()] == [
         1,
         2,
         3,
         4,
     ]
+    # Scoring it on the other tokenizer's shards: refused too, though the checkpoint carries
+    # no tokenizer.json (data.tokenizer unset), unless allowed.
+    ckpt = tmp_path / "checkpoints" / "step_2"
+    assert not (ckpt / "tokenizer.json").exists()
+    ppl = [sys.executable, str(REPO / "tools" / "eval_ppl.py"), str(ckpt), "--data",
+           str(bpe_dataset), "--tokens", "64"]  # fmt: skip
+    refused = subprocess.run(ppl, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "was trained on data tokenized by sha256" in refused.stderr
+    assert "--allow-tokenizer-change" in refused.stderr
+    scored = subprocess.run([*ppl, "--allow-tokenizer-change"], capture_output=True, text=True,
+                            cwd=REPO, timeout=300)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads(scored.stdout)["tokens"] >= 64
 
 
 def test_zstd_jsonl_corpus(tmp_path: Path) -> None:

@@ -10,12 +10,12 @@ from pathlib import Path
 from tests.conftest import REPO, read_metrics, subprocess_env
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
+def _run(args: list[str], expect: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, *args], cwd=REPO, env={**subprocess_env(), "PYTHONPATH": str(REPO)},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == expect, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
@@ -58,3 +58,62 @@ def test_pipe_urls_stream_like_files(tmp_path: Path) -> None:
     local = build_loader(str(tmp_path / "s" / "train-*.tar"), 259, 16, 2, seed=0, num_workers=0)
     for _ in range(10):
         assert next(piped).equal(next(local))
+
+
+def test_binary_input_is_skipped_and_counted_not_tokenized(tmp_path: Path) -> None:
+    """A binary file among text files (named .txt, as a stray one would be), and a .jsonl
+    line of invalid UTF-8: named in a warning, counted in the manifest, not tokenized. A
+    corpus with no text at all: exit 2, for both tools."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"{i}.txt").write_text(f"plain text number {i}. " * 30)
+    (corpus / "image.txt").write_bytes(bytes(range(256)) * 40)  # NULs and invalid UTF-8
+    (corpus / "docs.jsonl").write_bytes(
+        b'{"text": "a fine line of text"}\n' + b'{"text": "' + b"\xff\xfe" * 50 + b'"}\n'
+    )
+    out = tmp_path / "shards"
+    proc = _run(["tools/prepare_data.py", "--input", str(corpus), "--tokenizer", "bytes",
+                 "--output", str(out)])  # fmt: skip
+    assert "skipped 2 document(s) that are not text" in proc.stderr
+    assert "docs.jsonl:2: " in proc.stderr or "image.txt: it holds NUL" in proc.stderr
+    assert "2 not-text document(s) skipped" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["documents"] == 6 and manifest["rejected_documents"] == 2
+    assert any("image.txt: it holds NUL" in r for r in manifest["rejected_examples"])
+    assert any(
+        "docs.jsonl:2: " in r and "not valid UTF-8" in r for r in manifest["rejected_examples"]
+    )
+
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "blob.txt").write_bytes(bytes(range(256)) * 40)
+    proc = _run(["tools/prepare_data.py", "--input", str(binary), "--tokenizer", "bytes",
+                 "--output", str(tmp_path / "none")], expect=2)  # fmt: skip
+    assert "holds no documents (1 rejected as not text" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _run(["tools/train_tokenizer.py", "--input", str(binary), "--vocab-size", "300",
+                 "--output", str(tmp_path / "t.json")], expect=2)  # fmt: skip
+    assert "holds no text to train on (1 rejected as not text)" in proc.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_train_tokenizer_says_so_when_the_corpus_is_empty_or_too_small(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    proc = _run(["tools/train_tokenizer.py", "--input", str(empty), "--vocab-size", "300",
+                 "--output", str(tmp_path / "t.json")], expect=2)  # fmt: skip
+    assert "holds no text to train on; nothing written" in proc.stderr
+    assert not (tmp_path / "t.json").exists()
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text("abab " * 10)
+    proc = _run(["tools/train_tokenizer.py", "--input", str(small), "--vocab-size", "5000",
+                 "--output", str(tmp_path / "t.json")])  # fmt: skip
+    from tokenizers import Tokenizer
+
+    n = Tokenizer.from_file(str(tmp_path / "t.json")).get_vocab_size()
+    assert n < 5000
+    assert f"warning: trained {n} tokens, fewer than the 5000 asked" in proc.stderr
+    assert f"trained {n} tokens" in proc.stdout

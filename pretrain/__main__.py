@@ -81,13 +81,16 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def _check_composes(args: list[str]) -> None:
-    """Exit 2 with one message when the overrides do not compose (a misspelt key, a wrong
-    type, an unknown option), as every config error does; Hydra itself would print its own
-    report and exit 1. Hydra's flags (--cfg, --help, -m) and hydra.* settings are Hydra's."""
+    """Exit 2 with one message, before Hydra makes the run dir, when the overrides do not
+    compose (a misspelt key, a wrong type, an unknown option; Hydra itself would print its
+    own report and exit 1) or do not resolve (a bad value, values that disagree). Hydra's
+    flags (--cfg, --help, -m) and hydra.* settings are Hydra's."""
     if any(a.startswith(("-", "hydra.", "+hydra.", "~hydra.")) for a in args):
         return
     try:
-        compose(args)
+        # Resolved too: a value that composes but is wrong (or two that disagree) is refused
+        # here, before Hydra makes the run dir.
+        resolve(compose(args), world_size=dist.world_size())
     except ConfigError as e:
         dist.setup_logging()
         if dist.is_main():

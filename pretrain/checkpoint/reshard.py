@@ -47,12 +47,14 @@ def needs_universal(saved: tuple[int, int], now: tuple[int, int], path: Path) ->
     if old_stage == 0 and stage == 0:
         return False  # ZeRO-0 replicates everything: any number of ranks loads it directly
     if 0 in (old_stage, stage):
-        raise ValueError(
+        from pretrain.config import ConfigError
+
+        raise ConfigError([
             f"{path} was saved with deepspeed.zero_stage={old_stage}; this run has "
             f"zero_stage={stage}. Moving between ZeRO-0 and ZeRO 1-3 is not supported: resume "
             f"with deepspeed.zero_stage={old_stage} (any number of ranks), or start a new run "
             "from its weights alone (tools/export_hf.py, then model.init_from=<that dir>)"
-        )
+        ])  # fmt: skip
     return True
 
 

@@ -26,7 +26,7 @@ from pretrain.checkpoint.export import (
     export_hf,
     load_hf_weights,
 )
-from pretrain.config import RunConfig
+from pretrain.config import ConfigError, RunConfig
 from pretrain.data.stream import DataError, build_loader
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
@@ -211,12 +211,10 @@ def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:
             f"rows), config {new.get('vocab_multiple')!r} ({rows[1]} rows)"
         )
     if diff:
-        raise ValueError(
-            f"{path} holds another model shape:\n  "
-            + "\n  ".join(diff)
-            + "\nUse the checkpoint's model settings, or checkpoint.resume=none (or another "
-            "run_dir) to start afresh."
-        )
+        raise ConfigError([
+            f"{path} holds another model shape ({'; '.join(diff)}): use the checkpoint's "
+            "model settings, or checkpoint.resume=none (or another run_dir) to start afresh"
+        ])  # fmt: skip
 
 
 def _hand_over_data(data: object, states: list[dict], step: int) -> None:

@@ -134,8 +134,9 @@ def test_retention_and_a_truncated_file(tmp_path: Path) -> None:
 
     # Resuming that run with another model shape is refused, naming the key, before building.
     proc = launch([*TINY, f"run_dir={tmp_path}", *RUN, "model.n_layers=3"])
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert "model.n_layers: checkpoint 2, config 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_checkpoints_from_before_vocab_padding_resume_when_the_tables_match() -> None:

@@ -25,6 +25,7 @@ import io
 import itertools
 import json
 import logging
+import signal
 import tarfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -591,6 +592,16 @@ def _saved_done(state: Mapping[str, Any]) -> Iterator[tuple[tuple[int, int], fro
         yield (int(source), int(epoch)), frozenset(Piece.from_saved(p) for p in pieces)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore the stop signals. Launchers signal every process of a job
+    (Slurm a whole job step, a terminal's Ctrl-C its foreground group): the training process
+    acts on the stop and shuts its workers down itself, while a worker killed by the signal
+    would crash the run before it could save."""
+    del worker_id
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class TokenLoader:
     """This rank's micro-batches, with `state_dict()` / `load_state_dict()` for exact resume.
 
@@ -641,6 +652,7 @@ class TokenLoader:
                 pin_memory=self.pin_memory,
                 prefetch_factor=self.prefetch_factor,
                 persistent_workers=False,
+                worker_init_fn=_ignore_stop_signals,
             )
         )
 

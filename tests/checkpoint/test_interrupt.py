@@ -7,6 +7,7 @@ uninterrupted run ends: the same losses at every step, bit for bit (fp32, CPU).
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import signal
@@ -111,6 +112,36 @@ def test_sigterm_saves_that_step_exits_75_and_resume_continues(
         expected = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
     assert started[0]["loss"] == pytest.approx(expected, rel=1e-4)
     assert started[0]["loss"] < straight[0][1] - 0.1  # far from a fresh model's
+
+
+def test_a_stop_signal_to_every_process_spares_the_data_workers(tmp_path: Path) -> None:
+    """SIGTERM to the whole process group, as Slurm signals a whole job step and a terminal's
+    Ctrl-C its foreground group: the DataLoader workers get it too and ignore it, and the
+    run saves and exits 75 (a worker killed by it crashed the run, unsaved)."""
+    from pretrain.data import shards
+
+    (tmp_path / "corpus").mkdir()
+    for i in range(20):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(f"text number {i}. " * 200)
+    shards.prepare([tmp_path / "corpus"], "bytes", tmp_path / "shards", shard_tokens=20_000,
+                   progress=False)  # fmt: skip
+    args = [*[a for a in TINY if a != "data=synthetic"], "data=shards",
+            f"data.path={tmp_path / 'shards'}", "data.num_workers=2",
+            f"run_dir={tmp_path / 'run'}", "trainer.max_steps=100000"]  # fmt: skip
+    with (tmp_path / "out.log").open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pretrain", *args], cwd=REPO,
+                                env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        _wait_for_step(tmp_path / "run", proc, 3)
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    log = (tmp_path / "out.log").read_text()
+    assert code == EXIT_PREEMPTED, log[-3000:]
+    assert _newest(tmp_path / "run") == read_metrics(tmp_path / "run")[-1]["step"]
+    assert log.count("SIGTERM received") == 1, log[-3000:]  # the training process's alone
 
 
 def test_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:

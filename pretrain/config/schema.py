@@ -217,8 +217,9 @@ class TrainerConfig:
     """A rank with no progress for this many seconds in a training step (a hung collective,
     stuck I/O) ends the job with exit code 5, naming every rank's last step and phase, so
     the launcher stops the others (0: never). Checkpoint saves, evaluations and the first
-    step (compilation) are not bounded by it; the process group's own timeout, which bounds
-    every collective, is this plus 120 s. See pretrain/train/watchdog.py."""
+    step of each start (compilation) are not bounded by it; the process group's own
+    timeout, which bounds every collective, is this plus 120 s. See
+    pretrain/train/watchdog.py."""
     max_bad_steps: int = 5
     """A step whose loss is NaN/Inf on any rank is skipped (no update) and counted; this many
     in a row stop the run (exit code 3) without saving over the last good checkpoint."""

@@ -7,9 +7,10 @@ interpreter's C-level handler write the signal number to a pipe even while the m
 blocked inside a C call (a gloo or NCCL collective, a DataLoader queue), where the Python
 handler of `pretrain.train.signals` cannot run until the call returns.
 
-- **Hang.** In a watched phase (every phase of every step after the first, which compiles and
-  warms up; not checkpoint saves nor evaluations, whose length scales with the model and the
-  file system), no phase change for `trainer.hang_timeout_s` seconds ends this rank with
+- **Hang.** In a watched phase (every phase of every step after this process's first, which
+  compiles and warms up, also after a resume; not checkpoint saves nor evaluations, whose
+  length scales with the model and the file system), no phase change for
+  `trainer.hang_timeout_s` seconds ends this rank with
   `EXIT_HUNG`. It first names every rank's last reported step and phase, read from the
   rendezvous store, where each rank's thread publishes its own every few seconds: a rank
   that stopped reporting is the one that hung. The launcher then stops the others (torchrun
@@ -71,6 +72,7 @@ class Watchdog:
         self.timeout_s = timeout_s
         self._exit = exit_process or _exit_now
         self._where = (0, "setup", time.monotonic())
+        self._first_step: int | None = None  # this process's first: it compiles and warms up
         self._step_started = time.monotonic()
         self._last_step_s = 0.0
         self._signal: tuple[int, float] | None = None
@@ -85,6 +87,8 @@ class Watchdog:
         """The main thread enters `phase` ("data", "compute", "sync", "save", "eval") of
         optimizer step `step` (1-based)."""
         now = time.monotonic()
+        if self._first_step is None:
+            self._first_step = step
         if step != self._where[0]:
             self._last_step_s, self._step_started = now - self._step_started, now
         self._where = (step, phase, now)
@@ -119,7 +123,8 @@ class Watchdog:
                 grace = max(STOP_WAIT_S, self._last_step_s)
                 if now - max(at, since) >= grace:
                     self._stop_now(signum, step, phase, waited)
-            watched = phase not in UNWATCHED and step > 1
+            first = self._first_step
+            watched = phase not in UNWATCHED and first is not None and step > first
             if self.timeout_s and watched and waited >= self.timeout_s:
                 self._hung(step, phase, waited)
 

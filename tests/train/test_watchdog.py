@@ -33,17 +33,17 @@ def _wait_for(codes: list[int], seconds: float) -> None:
 def test_no_progress_in_a_watched_phase_ends_the_rank(caplog: pytest.LogCaptureFixture) -> None:
     codes: list[int] = []
     with caplog.at_level(logging.ERROR, "pretrain"), wd.Watchdog(1.0, codes.append) as dog:
-        dog.at(1, "compute")  # the first step is not watched (compilation)
-        dog.at(1, "sync")
+        dog.at(11, "compute")  # the process's first step is not watched (compilation)
+        dog.at(11, "sync")
         time.sleep(2.5)
         assert codes == []
-        dog.at(2, "save")  # nor are saves
+        dog.at(12, "save")  # nor are saves
         time.sleep(2.5)
         assert codes == []
-        dog.at(3, "sync")
+        dog.at(13, "sync")
         _wait_for(codes, 5)
     assert codes[0] == wd.EXIT_HUNG
-    assert "rank 0 made no progress for 1 s (trainer.hang_timeout_s=1) in step 3, waiting for " \
+    assert "rank 0 made no progress for 1 s (trainer.hang_timeout_s=1) in step 13, waiting for " \
            "the step's collective" in caplog.text  # fmt: skip
 
 

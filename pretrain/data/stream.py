@@ -210,7 +210,9 @@ def read_members(
     Every member read is checked against its `.crc32` member, where the shard has them; a
     read of the whole shard also against `crc32`, the manifest's checksum of the file.
     """
-    stream = _Hashing(_open(url))
+    raw = _open(url)
+    hashing = crc32 is not None and start == 0  # only a whole-shard read can check the file
+    stream = _Hashing(raw) if hashing else raw
     at = 0  # shard token offset of the next member
     sums: dict[str, str] = {}
     try:
@@ -243,7 +245,7 @@ def read_members(
         if stop is not None and at < stop:
             raise tarfile.ReadError(f"it ends at token {at:,}, the manifest says {stop:,} or more")
         whole = start == 0 and (stop is None or stop == at)
-        if crc32 is not None and whole and stream.crc() not in (None, crc32):
+        if hashing and whole and stream.crc() not in (None, crc32):
             raise tarfile.ReadError(f"the file fails the manifest's checksum (crc32 {crc32})")
     except tarfile.TarError as e:
         raise CorruptShard(f"shard {url} is corrupt or truncated ({e}): re-create it with "

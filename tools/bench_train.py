@@ -47,6 +47,7 @@ from pretrain.config import compose, resolve
 from pretrain.config.resolve import ConfigError, RunConfig
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
 from pretrain.engine.memory import estimate_memory
+from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import adamw_kernel, lr_scheduler, param_groups
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token, peak_flops
@@ -125,8 +126,8 @@ def prepare_ours(run: RunConfig) -> Row:
     dist.seed_everything(run.trainer.seed)
     model = build_model(run, lambda: build_module(run))
     engine = build_engine(run, model)
-    trainer = Trainer(engine, build_data(run), run.trainer, run.grad_accum, run.tokens_per_step,
-                      clip=trainer_clip(run))  # fmt: skip
+    module = DeepSpeedTrainModule(engine, trainer_clip(run))
+    trainer = Trainer(module, build_data(run), run.trainer, run.grad_accum, run.tokens_per_step)
     losses: list[float] = []
 
     def finish(times: list[float]) -> dict[str, float]:

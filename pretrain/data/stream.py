@@ -594,14 +594,25 @@ def _saved_done(state: Mapping[str, Any]) -> Iterator[tuple[tuple[int, int], fro
         yield (int(source), int(epoch)), frozenset(Piece.from_saved(p) for p in pieces)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore the stop signals. Launchers signal every process of a job
-    (Slurm a whole job step, a terminal's Ctrl-C its foreground group): the training process
-    acts on the stop and shuts its workers down itself, while a worker killed by the signal
-    would crash the run before it could save."""
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers ignore the stop signals and die with their training process.
+
+    Launchers signal every process of a job (Slurm a whole job step, a terminal's Ctrl-C its
+    foreground group): the training process acts on the stop and shuts its workers down
+    itself, while a worker killed by the signal would crash the run before it could save.
+    And however the training process ends (the hang watchdog's exit, SIGKILL), the kernel
+    then kills its workers (Linux's PR_SET_PDEATHSIG), which could otherwise sit blocked in
+    a read for ever."""
     del worker_id
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers end at their next check
+        pass
 
 
 class TokenLoader:
@@ -654,7 +665,7 @@ class TokenLoader:
                 pin_memory=self.pin_memory,
                 prefetch_factor=self.prefetch_factor,
                 persistent_workers=False,
-                worker_init_fn=_ignore_stop_signals,
+                worker_init_fn=_worker_init,
             )
         )
 

@@ -30,6 +30,7 @@ from pretrain.config import ConfigError, RunConfig
 from pretrain.data.stream import DataError, build_loader
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
+from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import keep_kernel_after_load, schedule_warnings
 from pretrain.eval.perplexity import Evaluator, byte_lengths
 from pretrain.model.attention import resolve_impl
@@ -143,12 +144,13 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
         if loggers is not None:
             loggers.log_checkpoint(path, s.step)
 
+    module = DeepSpeedTrainModule(engine, trainer_clip(run))
     trainer = Trainer(
-        engine, data, run.trainer, run.grad_accum, run.tokens_per_step, loggers, state,
+        module, data, run.trainer, run.grad_accum, run.tokens_per_step, loggers, state,
         save=save, save_every=run.checkpoint.every_steps,
         save_every_minutes=run.checkpoint.every_minutes, signals=signals,
         throughput=throughput, profiler=profiler, evaluate=build_evaluator(run, engine, data),
-        clip=trainer_clip(run), watchdog=watchdog,
+        watchdog=watchdog,
     )  # fmt: skip
     try:
         start = state.step

@@ -1,5 +1,6 @@
 """The training loop. `Trainer.fit()` decides *when* (steps, logging, saving, stopping);
-`Trainer.train_step()` decides *what* one optimizer step computes.
+`Trainer.train_step()` runs one optimizer step through the `TrainModule`
+(pretrain/train/module.py), which knows *what* it computes. Nothing here knows DeepSpeed.
 
 Once per step, at the gradient-accumulation boundary and before the optimizer update, every
 rank joins one small all-reduce that carries its loss and three flags: "my loss is not
@@ -15,16 +16,15 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as tdist
 
 from pretrain.config.schema import TrainerConfig
 from pretrain.data.stream import DataError
-from pretrain.engine.deepspeed import UpdateGate, clip_gradients
 from pretrain.train.loggers import Loggers
-from pretrain.train.metrics import Throughput, fp16_metrics, memory_metrics
+from pretrain.train.metrics import Throughput
+from pretrain.train.module import TrainModule
 from pretrain.train.profiling import StepProfiler
 from pretrain.train.signals import StopSignals
 from pretrain.train.state import TrainState
@@ -69,7 +69,7 @@ class Trainer:
 
     def __init__(
         self,
-        engine: Any,
+        module: TrainModule,
         data: Iterator[torch.Tensor],
         cfg: TrainerConfig,
         grad_accum: int,
@@ -83,13 +83,10 @@ class Trainer:
         throughput: Throughput | None = None,
         profiler: StepProfiler | None = None,
         evaluate: Callable[[], dict[str, float]] | None = None,
-        clip: float | None = None,
         watchdog: Watchdog | None = None,
     ) -> None:
-        """`clip`: engine.deepspeed.trainer_clip(run), the max gradient norm this trainer
-        clips to (0: none) where DeepSpeed does not clip; None where DeepSpeed does.
-        `watchdog`: told each phase of each step (data, compute, sync, eval, save)."""
-        self.engine, self.data, self.cfg = engine, data, cfg
+        """`watchdog`: told each phase of each step (data, compute, sync, eval, save)."""
+        self.module, self.data, self.cfg = module, data, cfg
         self.grad_accum, self.tokens_per_step = grad_accum, tokens_per_step
         self.loggers = loggers or Loggers([])
         self.state = state or TrainState()
@@ -105,9 +102,6 @@ class Trainer:
         self.last_saved_step: int | None = None
         self._last_save_time = time.monotonic()
         self._bad_in_row = 0
-        self._clip = clip
-        self._params = list(engine.module.parameters()) if clip is not None else []
-        self._gate = UpdateGate(engine.client_optimizer)
         self.watchdog = watchdog
 
     def _at(self, phase: str) -> None:
@@ -127,7 +121,7 @@ class Trainer:
             if self.profiler:
                 self.profiler.step_started(self.state.step + 1)
             t0 = time.perf_counter()
-            lr = self.engine.get_lr()[0]  # the rate this step uses; step() advances it
+            lr = self.module.lr()  # the rate this step uses; the step advances it
             result = self.train_step()
             # The step's one host sync (in _agree) makes this wall time the device's too.
             step_time = time.perf_counter() - t0
@@ -198,8 +192,7 @@ class Trainer:
             "data_wait_s": result.data_wait_s,
             "compute_s": step_time - result.data_wait_s,
             **self.throughput(step_time),
-            **memory_metrics(self.engine.device),
-            **fp16_metrics(self.engine),
+            **self.module.metrics(),
             **data_metrics(self.data),
         }
 
@@ -222,37 +215,22 @@ class Trainer:
             )
 
     def train_step(self) -> StepResult:
-        """One optimizer step over `grad_accum` micro-batches.
-
-        DeepSpeed scales each micro-batch loss by 1/grad_accum, reduces gradients over ranks
-        at the accumulation boundary, clips and steps the optimizer and LR schedule there.
-        """
-        engine = self.engine
+        """One optimizer step over `grad_accum` micro-batches; every rank agrees on the loss
+        and the flags (`_agree`) before the update, so a non-finite loss anywhere skips it
+        everywhere."""
         losses = []
-        grad_norm = None
-        agreed = None
         data_wait = 0.0
         for i in range(self.grad_accum):
             t0 = time.perf_counter()
             self._at("data")
-            batch = self._next_batch().to(engine.device, non_blocking=True)  # (B, T + 1)
+            batch = self._next_batch().to(self.module.device, non_blocking=True)  # (B, T + 1)
             data_wait += time.perf_counter() - t0
             self._at("compute")
-            loss = engine(batch[:, :-1], batch[:, 1:])
-            engine.backward(loss)
-            losses.append(loss.detach().float())
-            if i == self.grad_accum - 1:
-                self._at("sync")
-                agreed = self._agree(torch.stack(losses))
-                self._at("compute")
-                self._gate.skip = agreed.skipped
-                if self._clip is not None:  # before step(), which clears the gradients
-                    grad_norm = clip_gradients(self._params, self._clip)
-            engine.step()
-        self._gate.skip = False
-        if grad_norm is None:
-            grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        agreed.grad_norm = grad_norm
+            losses.append(self.module.forward_backward(batch, last=i == self.grad_accum - 1))
+        self._at("sync")
+        agreed = self._agree(torch.stack(losses))
+        self._at("compute")
+        agreed.grad_norm = self.module.optimizer_step(skip=agreed.skipped)
         agreed.data_wait_s = data_wait
         return agreed
 

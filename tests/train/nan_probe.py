@@ -40,7 +40,7 @@ def recording_train_step(self: Trainer) -> object:
     result = train_step(self)
     with torch.no_grad():
         checksums[self.state.step + 1] = sum(
-            float(p.double().sum()) for p in self.engine.module.parameters()
+            float(p.double().sum()) for p in self.module.engine.module.parameters()
         )
     (run_dir / f"weights_rank{dist.rank()}.json").write_text(json.dumps(checksums))
     return result

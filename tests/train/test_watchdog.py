@@ -146,7 +146,11 @@ def test_sigterm_while_the_data_never_arrives_exits_within_seconds(tmp_path: Pat
         took = time.monotonic() - sent
     finally:
         proc.kill()
-        subprocess.run(["pkill", "-f", "^sleep 600$"], check=False)
+    time.sleep(1)  # its data worker died with it (PR_SET_PDEATHSIG), not blocked in the read
+    workers = subprocess.run(["pgrep", "-f", f"run_dir={tmp_path / 'run'}"], capture_output=True,
+                             text=True).stdout.split()  # fmt: skip
+    subprocess.run(["pkill", "-f", "^sleep 600$"], check=False)  # the orphaned pipe command
+    assert workers == [], "a data worker outlived its training process"
     text = output.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
     assert "SIGTERM received while waiting for data in step 1" in text, text[-3000:]

@@ -1,0 +1,45 @@
+"""The seam between the loop and the engine: a `TrainModule` knows *what* one optimizer step
+computes (forward and backward of each micro-batch, clipping, the update or its skip, the
+learning rate, the gradient norm); `train/trainer.py` decides *when* (steps, agreement
+between ranks, logging, saving, stopping) and talks to the model only through it.
+
+`pretrain.engine.module.DeepSpeedTrainModule` is the implementation the runs use; the
+Trainer's tests drive the loop with a fake one, in-process.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class TrainModule(Protocol):
+    """One model being trained, step by step. Call order per optimizer step:
+    `forward_backward` once per micro-batch, then `optimizer_step` once."""
+
+    device: torch.device
+    """Where the micro-batches go."""
+
+    def lr(self) -> float:
+        """The learning rate the next optimizer step uses."""
+        ...
+
+    def forward_backward(self, batch: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward of micro-batch `batch` (B, T + 1: inputs are [:, :-1],
+        targets [:, 1:]), gradients accumulating; `last` is the step's final micro-batch,
+        after which `optimizer_step` comes. Returns the loss as a detached fp32 scalar on
+        `device`, not synchronised (reading it would stall the device)."""
+        ...
+
+    def optimizer_step(self, skip: bool) -> float:
+        """End the step: clip the accumulated gradients and apply the update, or, `skip`,
+        leave weights and optimizer state as they are while the LR schedule and step
+        counters move on as usual. Returns the gradient norm before clipping (NaN where
+        none is known)."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """Figures of the step just taken beyond loss and norm (memory, loss scale), by
+        metric name; {} when there are none."""
+        ...

@@ -594,6 +594,10 @@ def _saved_done(state: Mapping[str, Any]) -> Iterator[tuple[tuple[int, int], fro
         yield (int(source), int(epoch)), frozenset(Piece.from_saved(p) for p in pieces)
 
 
+def _no_op(signum: int, frame: object) -> None:
+    del signum, frame
+
+
 def _worker_init(worker_id: int) -> None:
     """DataLoader workers ignore the stop signals and die with their training process.
 
@@ -604,8 +608,11 @@ def _worker_init(worker_id: int) -> None:
     then kills its workers (Linux's PR_SET_PDEATHSIG), which could otherwise sit blocked in
     a read for ever."""
     del worker_id
+    signal.set_wakeup_fd(-1)  # the training process's watchdog pipe, inherited by the fork
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)
+        # A handler that does nothing, not SIG_IGN: an ignored signal stays ignored across
+        # exec, so a `pipe:` command the worker starts could not be stopped by it.
+        signal.signal(signum, _no_op)
     try:
         import ctypes
 

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from pretrain.data.tokenizer import token_byte_lengths
+from pretrain.model.loss import IGNORE_INDEX
 
 
 @torch.no_grad()
@@ -28,10 +28,12 @@ def evaluate(
     """Mean next-token loss over `n_batches` of (B, T + 1) token batches on every rank (None:
     until `batches` ends; only with one rank, since ranks must run the same count).
 
-    `model(tokens)` gives the logits (a DeepSpeed engine too, gathering ZeRO-3 shards as it
-    goes, which is why every rank runs the same count). With `byte_lengths` (V,), the UTF-8
-    bytes each token id stands for, also bits per byte: the summed loss in bits over the
-    bytes of the predicted text, comparable between tokenizers.
+    Scored by the training loss itself, `model(tokens, targets)` (a DeepSpeed engine too,
+    gathering ZeRO-3 shards as it goes, which is why every rank runs the same count): the
+    same function over the same (padded) vocabulary as training, chunked so no (B, T, V)
+    logits exist; what the exported model's softmax computes too. With `byte_lengths`
+    (V,), the UTF-8 bytes each token id stands for, also bits per byte: the summed loss in
+    bits over the bytes of the predicted text, comparable between tokenizers.
     """
     was_training = model.training
     model.eval()
@@ -44,10 +46,8 @@ def evaluate(
             for batch in itertools.islice(batches, n_batches):
                 batch = batch.to(device, non_blocking=True)  # (B, T + 1)
                 targets = batch[:, 1:]
-                logits = model(batch[:, :-1])  # (B, T, V)
-                nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                       reduction="sum")  # fmt: skip
-                totals[0] += nats.double()
+                mean = model(batch[:, :-1], targets)  # every target counts: no IGNORE_INDEX
+                totals[0] += mean.double() * targets.numel()
                 totals[1] += targets.numel()
                 if byte_lengths is not None:
                     totals[2] += byte_lengths[targets].sum().double()
@@ -79,9 +79,12 @@ def score_documents(
         start = 1
         while start < len(full):
             end = min(start + seq_len, len(full))  # targets full[start:end]
-            inputs = full[max(0, end - 1 - seq_len) : end - 1]
-            logits = model(inputs[None])[0, -(end - start) :]  # (end - start, V)
-            nats += F.cross_entropy(logits.float(), full[start:end], reduction="sum").item()
+            first = max(0, end - 1 - seq_len)
+            inputs = full[first : end - 1]
+            targets = full[first + 1 : end].clone()
+            targets[: len(targets) - (end - start)] = IGNORE_INDEX  # context, not scored
+            mean = model(inputs[None], targets[None])  # the training loss, as in `evaluate`
+            nats += mean.item() * (end - start)
             tokens += end - start
             start = end
     model.train(was_training)

@@ -54,6 +54,7 @@ def _hydra_main(cfg: DictConfig) -> None:
             log.error("%s", e)
         _exit(2)
     dist.init(run.device_type, dist.process_group_timeout(run.trainer.hang_timeout_s))
+    dist.init_parallel(run.parallel)
     dist.setup_logging()
     try:
         train(run)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from pretrain.config.parallel import ParallelDims
+
 log = logging.getLogger("pretrain")
 
 
@@ -33,6 +35,38 @@ def world_size() -> int:
     return (
         tdist.get_world_size() if tdist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
     )
+
+
+_PARALLEL: ParallelDims | None = None
+
+
+def init_parallel(dims: ParallelDims) -> None:
+    """Arrange the ranks in `dims` (after `init`); called once. With data parallelism alone,
+    the data dimension's group is the default group, so no group is built."""
+    global _PARALLEL
+    if dims.world_size != world_size():
+        raise ValueError(f"{dims} does not cover the {world_size()} ranks")
+    _PARALLEL = dims
+
+
+def parallel() -> ParallelDims:
+    """The ranks' arrangement: `init_parallel`'s, else every rank on the data dimension."""
+    return _PARALLEL or ParallelDims.for_world(world_size())
+
+
+def data_rank() -> int:
+    """This rank's index on the data dimension: which share of each batch it takes."""
+    return rank()  # data is the only dimension: data rank = global rank
+
+
+def data_size() -> int:
+    """Ranks on the data dimension: how many shares each batch is split into."""
+    return parallel().data
+
+
+def data_group() -> tdist.ProcessGroup | None:
+    """The data dimension's process group (None: the default group, all ranks)."""
+    return None
 
 
 def is_main() -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pretrain.config.parallel import ParallelDims
 from pretrain.config.schema import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -61,8 +62,11 @@ class RunConfig:
     run_name: str
     run_dir: Path
     world_size: int
+    """Every rank of the run (the product of `parallel`'s sizes)."""
+    parallel: ParallelDims
+    """The ranks' arrangement: `parallel.data` of them split each batch."""
     grad_accum: int
-    """Micro-batches per rank per optimizer step: global / (micro * world_size)."""
+    """Micro-batches per rank per optimizer step: global / (micro * parallel.data)."""
     vocab_size: int
     as_dict: dict[str, Any]
     """The resolved config as plain data: written to config.yaml and sent to W&B."""
@@ -138,12 +142,15 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
         else:
             trainer.global_batch_size = tokens // trainer.seq_len
     grad_accum = 1
-    per_step = trainer.micro_batch_size * world_size
+    parallel = ParallelDims.for_world(world_size)
+    errors.extend(parallel.errors(world_size))
+    per_step = trainer.micro_batch_size * parallel.data
     if per_step >= 1 and trainer.global_batch_size >= 1:
         if trainer.global_batch_size % per_step:
             errors.append(
                 f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
-                f"trainer.micro_batch_size={trainer.micro_batch_size} x world_size={world_size}"
+                f"trainer.micro_batch_size={trainer.micro_batch_size} x data-parallel ranks="
+                f"{parallel.data}"
                 f" = {per_step}: make global_batch_size a multiple of {per_step} "
                 "or change micro_batch_size"
             )
@@ -275,6 +282,7 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     as_dict["derived"] = {
         "device": device_type,
         "world_size": world_size,
+        "parallel": parallel.as_dict(),
         "grad_accum": grad_accum,
         "tokens_per_step": trainer.global_batch_size * trainer.seq_len,
     }
@@ -291,6 +299,7 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
         run_name=cfg.run_name,
         run_dir=Path(cfg.run_dir),
         world_size=world_size,
+        parallel=parallel,
         grad_accum=grad_accum,
         vocab_size=int(cfg.model.vocab_size),
         as_dict=as_dict,

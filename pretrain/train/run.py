@@ -236,18 +236,18 @@ def build_module(run: RunConfig) -> torch.nn.Module:
 
 def build_data(run: RunConfig) -> Iterator[torch.Tensor]:
     """This rank's stream of (micro_batch_size, seq_len + 1) token batches."""
-    return _instantiate_data(run, dist.rank(), dist.world_size(), run.grad_accum)
+    return _instantiate_data(run, dist.data_rank(), dist.data_size(), run.grad_accum)
 
 
 def build_val_data(run: RunConfig) -> Iterator[torch.Tensor]:
     """This rank's share of the val split: every rank reads the split whole (as the one rank
     of one, so a val split of a single shard serves any number of ranks) and keeps every
-    world_size-th micro-batch from its rank on. The same batches at every call."""
+    data_size()-th micro-batch from its data rank on. The same batches at every call."""
     extra: dict = {"split": "val"}
     if "num_workers" in run.data:
         extra["num_workers"] = 0  # a few batches per evaluation: no worker processes
     stream = _instantiate_data(run, 0, 1, 1, **extra)
-    return itertools.islice(stream, dist.rank(), None, dist.world_size())
+    return itertools.islice(stream, dist.data_rank(), None, dist.data_size())
 
 
 def build_named_val_data(run: RunConfig, path: str, tokenizer: str | None) -> Iterator:
@@ -258,12 +258,14 @@ def build_named_val_data(run: RunConfig, path: str, tokenizer: str | None) -> It
     stream = build_loader(path, run.vocab_size, t.seq_len, t.micro_batch_size, t.seed,
                           split="val" if manifest else "train", num_workers=0,
                           tokenizer=tokenizer if manifest else None)  # fmt: skip
-    return itertools.islice(stream, dist.rank(), None, dist.world_size())
+    return itertools.islice(stream, dist.data_rank(), None, dist.data_size())
 
 
 def _instantiate_data(
     run: RunConfig, rank: int, world_size: int, grad_accum: int, **extra: object
 ) -> Iterator[torch.Tensor]:
+    """The data source of `run.data`, for data rank `rank` of `world_size` data ranks (the
+    keywords every data source takes)."""
     try:
         return instantiate(
             run.data,
@@ -290,7 +292,7 @@ def build_evaluator(
     t = run.trainer
     if not t.eval_every_steps:
         return None
-    per_batch = t.micro_batch_size * t.seq_len * run.world_size
+    per_batch = t.micro_batch_size * t.seq_len * run.parallel.data
     n_batches = -(-t.eval_tokens // per_batch)
     tokenizer = getattr(train_data, "tokenizer", None)
     # Bits per byte need the bytes behind each token id.

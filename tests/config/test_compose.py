@@ -164,6 +164,7 @@ def test_global_batch_can_be_given_in_tokens() -> None:
     assert run.as_dict["derived"] == {
         "device": "cpu",
         "world_size": 2,
+        "parallel": {"data": 2, "sequence": 1, "tensor": 1, "expert": 1},
         "grad_accum": 2,
         "tokens_per_step": 4096,
     }

@@ -1,0 +1,51 @@
+"""How the ranks of a run are arranged: one size per parallel dimension.
+
+Only data parallelism exists today (DeepSpeed's, with ZeRO sharding over it); sequence,
+tensor and expert parallelism are the room the next dimensions take, each 1 until then.
+`resolve()` derives and checks the sizes; `pretrain.dist` builds the process groups once
+from them; code that means "the ranks that split the batch" asks for the data dimension
+(`dist.data_rank()`, `dist.data_size()`, `run.parallel.data`), never the world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Sizes of the parallel dimensions; their product is the world size."""
+
+    data: int
+    """Ranks that each take a different share of every batch (data parallel, ZeRO)."""
+    sequence: int = 1
+    """Ranks that split one sequence (not built yet: 1)."""
+    tensor: int = 1
+    """Ranks that split each weight matrix (not built yet: 1)."""
+    expert: int = 1
+    """Ranks that split the experts of a mixture-of-experts layer, within the data ranks (not
+    built yet: 1)."""
+
+    @classmethod
+    def for_world(cls, world_size: int) -> ParallelDims:
+        """Every rank on the data dimension: the only arrangement there is today."""
+        return cls(data=world_size)
+
+    @property
+    def world_size(self) -> int:
+        return self.data * self.sequence * self.tensor
+
+    def errors(self, world_size: int) -> list[str]:
+        """What is wrong with these sizes for `world_size` ranks ([] when nothing is)."""
+        out = [f"parallel.{k}={v}: must be >= 1" for k, v in asdict(self).items() if v < 1]
+        if not out and self.world_size != world_size:
+            out.append(
+                f"parallel sizes data={self.data} x sequence={self.sequence} x tensor="
+                f"{self.tensor} = {self.world_size} ranks, but the run has {world_size}"
+            )
+        if not out and self.data % self.expert:
+            out.append(f"parallel.expert={self.expert} must divide parallel.data={self.data}")
+        return out
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

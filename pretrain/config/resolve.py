@@ -98,179 +98,16 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     logger: LoggerConfig = _section(cfg, "logger")
     checkpoint: CheckpointConfig = _section(cfg, "checkpoint")
     model_spec = _section(cfg, "model")
-
-    # Device and precision on this machine.
-    device_type = trainer.device
-    if device_type == "auto":
-        device_type = "cuda" if cuda_available else "cpu"
-    elif device_type not in ("cpu", "cuda"):
-        errors.append(f"trainer.device={device_type!r}: choose auto, cpu or cuda")
-    elif device_type == "cuda" and not cuda_available:
-        errors.append("trainer.device=cuda but torch sees no CUDA GPU: use trainer.device=auto")
-    precision = cfg.precision
-    if precision not in PRECISIONS:
-        errors.append(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-    elif precision == "auto":
-        precision = "bf16" if device_type == "cuda" else "fp32"
-    elif precision == "fp16" and device_type != "cuda":
-        errors.append(
-            "precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use bf16 or fp32"
-        )
-
-    # Batch geometry: global = micro * accum * world_size.
-    for key in (
-        "max_steps",
-        "global_batch_size",
-        "micro_batch_size",
-        "seq_len",
-        "log_every",
-        "max_bad_steps",
-    ):
-        if getattr(trainer, key) < 1:
-            errors.append(f"trainer.{key}={getattr(trainer, key)}: must be >= 1")
-    if trainer.hang_timeout_s < 0:
-        errors.append(
-            f"trainer.hang_timeout_s={trainer.hang_timeout_s}: must be >= 0 (0: no hang timeout)"
-        )
-    tokens = trainer.global_batch_tokens
-    if tokens is not None and trainer.seq_len >= 1:
-        if tokens < 1 or tokens % trainer.seq_len:
-            errors.append(
-                f"trainer.global_batch_tokens={tokens} is not a positive multiple of "
-                f"trainer.seq_len={trainer.seq_len}: batches hold whole sequences"
-            )
-        else:
-            trainer.global_batch_size = tokens // trainer.seq_len
-    grad_accum = 1
+    device_type, precision = _device_and_precision(trainer, cfg.precision, cuda_available, errors)
     parallel = ParallelDims.for_world(world_size)
     errors.extend(parallel.errors(world_size))
-    per_step = trainer.micro_batch_size * parallel.data
-    if per_step >= 1 and trainer.global_batch_size >= 1:
-        if trainer.global_batch_size % per_step:
-            errors.append(
-                f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
-                f"trainer.micro_batch_size={trainer.micro_batch_size} x data-parallel ranks="
-                f"{parallel.data}"
-                f" = {per_step}: make global_batch_size a multiple of {per_step} "
-                "or change micro_batch_size"
-            )
-        else:
-            grad_accum = trainer.global_batch_size // per_step
-
-    # Model shape, and the sequence length it must accept.
-    if hasattr(model_spec, "errors"):
-        errors.extend(model_spec.errors())
-    init_from = getattr(model_spec, "init_from", None)
-    if init_from and not (Path(init_from) / "config.json").is_file():
-        errors.append(
-            f"model.init_from={init_from}: no config.json there; give a Hugging Face Llama "
-            "directory (tools/export_hf.py writes one)"
-        )
-    max_seq_len = getattr(model_spec, "max_seq_len", None)
-    if max_seq_len is not None and trainer.seq_len > max_seq_len:
-        errors.append(
-            f"trainer.seq_len={trainer.seq_len} exceeds model.max_seq_len={max_seq_len}: "
-            "shorten trainer.seq_len or raise model.max_seq_len"
-        )
-
-    # Optimizer and schedule.
-    if optim.lr <= 0:
-        errors.append(f"optim.lr={optim.lr}: must be > 0")
-    if not 0.0 <= optim.min_lr_ratio <= 1.0:
-        errors.append(f"optim.min_lr_ratio={optim.min_lr_ratio}: must be in [0, 1]")
-    if optim.warmup_steps < 0:
-        errors.append(f"optim.warmup_steps={optim.warmup_steps}: must be >= 0")
-    if optim.weight_decay < 0:
-        errors.append(f"optim.weight_decay={optim.weight_decay}: must be >= 0")
-    if optim.grad_clip < 0:
-        errors.append(f"optim.grad_clip={optim.grad_clip}: must be >= 0 (0 disables clipping)")
-    if optim.impl not in ADAMW_IMPLS:
-        errors.append(f"optim.impl={optim.impl!r}: choose one of {', '.join(ADAMW_IMPLS)}")
-    if optim.impl == "cpu_adam" and not ds.offload_optimizer:
-        errors.append(
-            "optim.impl=cpu_adam is DeepSpeed's CPU AdamW, for optimizer state offloaded to "
-            "CPU: set deepspeed.offload_optimizer=true, or choose optim.impl=auto"
-        )
-
-    # Activation checkpointing: true/false (the field's first form) mean full/none.
-    policy = {"true": "full", "false": "none"}.get(
-        str(trainer.activation_checkpointing).lower(), trainer.activation_checkpointing
-    )
-    if policy not in AC_POLICIES:
-        errors.append(
-            f"trainer.activation_checkpointing={trainer.activation_checkpointing!r}: choose "
-            f"one of {', '.join(AC_POLICIES)}"
-        )
-    trainer.activation_checkpointing = policy
-
-    # ZeRO.
-    if ds.zero_stage not in (0, 1, 2, 3):
-        errors.append(f"deepspeed.zero_stage={ds.zero_stage}: choose 0, 1, 2 or 3")
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        errors.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
-    block_leaf = {"Block", "pretrain.model.llama.Block"} & set(ds.stage3_leaf_modules)
-    if trainer.compile and ds.zero_stage == 3 and not block_leaf:
-        errors.append(
-            f"trainer.compile=true with deepspeed.zero_stage=3 and "
-            f"deepspeed.stage3_leaf_modules={list(ds.stage3_leaf_modules)}: ZeRO-3's hooks "
-            "inside a compiled block recompile it at every module; keep Block in "
-            "stage3_leaf_modules (the default) or set trainer.compile=false"
-        )
-    if ds.offload_params and ds.zero_stage != 3:
-        errors.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
-
-    if trainer.eval_every_steps < 0:
-        errors.append(f"trainer.eval_every_steps={trainer.eval_every_steps}: must be >= 0")
-    if trainer.eval_every_steps and trainer.eval_tokens < 1:
-        errors.append(f"trainer.eval_tokens={trainer.eval_tokens}: must be >= 1")
-    if trainer.early_stopping_patience < 0 or trainer.early_stopping_min_delta < 0:
-        errors.append("trainer.early_stopping_patience and early_stopping_min_delta must be >= 0")
-    if trainer.early_stopping_patience and not trainer.eval_every_steps:
-        errors.append(
-            f"trainer.early_stopping_patience={trainer.early_stopping_patience} needs "
-            "evaluations: set trainer.eval_every_steps > 0"
-        )
-    if trainer.eval_data and not trainer.eval_every_steps:
-        errors.append("trainer.eval_data needs evaluations: set trainer.eval_every_steps > 0")
-    bad_names = [n for n in trainer.eval_data if not n.isidentifier()]
-    if bad_names:
-        errors.append(
-            f"trainer.eval_data names {bad_names}: use letters, digits and _ (they become "
-            "metric names val_<name>_loss)"
-        )
-    if len(trainer.profile_steps) not in (0, 2) or (
-        trainer.profile_steps
-        and not 1 <= trainer.profile_steps[0] <= trainer.profile_steps[1] <= trainer.max_steps
-    ):
-        errors.append(
-            f"trainer.profile_steps={list(trainer.profile_steps)}: give [first, last] optimizer "
-            "steps with 1 <= first <= last <= trainer.max_steps (e.g. [10,12]), or [] to "
-            "profile nothing"
-        )
-    if logger.progress not in PROGRESS_MODES:
-        errors.append(f"logger.progress={logger.progress!r}: choose {', '.join(PROGRESS_MODES)}")
-    if logger.peak_tflops is not None and logger.peak_tflops <= 0:
-        errors.append(f"logger.peak_tflops={logger.peak_tflops}: must be > 0, or null")
-    if logger.wandb.init_timeout_s <= 0:
-        errors.append(f"logger.wandb.init_timeout_s={logger.wandb.init_timeout_s}: must be > 0")
-    if logger.wandb.mode not in WANDB_MODES:
-        errors.append(f"logger.wandb.mode={logger.wandb.mode!r}: choose {', '.join(WANDB_MODES)}")
-    if logger.wandb.id is not None and (
-        not logger.wandb.id or any(c in logger.wandb.id for c in "/\\#?%: ")
-    ):
-        errors.append(
-            f"logger.wandb.id={logger.wandb.id!r}: W&B run ids cannot be empty or hold "
-            "/ \\ # ? % : or spaces; use letters, digits, - and _"
-        )
-    if checkpoint.resume not in ("auto", "none") and not Path(checkpoint.resume).is_dir():
-        errors.append(
-            f"checkpoint.resume={checkpoint.resume}: not a directory; give a step_N checkpoint "
-            "directory, auto (newest complete one in the run dir) or none"
-        )
-    if checkpoint.every_steps < 0:
-        errors.append(f"checkpoint.every_steps={checkpoint.every_steps}: must be >= 0")
-    if checkpoint.every_minutes < 0:
-        errors.append(f"checkpoint.every_minutes={checkpoint.every_minutes}: must be >= 0")
+    grad_accum = _batch_geometry(trainer, parallel, errors)
+    _check_model(model_spec, trainer, errors)
+    _check_optim(optim, ds, errors)
+    _check_engine(trainer, ds, errors)
+    _check_evaluation(trainer, errors)
+    _check_logger(logger, errors)
+    _check_checkpoint(checkpoint, errors)
 
     if errors:
         raise ConfigError(errors)
@@ -304,6 +141,202 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
         vocab_size=int(cfg.model.vocab_size),
         as_dict=as_dict,
     )
+
+
+def _device_and_precision(
+    trainer: TrainerConfig, precision: str, cuda_available: bool, errors: list[str]
+) -> tuple[str, str]:
+    """(device type, precision) on this machine, `auto` resolved."""
+    device_type = trainer.device
+    if device_type == "auto":
+        device_type = "cuda" if cuda_available else "cpu"
+    elif device_type not in ("cpu", "cuda"):
+        errors.append(f"trainer.device={device_type!r}: choose auto, cpu or cuda")
+    elif device_type == "cuda" and not cuda_available:
+        errors.append("trainer.device=cuda but torch sees no CUDA GPU: use trainer.device=auto")
+    if precision not in PRECISIONS:
+        errors.append(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    elif precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    elif precision == "fp16" and device_type != "cuda":
+        errors.append(
+            "precision=fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use bf16 or fp32"
+        )
+
+    return device_type, precision
+
+
+def _batch_geometry(trainer: TrainerConfig, parallel: ParallelDims, errors: list[str]) -> int:
+    """Micro-batches per optimizer step (global = micro x accum x data ranks); fills in
+    global_batch_size from global_batch_tokens."""
+    for key in (
+        "max_steps",
+        "global_batch_size",
+        "micro_batch_size",
+        "seq_len",
+        "log_every",
+        "max_bad_steps",
+    ):
+        if getattr(trainer, key) < 1:
+            errors.append(f"trainer.{key}={getattr(trainer, key)}: must be >= 1")
+    if trainer.hang_timeout_s < 0:
+        errors.append(
+            f"trainer.hang_timeout_s={trainer.hang_timeout_s}: must be >= 0 (0: no hang timeout)"
+        )
+    tokens = trainer.global_batch_tokens
+    if tokens is not None and trainer.seq_len >= 1:
+        if tokens < 1 or tokens % trainer.seq_len:
+            errors.append(
+                f"trainer.global_batch_tokens={tokens} is not a positive multiple of "
+                f"trainer.seq_len={trainer.seq_len}: batches hold whole sequences"
+            )
+        else:
+            trainer.global_batch_size = tokens // trainer.seq_len
+    grad_accum = 1
+    per_step = trainer.micro_batch_size * parallel.data
+    if per_step >= 1 and trainer.global_batch_size >= 1:
+        if trainer.global_batch_size % per_step:
+            errors.append(
+                f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
+                f"trainer.micro_batch_size={trainer.micro_batch_size} x data-parallel ranks="
+                f"{parallel.data}"
+                f" = {per_step}: make global_batch_size a multiple of {per_step} "
+                "or change micro_batch_size"
+            )
+        else:
+            grad_accum = trainer.global_batch_size // per_step
+
+    return grad_accum
+
+
+def _check_model(model_spec: Any, trainer: TrainerConfig, errors: list[str]) -> None:
+    """The model's own checks, its initialisation source, and the sequence length it takes."""
+    if hasattr(model_spec, "errors"):
+        errors.extend(model_spec.errors())
+    init_from = getattr(model_spec, "init_from", None)
+    if init_from and not (Path(init_from) / "config.json").is_file():
+        errors.append(
+            f"model.init_from={init_from}: no config.json there; give a Hugging Face Llama "
+            "directory (tools/export_hf.py writes one)"
+        )
+    max_seq_len = getattr(model_spec, "max_seq_len", None)
+    if max_seq_len is not None and trainer.seq_len > max_seq_len:
+        errors.append(
+            f"trainer.seq_len={trainer.seq_len} exceeds model.max_seq_len={max_seq_len}: "
+            "shorten trainer.seq_len or raise model.max_seq_len"
+        )
+
+
+def _check_optim(optim: OptimConfig, ds: DeepSpeedConfig, errors: list[str]) -> None:
+    if optim.lr <= 0:
+        errors.append(f"optim.lr={optim.lr}: must be > 0")
+    if not 0.0 <= optim.min_lr_ratio <= 1.0:
+        errors.append(f"optim.min_lr_ratio={optim.min_lr_ratio}: must be in [0, 1]")
+    if optim.warmup_steps < 0:
+        errors.append(f"optim.warmup_steps={optim.warmup_steps}: must be >= 0")
+    if optim.weight_decay < 0:
+        errors.append(f"optim.weight_decay={optim.weight_decay}: must be >= 0")
+    if optim.grad_clip < 0:
+        errors.append(f"optim.grad_clip={optim.grad_clip}: must be >= 0 (0 disables clipping)")
+    if optim.impl not in ADAMW_IMPLS:
+        errors.append(f"optim.impl={optim.impl!r}: choose one of {', '.join(ADAMW_IMPLS)}")
+    if optim.impl == "cpu_adam" and not ds.offload_optimizer:
+        errors.append(
+            "optim.impl=cpu_adam is DeepSpeed's CPU AdamW, for optimizer state offloaded to "
+            "CPU: set deepspeed.offload_optimizer=true, or choose optim.impl=auto"
+        )
+
+
+def _check_engine(trainer: TrainerConfig, ds: DeepSpeedConfig, errors: list[str]) -> None:
+    """Activation checkpointing (normalised: true/false mean full/none), ZeRO and compile."""
+    # Activation checkpointing: true/false (the field's first form) mean full/none.
+    policy = {"true": "full", "false": "none"}.get(
+        str(trainer.activation_checkpointing).lower(), trainer.activation_checkpointing
+    )
+    if policy not in AC_POLICIES:
+        errors.append(
+            f"trainer.activation_checkpointing={trainer.activation_checkpointing!r}: choose "
+            f"one of {', '.join(AC_POLICIES)}"
+        )
+    trainer.activation_checkpointing = policy
+
+    # ZeRO.
+    if ds.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"deepspeed.zero_stage={ds.zero_stage}: choose 0, 1, 2 or 3")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        errors.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
+    block_leaf = {"Block", "pretrain.model.llama.Block"} & set(ds.stage3_leaf_modules)
+    if trainer.compile and ds.zero_stage == 3 and not block_leaf:
+        errors.append(
+            f"trainer.compile=true with deepspeed.zero_stage=3 and "
+            f"deepspeed.stage3_leaf_modules={list(ds.stage3_leaf_modules)}: ZeRO-3's hooks "
+            "inside a compiled block recompile it at every module; keep Block in "
+            "stage3_leaf_modules (the default) or set trainer.compile=false"
+        )
+    if ds.offload_params and ds.zero_stage != 3:
+        errors.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
+
+
+def _check_evaluation(trainer: TrainerConfig, errors: list[str]) -> None:
+    """Evaluation, early stopping and profiling settings."""
+    if trainer.eval_every_steps < 0:
+        errors.append(f"trainer.eval_every_steps={trainer.eval_every_steps}: must be >= 0")
+    if trainer.eval_every_steps and trainer.eval_tokens < 1:
+        errors.append(f"trainer.eval_tokens={trainer.eval_tokens}: must be >= 1")
+    if trainer.early_stopping_patience < 0 or trainer.early_stopping_min_delta < 0:
+        errors.append("trainer.early_stopping_patience and early_stopping_min_delta must be >= 0")
+    if trainer.early_stopping_patience and not trainer.eval_every_steps:
+        errors.append(
+            f"trainer.early_stopping_patience={trainer.early_stopping_patience} needs "
+            "evaluations: set trainer.eval_every_steps > 0"
+        )
+    if trainer.eval_data and not trainer.eval_every_steps:
+        errors.append("trainer.eval_data needs evaluations: set trainer.eval_every_steps > 0")
+    bad_names = [n for n in trainer.eval_data if not n.isidentifier()]
+    if bad_names:
+        errors.append(
+            f"trainer.eval_data names {bad_names}: use letters, digits and _ (they become "
+            "metric names val_<name>_loss)"
+        )
+    if len(trainer.profile_steps) not in (0, 2) or (
+        trainer.profile_steps
+        and not 1 <= trainer.profile_steps[0] <= trainer.profile_steps[1] <= trainer.max_steps
+    ):
+        errors.append(
+            f"trainer.profile_steps={list(trainer.profile_steps)}: give [first, last] optimizer "
+            "steps with 1 <= first <= last <= trainer.max_steps (e.g. [10,12]), or [] to "
+            "profile nothing"
+        )
+
+
+def _check_logger(logger: LoggerConfig, errors: list[str]) -> None:
+    if logger.progress not in PROGRESS_MODES:
+        errors.append(f"logger.progress={logger.progress!r}: choose {', '.join(PROGRESS_MODES)}")
+    if logger.peak_tflops is not None and logger.peak_tflops <= 0:
+        errors.append(f"logger.peak_tflops={logger.peak_tflops}: must be > 0, or null")
+    if logger.wandb.init_timeout_s <= 0:
+        errors.append(f"logger.wandb.init_timeout_s={logger.wandb.init_timeout_s}: must be > 0")
+    if logger.wandb.mode not in WANDB_MODES:
+        errors.append(f"logger.wandb.mode={logger.wandb.mode!r}: choose {', '.join(WANDB_MODES)}")
+    if logger.wandb.id is not None and (
+        not logger.wandb.id or any(c in logger.wandb.id for c in "/\\#?%: ")
+    ):
+        errors.append(
+            f"logger.wandb.id={logger.wandb.id!r}: W&B run ids cannot be empty or hold "
+            "/ \\ # ? % : or spaces; use letters, digits, - and _"
+        )
+
+
+def _check_checkpoint(checkpoint: CheckpointConfig, errors: list[str]) -> None:
+    if checkpoint.resume not in ("auto", "none") and not Path(checkpoint.resume).is_dir():
+        errors.append(
+            f"checkpoint.resume={checkpoint.resume}: not a directory; give a step_N checkpoint "
+            "directory, auto (newest complete one in the run dir) or none"
+        )
+    if checkpoint.every_steps < 0:
+        errors.append(f"checkpoint.every_steps={checkpoint.every_steps}: must be >= 0")
+    if checkpoint.every_minutes < 0:
+        errors.append(f"checkpoint.every_minutes={checkpoint.every_minutes}: must be >= 0")
 
 
 def deepspeed_config(run: RunConfig) -> dict[str, Any]:

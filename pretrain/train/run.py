@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,6 +59,8 @@ def train(run: RunConfig) -> TrainState:
 
 
 def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainState:
+    """The build order: checks -> data -> resume plan -> model and engine -> restored state
+    -> loggers -> loop -> final save and export."""
     if dist.is_main():
         for warning in schedule_warnings(run.optim, run.trainer.max_steps):
             log.warning("%s", warning)
@@ -65,59 +68,16 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     # Cheap checks first: bad data or a checkpoint of another shape fail before the model
     # and the engine cost anything.
     data = build_data(run)
-    if run.trainer.eval_every_steps:  # a missing val split fails now, not at step N
-        build_val_data(run)
-        for path in run.trainer.eval_data.values():
-            build_named_val_data(run, path, getattr(data, "tokenizer", None))
+    _check_val_data(run, data)
     ckpt_dir = checkpoint.checkpoint_dir(run.run_dir)
-    resume_from = resume_path(run, ckpt_dir)
-    layout = (run.world_size, run.deepspeed.zero_stage)
-    saved_layout, universal = layout, False
-    if resume_from is not None and checkpoint.is_complete(resume_from):
-        client = checkpoint.read_client_state(resume_from)
-        saved = client["config"]
-        check_same_model(saved, run, resume_from)
-        check_same_tokenizer(resume_from, client.get("data_tokenizer_sha256"),
-                             getattr(data, "tokenizer_sha256", None),
-                             getattr(data, "allow_tokenizer_change", False))  # fmt: skip
-        saved_layout = reshard.saved_layout(saved)
-        universal = reshard.needs_universal(saved_layout, layout, resume_from)
-        if universal:
-            reshard.convert(resume_from)
+    resume = plan_resume(run, ckpt_dir, data)
     model = build_model(run, lambda: build_module(run))
     init_from = run.model.get("init_from")
-    if init_from and resume_from is None:
+    if init_from and resume.path is None:
         load_hf_weights(model, Path(init_from), run.as_dict["model"])
-    engine = build_engine(run, model, load_universal=universal)
-    state = TrainState()
-    wandb_run_id = None
-    if resume_from is not None and saved_layout == layout:
-        client_state, rank_state = checkpoint.load(engine, resume_from)
-        data.load_state_dict(rank_state["data"])
-    elif resume_from is not None:
-        client_state, rank_states = reshard.load(engine, resume_from, universal)
-        step = int(client_state["trainer"]["step"])
-        _hand_over_data(data, [r["data"] for r in rank_states], step)
-        log.warning(
-            "resumed %s, saved by %d rank(s) with ZeRO-%d, on %d rank(s) with ZeRO-%d: "
-            "weights, Adam moments and LR schedule carried over exactly%s", resume_from,
-            *saved_layout, *layout, " (via DeepSpeed's universal checkpoint)" if universal else "",
-        )  # fmt: skip
-    if resume_from is not None:
-        keep_kernel_after_load(engine.client_optimizer, run.optim)
-        state.load_state_dict(client_state["trainer"])
-        wandb_run_id = client_state.get("wandb_run_id")
-        log.info("resumed from %s at step %d (%s tokens)", resume_from, state.step,
-                 f"{state.tokens:,}")  # fmt: skip
-    loggers = None
-    if dist.is_main():
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(run.as_dict), run.run_dir / "config.yaml")
-        loggers = build_loggers(
-            run.logger, run.run_name, run.run_dir, run.as_dict, run.trainer.log_every,
-            last_step(run), resume_step=state.step if resume_from is not None else None,
-            wandb_run_id=wandb_run_id,
-        )  # fmt: skip
+    engine = build_engine(run, model, load_universal=resume.universal)
+    state, wandb_run_id = restore(run, engine, data, resume)
+    loggers = _start_logging(run, state, resume.path is not None, wandb_run_id)
     peak, peak_source = resolve_peak(run.logger.peak_tflops, engine.device, run.precision)
     throughput = Throughput(run.tokens_per_step, run.world_size, model_flops_per_token(run), peak)
     _log_summary(run, engine, state, throughput, peak_source, loggers)
@@ -126,7 +86,114 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
         first, last = run.trainer.profile_steps
         profiler = StepProfiler(run.run_dir / "profile", first, last, dist.rank(),
                                 engine.device, run.trainer.profile_memory)  # fmt: skip
+    save = _saver(run, engine, data, loggers, ckpt_dir)
+    trainer = Trainer(
+        DeepSpeedTrainModule(engine, trainer_clip(run)), data, run.trainer, run.grad_accum,
+        run.tokens_per_step, loggers, state, save=save, save_every=run.checkpoint.every_steps,
+        save_every_minutes=run.checkpoint.every_minutes, signals=signals,
+        throughput=throughput, profiler=profiler, evaluate=build_evaluator(run, engine, data),
+        watchdog=watchdog,
+    )  # fmt: skip
+    try:
+        _fit_and_finish(run, trainer, save, watchdog, ckpt_dir)
+    finally:
+        if profiler is not None:
+            profiler.close()
+        if loggers is not None:
+            loggers.close()
+    if trainer.stop_signal is not None:
+        raise Preempted(trainer.stop_signal, state.step)
+    log.info("done: %d steps, %s tokens, run dir %s", state.step, f"{state.tokens:,}", run.run_dir)
+    return state
 
+
+def _check_val_data(run: RunConfig, data: object) -> None:
+    """With evaluations on, a missing val split fails now, not at step N."""
+    if run.trainer.eval_every_steps:
+        build_val_data(run)
+        for path in run.trainer.eval_data.values():
+            build_named_val_data(run, path, getattr(data, "tokenizer", None))
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a run resumes from, known before the model is built."""
+
+    path: Path | None
+    """The checkpoint (None: a fresh start)."""
+    saved_layout: tuple[int, int]
+    """(world size, ZeRO stage) it was saved with (this run's own when fresh)."""
+    universal: bool
+    """It loads through DeepSpeed's universal format (another layout)."""
+
+
+def plan_resume(run: RunConfig, ckpt_dir: Path, data: object) -> ResumePlan:
+    """Pick the checkpoint and check it fits this run (model shape, the data's tokenizer,
+    the layout change), converting it for another layout when needed."""
+    layout = (run.world_size, run.deepspeed.zero_stage)
+    path = resume_path(run, ckpt_dir)
+    if path is None or not checkpoint.is_complete(path):
+        return ResumePlan(path, layout, False)
+    client = checkpoint.read_client_state(path)
+    check_same_model(client["config"], run, path)
+    check_same_tokenizer(path, client.get("data_tokenizer_sha256"),
+                         getattr(data, "tokenizer_sha256", None),
+                         getattr(data, "allow_tokenizer_change", False))  # fmt: skip
+    saved_layout = reshard.saved_layout(client["config"])
+    universal = reshard.needs_universal(saved_layout, layout, path)
+    if universal:
+        reshard.convert(path)
+    return ResumePlan(path, saved_layout, universal)
+
+
+def restore(
+    run: RunConfig, engine: object, data: object, resume: ResumePlan
+) -> tuple[TrainState, str | None]:
+    """Load the planned checkpoint into engine and data: (the trainer's state, the W&B run
+    id to continue); a fresh state when there is none."""
+    state = TrainState()
+    if resume.path is None:
+        return state, None
+    layout = (run.world_size, run.deepspeed.zero_stage)
+    if resume.saved_layout == layout:
+        client_state, rank_state = checkpoint.load(engine, resume.path)
+        data.load_state_dict(rank_state["data"])
+    else:
+        client_state, rank_states = reshard.load(engine, resume.path, resume.universal)
+        step = int(client_state["trainer"]["step"])
+        _hand_over_data(data, [r["data"] for r in rank_states], step)
+        log.warning(
+            "resumed %s, saved by %d rank(s) with ZeRO-%d, on %d rank(s) with ZeRO-%d: "
+            "weights, Adam moments and LR schedule carried over exactly%s", resume.path,
+            *resume.saved_layout, *layout,
+            " (via DeepSpeed's universal checkpoint)" if resume.universal else "",
+        )  # fmt: skip
+    keep_kernel_after_load(engine.client_optimizer, run.optim)
+    state.load_state_dict(client_state["trainer"])
+    log.info("resumed from %s at step %d (%s tokens)", resume.path, state.step,
+             f"{state.tokens:,}")  # fmt: skip
+    return state, client_state.get("wandb_run_id")
+
+
+def _start_logging(
+    run: RunConfig, state: TrainState, resumed: bool, wandb_run_id: str | None
+) -> Loggers | None:
+    """Rank 0: the run dir's config.yaml, and the loggers (console, metrics.jsonl, W&B)."""
+    if not dist.is_main():
+        return None
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(run.as_dict), run.run_dir / "config.yaml")
+    return build_loggers(
+        run.logger, run.run_name, run.run_dir, run.as_dict, run.trainer.log_every,
+        last_step(run), resume_step=state.step if resumed else None, wandb_run_id=wandb_run_id,
+    )  # fmt: skip
+
+
+def _saver(
+    run: RunConfig, engine: object, data: object, loggers: Loggers | None, ckpt_dir: Path
+) -> Callable[[TrainState], None]:
+    """What saving a checkpoint at a state means for this run: the engine's shards, the
+    data position, the trainer state and config, the tokenizer; then retention."""
     tokenizer = getattr(data, "tokenizer", None)  # travels with each checkpoint, for export
     files = {TOKENIZER_FILE: load_tokenizer(tokenizer).to_str()} if tokenizer else {}
 
@@ -144,35 +211,26 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
         if loggers is not None:
             loggers.log_checkpoint(path, s.step)
 
-    module = DeepSpeedTrainModule(engine, trainer_clip(run))
-    trainer = Trainer(
-        module, data, run.trainer, run.grad_accum, run.tokens_per_step, loggers, state,
-        save=save, save_every=run.checkpoint.every_steps,
-        save_every_minutes=run.checkpoint.every_minutes, signals=signals,
-        throughput=throughput, profiler=profiler, evaluate=build_evaluator(run, engine, data),
-        watchdog=watchdog,
-    )  # fmt: skip
-    try:
-        start = state.step
-        trainer.fit()
-        just_saved = trainer.last_saved_step == state.step
-        final = run.checkpoint.save_final or run.checkpoint.export_hf
-        if final and state.step > start and not just_saved:
-            watchdog.at(state.step, "save")
-            save(state)
-        if run.checkpoint.export_hf and trainer.stop_signal is None:
-            if dist.is_main():
-                export_hf(checkpoint.complete_checkpoints(ckpt_dir)[-1], run.run_dir / "hf")
-            dist.barrier()
-    finally:
-        if profiler is not None:
-            profiler.close()
-        if loggers is not None:
-            loggers.close()
-    if trainer.stop_signal is not None:
-        raise Preempted(trainer.stop_signal, state.step)
-    log.info("done: %d steps, %s tokens, run dir %s", state.step, f"{state.tokens:,}", run.run_dir)
-    return state
+    return save
+
+
+def _fit_and_finish(
+    run: RunConfig, trainer: Trainer, save: Callable[[TrainState], None], watchdog: Watchdog,
+    ckpt_dir: Path,
+) -> None:  # fmt: skip
+    """The loop, then the final save (checkpoint.save_final) and export (export_hf)."""
+    state = trainer.state
+    start = state.step
+    trainer.fit()
+    just_saved = trainer.last_saved_step == state.step
+    final = run.checkpoint.save_final or run.checkpoint.export_hf
+    if final and state.step > start and not just_saved:
+        watchdog.at(state.step, "save")
+        save(state)
+    if run.checkpoint.export_hf and trainer.stop_signal is None:
+        if dist.is_main():
+            export_hf(checkpoint.complete_checkpoints(ckpt_dir)[-1], run.run_dir / "hf")
+        dist.barrier()
 
 
 def resume_path(run: RunConfig, ckpt_dir: Path) -> Path | None:

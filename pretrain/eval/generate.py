@@ -226,6 +226,30 @@ def sample(prompts: list[list[int]], cfg: GenerationConfig, decoder: Decoder) ->
     return out
 
 
+def _collect_finished(
+    best: list[list[tuple[float, list[int]]]], best_scores: torch.Tensor,
+    improvable: torch.Tensor, ends: torch.Tensor, seqs: torch.Tensor, parent: torch.Tensor,
+    token: torch.Tensor, cand_scores: torch.Tensor, stop: torch.Tensor, norm: float,
+) -> None:  # fmt: skip
+    """Beam search's finished hypotheses: the continuations among each prompt's top K that
+    end, while the prompt can still improve; keeps the K best per prompt (in `best` and
+    `best_scores`), scored by summed log-probability / `norm`."""
+    n, K = best_scores.shape
+    for i in range(n):
+        if not improvable[i]:
+            continue
+        for r in range(K):
+            if not ends[i, r]:
+                continue
+            tokens = seqs[i, parent[i, r]].tolist()
+            if not torch.isin(token[i, r], stop):
+                tokens.append(int(token[i, r]))
+            best[i].append((float(cand_scores[i, r]) / norm, tokens))
+        best[i] = sorted(best[i], key=lambda h: -h[0])[:K]
+        scores = [s for s, _ in best[i]]
+        best_scores[i, : len(best[i])] = torch.tensor(scores, device=best_scores.device)
+
+
 def beam_search(
     prompts: list[list[int]], cfg: GenerationConfig, decoder: Decoder
 ) -> list[list[int]]:
@@ -259,21 +283,9 @@ def beam_search(
         last = t == cfg.max_new_tokens - 1
         ends = torch.isin(token, stop) if len(stop) else torch.zeros_like(token, dtype=torch.bool)
         ends = ends | last
-        # Finished hypotheses: continuations that end, among the top K, while improvable.
         gen_len = t + 1
-        for i in range(n):
-            if not improvable[i]:
-                continue
-            for r in range(K):
-                if not ends[i, r]:
-                    continue
-                tokens = seqs[i, parent[i, r]].tolist()
-                if not torch.isin(token[i, r], stop):
-                    tokens.append(int(token[i, r]))
-                score = float(cand_scores[i, r]) / gen_len**cfg.length_penalty
-                best[i].append((score, tokens))
-            best[i] = sorted(best[i], key=lambda h: -h[0])[:K]
-            best_scores[i, : len(best[i])] = torch.tensor([s for s, _ in best[i]], device=device)
+        _collect_finished(best, best_scores, improvable, ends, seqs, parent, token, cand_scores,
+                          stop, gen_len**cfg.length_penalty)  # fmt: skip
         if last or bool(ends.all()):
             break
         # The next running beams: the best K continuations that did not end.

@@ -47,8 +47,11 @@ def test_no_progress_in_a_watched_phase_ends_the_rank(caplog: pytest.LogCaptureF
            "the step's collective" in caplog.text  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("phase", "said"), [("data", "waiting for data"), ("sync", "waiting for the step's collective")]
+)
 def test_a_stop_signal_during_a_wait_exits_without_saving(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, phase: str, said: str
 ) -> None:
     monkeypatch.setattr(wd, "STOP_WAIT_S", 1.0)
     codes: list[int] = []
@@ -57,12 +60,12 @@ def test_a_stop_signal_during_a_wait_exits_without_saving(
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(2.5)
         assert codes == []
-        dog.at(4, "data")
+        dog.at(4, phase)
         started = time.monotonic()
         _wait_for(codes, 5)
         assert 0.9 < time.monotonic() - started < 3
     assert codes[0] == 128 + signal.SIGTERM
-    assert "SIGTERM received while waiting for data in step 4" in caplog.text
+    assert f"SIGTERM received while {said} in step 4" in caplog.text
 
 
 def _workers(parent: int) -> dict[int, int]:

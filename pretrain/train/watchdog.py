@@ -24,6 +24,7 @@ handler of `pretrain.train.signals` cannot run until the call returns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -104,6 +105,9 @@ class Watchdog:
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
+        if self._pipe is not None:
+            with contextlib.suppress(BlockingIOError):  # a full pipe wakes it anyway
+                os.write(self._pipe[1], b"\0")  # wake the thread now, not at its next 1 s tick
         self._thread.join(timeout=5)
         signal.set_wakeup_fd(self._previous_fd)
         for fd in self._pipe or ():

@@ -24,7 +24,6 @@ import random
 import re
 import shutil
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as tdist
+
+from pretrain.data.shards import file_crc32
 
 log = logging.getLogger("pretrain")
 
@@ -170,14 +171,6 @@ def _size(n: float) -> str:
 
 def _tree_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def file_crc32(path: Path) -> str:
-    crc = 0
-    with path.open("rb") as f:
-        while block := f.read(1 << 24):
-            crc = zlib.crc32(block, crc)
-    return f"{crc:08x}"
 
 
 def _listing(path: Path) -> list[str]:

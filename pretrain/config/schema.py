@@ -60,7 +60,7 @@ class TransformerEncoderModelSchema:
 class SyntheticDataSchema:
     """data=synthetic: deterministic learnable token stream (no I/O); see data/synthetic.py."""
 
-    _target_: str = "pretrain.data.synthetic.SyntheticStream"
+    _target_: str = "pretrain.data.synthetic.synthetic_source"
     noise: float = 0.1
     """Probability that the walk restarts at a random token; sets the loss floor."""
 
@@ -78,7 +78,7 @@ class DataSource:
 class ShardsDataSchema:
     """data=shards: token shards written by tools/prepare_data.py (see data/stream.py)."""
 
-    _target_: str = "pretrain.data.stream.build_loader"
+    _target_: str = "pretrain.data.stream.shards_source"
     path: str | None = None
     """A directory with manifest.json, a glob, a brace pattern, or http(s):// / pipe: URLs."""
     sources: list[DataSource] = field(default_factory=list)
@@ -109,7 +109,7 @@ class ShardsDataSchema:
 class DemoDataSchema:
     """data=demo: the Python standard library's own sources, tokenized on first use."""
 
-    _target_: str = "pretrain.data.corpus.demo_loader"
+    _target_: str = "pretrain.data.corpus.demo_source"
     cache_dir: str = "${oc.env:PRETRAIN_DATA_DIR,'~/.cache/pretrain'}/demo"
     """Where the demo tokenizer and shards are cached (PRETRAIN_DATA_DIR moves it)."""
     tokenizer_vocab_size: int = 512
@@ -245,6 +245,10 @@ class TrainerConfig:
     profile_memory: bool = False
     """With profile_steps on CUDA: also dump a CUDA memory snapshot of those steps
     (<run_dir>/profile/*_memory.pickle, for https://pytorch.org/memory_viz)."""
+    callbacks: list[Any] = field(default_factory=list)
+    """More side effects of training: [{_target_: my.module.MyCallback, <its arguments>}],
+    each a pretrain.train.callbacks.Callback, instantiated by Hydra and called after the
+    run's own (metrics, evaluation, profiler, logging, saving, export)."""
 
 
 @dataclass

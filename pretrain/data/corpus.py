@@ -1,6 +1,6 @@
 """The embedded demo corpus: this Python's own standard-library sources, no download.
 
-`demo_loader` (data=demo) builds, on first use, a small byte-level BPE and token shards from
+`demo_source` (data=demo) builds, on first use, a small byte-level BPE and token shards from
 the `.py` files of the running interpreter's standard library, caches them under
 `data.cache_dir`, and streams them like any other shard set. Later runs reuse the cache.
 """
@@ -17,7 +17,8 @@ import torch.distributed as tdist
 
 from pretrain.data import shards as shard_writer
 from pretrain.data import tokenizer as tokenizers
-from pretrain.data.stream import TokenLoader, build_loader
+from pretrain.data.source import DataContext
+from pretrain.data.stream import TokenLoader, shards_source
 
 log = logging.getLogger("pretrain")
 
@@ -69,32 +70,18 @@ def build_demo(cache_dir: str | Path, vocab_size: int, max_bytes: int) -> Path:
     return cache / "shards"
 
 
-def demo_loader(
-    cache_dir: str,
-    tokenizer_vocab_size: int,
-    max_bytes: int,
-    num_workers: int,
-    vocab_size: int,
-    seq_len: int,
-    micro_batch_size: int,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-    grad_accum: int = 1,
-    split: str = "train",
+def demo_source(
+    ctx: DataContext, cache_dir: str, tokenizer_vocab_size: int, max_bytes: int, num_workers: int
 ) -> TokenLoader:
-    """data=demo: rank 0 builds the cache once, every rank then streams it (`split`: train,
-    or val, the 2% of documents held out)."""
-    tokenizers.check_fits(tokenizer_vocab_size, vocab_size, "data=demo")
-    if rank == 0:
+    """data=demo: rank 0 builds the cache once, every rank then streams it (`ctx.split`:
+    train, or val, the 2% of documents held out)."""
+    tokenizers.check_fits(tokenizer_vocab_size, ctx.vocab_size, "data=demo")
+    if ctx.data_rank == 0:
         path = build_demo(cache_dir, tokenizer_vocab_size, max_bytes)
-    if tdist.is_initialized() and world_size > 1:
+    if tdist.is_initialized() and ctx.data_size > 1:
         tdist.barrier()
-    if rank != 0:
+    if ctx.data_rank != 0:
         path = build_demo(cache_dir, tokenizer_vocab_size, max_bytes)  # now only reads the cache
-    loader = build_loader(
-        str(path), vocab_size, seq_len, micro_batch_size, seed, rank, world_size, grad_accum,
-        split=split, num_workers=num_workers,
-    )  # fmt: skip
+    loader = shards_source(ctx, path=str(path), num_workers=num_workers)
     loader.tokenizer = str(path.parent / "tokenizer.json")  # build_demo wrote it there
     return loader

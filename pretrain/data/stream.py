@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.shards import MANIFEST
+from pretrain.data.source import DataContext
 from pretrain.data.tokenizer import check_fits, fingerprint
 from pretrain.data.tokenizer import load as load_tokenizer
 
@@ -623,7 +624,8 @@ def _worker_init(worker_id: int) -> None:
 
 
 class TokenLoader:
-    """This rank's micro-batches, with `state_dict()` / `load_state_dict()` for exact resume.
+    """This rank's micro-batches, with `state_dict()` / `load_state_dict()` for exact resume:
+    the `DataSource` (data/source.py) of data=shards and data=demo.
 
     Workers send `chunk_batches` micro-batches per transfer, since each transfer between
     processes costs about as much as reading one. The DataLoader takes chunks from the
@@ -863,6 +865,16 @@ def build_loader(
     loader.tokenizer_sha256 = one or expected_tokenizer or None  # a glob: data.tokenizer's
     loader.allow_tokenizer_change = allow_tokenizer_change
     return loader
+
+
+def shards_source(ctx: DataContext, split: str = "train", **fields: Any) -> TokenLoader:
+    """data=shards: `build_loader` for `ctx`. `split` (data.split) is what training reads;
+    a context for evaluation (ctx.split=val) reads the val split."""
+    return build_loader(
+        vocab_size=ctx.vocab_size, seq_len=ctx.seq_len, micro_batch_size=ctx.micro_batch_size,
+        seed=ctx.seed, rank=ctx.data_rank, world_size=ctx.data_size, grad_accum=ctx.grad_accum,
+        split=split if ctx.split == "train" else ctx.split, **fields,
+    )  # fmt: skip
 
 
 def _check_enough(

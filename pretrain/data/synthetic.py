@@ -16,9 +16,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pretrain.data.source import DataContext
+
 
 class SyntheticStream:
-    """Iterator over this rank's micro-batches: LongTensor (micro_batch_size, seq_len + 1)."""
+    """Iterator over this rank's micro-batches: LongTensor (micro_batch_size, seq_len + 1).
+    A `DataSource` (data/source.py) without a tokenizer."""
+
+    tokenizer: str | None = None
+    tokenizer_sha256: str | None = None
+    allow_tokenizer_change = False
 
     def __init__(
         self,
@@ -73,6 +80,9 @@ class SyntheticStream:
         self.micro_batches_done += 1
         return torch.from_numpy(batch)
 
+    def metrics(self) -> dict[str, float]:
+        return {}
+
     def state_dict(self) -> dict[str, int]:
         return {"micro_batches_done": self.micro_batches_done}
 
@@ -84,3 +94,12 @@ class SyntheticStream:
         global batch of each step does not depend on how it is split."""
         del states
         self.micro_batches_done = step * self.accum
+
+
+def synthetic_source(ctx: DataContext, noise: float = 0.1) -> SyntheticStream:
+    """data=synthetic: the stream for `ctx` (the global batch of each step is the same
+    however the ranks split it)."""
+    return SyntheticStream(
+        ctx.vocab_size, ctx.seq_len, ctx.micro_batch_size, ctx.grad_accum, ctx.seed,
+        ctx.data_rank, ctx.data_size, noise, ctx.split,
+    )  # fmt: skip

@@ -24,11 +24,11 @@ from pretrain.checkpoint import reshard
 from pretrain.checkpoint.export import (
     TOKENIZER_FILE,
     check_same_tokenizer,
-    export_hf,
     load_hf_weights,
 )
 from pretrain.config import ConfigError, RunConfig
-from pretrain.data.stream import DataError, build_loader
+from pretrain.data.source import DataContext, DataSource
+from pretrain.data.stream import DataError, shards_source
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
 from pretrain.engine.module import DeepSpeedTrainModule
@@ -37,6 +37,16 @@ from pretrain.eval.perplexity import Evaluator, byte_lengths
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token
 from pretrain.model.llama import LlamaConfig, pad_vocab, saved_model_fields
+from pretrain.train.callbacks import (
+    ArtifactCallback,
+    Callback,
+    CheckpointCallback,
+    EvalCallback,
+    ExportCallback,
+    LogCallback,
+    MetricsCallback,
+    ProfilerCallback,
+)
 from pretrain.train.loggers import Loggers, build_loggers
 from pretrain.train.metrics import Throughput, resolve_peak
 from pretrain.train.profiling import StepProfiler
@@ -69,8 +79,7 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     # and the engine cost anything.
     data = build_data(run)
     _check_val_data(run, data)
-    ckpt_dir = checkpoint.checkpoint_dir(run.run_dir)
-    resume = plan_resume(run, ckpt_dir, data)
+    resume = plan_resume(run, checkpoint.checkpoint_dir(run.run_dir), data)
     model = build_model(run, lambda: build_module(run))
     init_from = run.model.get("init_from")
     if init_from and resume.path is None:
@@ -81,30 +90,44 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     peak, peak_source = resolve_peak(run.logger.peak_tflops, engine.device, run.precision)
     throughput = Throughput(run.tokens_per_step, run.world_size, model_flops_per_token(run), peak)
     _log_summary(run, engine, state, throughput, peak_source, loggers)
-    profiler = None
-    if run.trainer.profile_steps:
-        first, last = run.trainer.profile_steps
-        profiler = StepProfiler(run.run_dir / "profile", first, last, dist.rank(),
-                                engine.device, run.trainer.profile_memory)  # fmt: skip
-    save = _saver(run, engine, data, loggers, ckpt_dir)
+    callbacks = build_callbacks(run, engine, data, loggers, throughput)
     trainer = Trainer(
         DeepSpeedTrainModule(engine, trainer_clip(run)), data, run.trainer, run.grad_accum,
-        run.tokens_per_step, loggers, state, save=save, save_every=run.checkpoint.every_steps,
-        save_every_minutes=run.checkpoint.every_minutes, signals=signals,
-        throughput=throughput, profiler=profiler, evaluate=build_evaluator(run, engine, data),
-        watchdog=watchdog,
+        run.tokens_per_step, state, callbacks, signals, watchdog,
     )  # fmt: skip
-    try:
-        _fit_and_finish(run, trainer, save, watchdog, ckpt_dir)
-    finally:
-        if profiler is not None:
-            profiler.close()
-        if loggers is not None:
-            loggers.close()
+    trainer.fit()
     if trainer.stop_signal is not None:
         raise Preempted(trainer.stop_signal, state.step)
     log.info("done: %d steps, %s tokens, run dir %s", state.step, f"{state.tokens:,}", run.run_dir)
     return state
+
+
+def build_callbacks(
+    run: RunConfig, engine: object, data: DataSource, loggers: Loggers | None,
+    throughput: Throughput,
+) -> list[Callback]:  # fmt: skip
+    """The run's side effects, in the order they act on each step (callbacks.py): figures,
+    evaluation, profiler, logging, saving, then the config's own `trainer.callbacks`."""
+    t, c = run.trainer, run.checkpoint
+    callbacks: list[Callback] = [MetricsCallback(throughput)]
+    evaluator = build_evaluator(run, engine, data)
+    if evaluator is not None:
+        callbacks.append(EvalCallback(evaluator, last_step(run)))
+    if t.profile_steps:
+        first, last = t.profile_steps
+        callbacks.append(ProfilerCallback(StepProfiler(
+            run.run_dir / "profile", first, last, dist.rank(), engine.device, t.profile_memory
+        )))  # fmt: skip
+    if loggers is not None:
+        callbacks += [LogCallback(loggers), ArtifactCallback(loggers)]
+    ckpt_dir = checkpoint.checkpoint_dir(run.run_dir)
+    callbacks.append(CheckpointCallback(
+        _saver(run, engine, data, loggers, ckpt_dir), ckpt_dir, c.every_steps, c.every_minutes,
+        c.save_final or c.export_hf, c.keep_last, c.keep_every,
+    ))  # fmt: skip
+    if c.export_hf:
+        callbacks.append(ExportCallback(ckpt_dir, run.run_dir / "hf"))
+    return callbacks + [instantiate(spec) for spec in t.callbacks]
 
 
 def _check_val_data(run: RunConfig, data: object) -> None:
@@ -112,7 +135,7 @@ def _check_val_data(run: RunConfig, data: object) -> None:
     if run.trainer.eval_every_steps:
         build_val_data(run)
         for path in run.trainer.eval_data.values():
-            build_named_val_data(run, path, getattr(data, "tokenizer", None))
+            build_named_val_data(run, path, data.tokenizer)
 
 
 @dataclass(frozen=True)
@@ -136,9 +159,8 @@ def plan_resume(run: RunConfig, ckpt_dir: Path, data: object) -> ResumePlan:
         return ResumePlan(path, layout, False)
     client = checkpoint.read_client_state(path)
     check_same_model(client["config"], run, path)
-    check_same_tokenizer(path, client.get("data_tokenizer_sha256"),
-                         getattr(data, "tokenizer_sha256", None),
-                         getattr(data, "allow_tokenizer_change", False))  # fmt: skip
+    check_same_tokenizer(path, client.get("data_tokenizer_sha256"), data.tokenizer_sha256,
+                         data.allow_tokenizer_change)  # fmt: skip
     saved_layout = reshard.saved_layout(client["config"])
     universal = reshard.needs_universal(saved_layout, layout, path)
     if universal:
@@ -161,7 +183,7 @@ def restore(
     else:
         client_state, rank_states = reshard.load(engine, resume.path, resume.universal)
         step = int(client_state["trainer"]["step"])
-        _hand_over_data(data, [r["data"] for r in rank_states], step)
+        data.load_resharded_state([r["data"] for r in rank_states], step)
         log.warning(
             "resumed %s, saved by %d rank(s) with ZeRO-%d, on %d rank(s) with ZeRO-%d: "
             "weights, Adam moments and LR schedule carried over exactly%s", resume.path,
@@ -190,47 +212,24 @@ def _start_logging(
 
 
 def _saver(
-    run: RunConfig, engine: object, data: object, loggers: Loggers | None, ckpt_dir: Path
-) -> Callable[[TrainState], None]:
+    run: RunConfig, engine: object, data: DataSource, loggers: Loggers | None, ckpt_dir: Path
+) -> Callable[[TrainState], Path]:
     """What saving a checkpoint at a state means for this run: the engine's shards, the
-    data position, the trainer state and config, the tokenizer; then retention."""
-    tokenizer = getattr(data, "tokenizer", None)  # travels with each checkpoint, for export
+    data position, the trainer state and config, the tokenizer."""
+    tokenizer = data.tokenizer  # travels with each checkpoint, for export
     files = {TOKENIZER_FILE: load_tokenizer(tokenizer).to_str()} if tokenizer else {}
 
-    def save(s: TrainState) -> None:
+    def save(s: TrainState) -> Path:
         client_state = {
             "trainer": s.state_dict(),
             "config": run.as_dict,
             "wandb_run_id": loggers.wandb_run_id if loggers else None,
-            "data_tokenizer_sha256": getattr(data, "tokenizer_sha256", None),
+            "data_tokenizer_sha256": data.tokenizer_sha256,
         }
-        path = checkpoint.save(
-            engine, ckpt_dir, s.step, client_state, {"data": data.state_dict()}, files
-        )
-        checkpoint.prune(ckpt_dir, run.checkpoint.keep_last, run.checkpoint.keep_every)
-        if loggers is not None:
-            loggers.log_checkpoint(path, s.step)
+        rank_state = {"data": data.state_dict()}
+        return checkpoint.save(engine, ckpt_dir, s.step, client_state, rank_state, files)
 
     return save
-
-
-def _fit_and_finish(
-    run: RunConfig, trainer: Trainer, save: Callable[[TrainState], None], watchdog: Watchdog,
-    ckpt_dir: Path,
-) -> None:  # fmt: skip
-    """The loop, then the final save (checkpoint.save_final) and export (export_hf)."""
-    state = trainer.state
-    start = state.step
-    trainer.fit()
-    just_saved = trainer.last_saved_step == state.step
-    final = run.checkpoint.save_final or run.checkpoint.export_hf
-    if final and state.step > start and not just_saved:
-        watchdog.at(state.step, "save")
-        save(state)
-    if run.checkpoint.export_hf and trainer.stop_signal is None:
-        if dist.is_main():
-            export_hf(checkpoint.complete_checkpoints(ckpt_dir)[-1], run.run_dir / "hf")
-        dist.barrier()
 
 
 def resume_path(run: RunConfig, ckpt_dir: Path) -> Path | None:
@@ -277,34 +276,30 @@ def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:
         ])  # fmt: skip
 
 
-def _hand_over_data(data: object, states: list[dict], step: int) -> None:
-    """Give the data stream the saved ranks' positions, from another number of ranks."""
-    resume = getattr(data, "load_resharded_state", None)
-    if resume is None:
-        log.warning("the data source cannot continue from another number of ranks: it restarts")
-        return
-    resume(states, step)
-
-
 def build_module(run: RunConfig) -> torch.nn.Module:
     """The model the config describes, with fresh weights (init_from is applied after)."""
     fields = {k: v for k, v in run.model.items() if k != "init_from"}
     return instantiate(fields)
 
 
-def build_data(run: RunConfig) -> Iterator[torch.Tensor]:
+def data_context(run: RunConfig, split: str = "train") -> DataContext:
+    """What this rank's data source is built for."""
+    t = run.trainer
+    return DataContext(run.vocab_size, t.seq_len, t.micro_batch_size, run.grad_accum, t.seed,
+                       dist.data_rank(), dist.data_size(), split)  # fmt: skip
+
+
+def build_data(run: RunConfig) -> DataSource:
     """This rank's stream of (micro_batch_size, seq_len + 1) token batches."""
-    return _instantiate_data(run, dist.data_rank(), dist.data_size(), run.grad_accum)
+    return _instantiate_data(run, data_context(run))
 
 
 def build_val_data(run: RunConfig) -> Iterator[torch.Tensor]:
     """This rank's share of the val split: every rank reads the split whole (as the one rank
     of one, so a val split of a single shard serves any number of ranks) and keeps every
     data_size()-th micro-batch from its data rank on. The same batches at every call."""
-    extra: dict = {"split": "val"}
-    if "num_workers" in run.data:
-        extra["num_workers"] = 0  # a few batches per evaluation: no worker processes
-    stream = _instantiate_data(run, 0, 1, 1, **extra)
+    extra = {"num_workers": 0} if "num_workers" in run.data else {}  # a few batches per eval
+    stream = _instantiate_data(run, data_context(run).alone("val"), **extra)
     return itertools.islice(stream, dist.data_rank(), None, dist.data_size())
 
 
@@ -312,30 +307,16 @@ def build_named_val_data(run: RunConfig, path: str, tokenizer: str | None) -> It
     """This rank's share of a trainer.eval_data set: a shard directory's val split, or every
     shard of a glob, read and strided like `build_val_data`."""
     manifest = Path(path).is_dir()  # a glob has no splits (all of it) and no tokenizer record
-    t = run.trainer
-    stream = build_loader(path, run.vocab_size, t.seq_len, t.micro_batch_size, t.seed,
-                          split="val" if manifest else "train", num_workers=0,
-                          tokenizer=tokenizer if manifest else None)  # fmt: skip
+    ctx = data_context(run).alone("val" if manifest else "train")
+    stream = shards_source(ctx, path=path, num_workers=0,
+                           tokenizer=tokenizer if manifest else None)  # fmt: skip
     return itertools.islice(stream, dist.data_rank(), None, dist.data_size())
 
 
-def _instantiate_data(
-    run: RunConfig, rank: int, world_size: int, grad_accum: int, **extra: object
-) -> Iterator[torch.Tensor]:
-    """The data source of `run.data`, for data rank `rank` of `world_size` data ranks (the
-    keywords every data source takes)."""
+def _instantiate_data(run: RunConfig, ctx: DataContext, **extra: object) -> DataSource:
+    """The data source of `run.data` (its `_target_` builder) for `ctx`."""
     try:
-        return instantiate(
-            run.data,
-            **extra,
-            vocab_size=run.vocab_size,
-            seq_len=run.trainer.seq_len,
-            micro_batch_size=run.trainer.micro_batch_size,
-            grad_accum=grad_accum,
-            seed=run.trainer.seed,
-            rank=rank,
-            world_size=world_size,
-        )
+        return instantiate(run.data, ctx, **extra)
     except InstantiationException as e:  # Hydra wraps the data source's own error
         if isinstance(e.__cause__, DataError):
             raise e.__cause__ from None
@@ -343,7 +324,7 @@ def _instantiate_data(
 
 
 def build_evaluator(
-    run: RunConfig, engine: torch.nn.Module, train_data: object = None
+    run: RunConfig, engine: torch.nn.Module, train_data: DataSource
 ) -> Evaluator | None:
     """trainer.eval_every_steps > 0: the held-out scorer, `eval_tokens` over all ranks per set
     (with bits per byte when the training data names its tokenizer)."""
@@ -352,7 +333,7 @@ def build_evaluator(
         return None
     per_batch = t.micro_batch_size * t.seq_len * run.parallel.data
     n_batches = -(-t.eval_tokens // per_batch)
-    tokenizer = getattr(train_data, "tokenizer", None)
+    tokenizer = train_data.tokenizer
     # Bits per byte need the bytes behind each token id.
     table = byte_lengths(load_tokenizer(tokenizer), run.vocab_size) if tokenizer else None
     sets = {"val": lambda: build_val_data(run)}

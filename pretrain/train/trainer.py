@@ -14,18 +14,18 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
 
 from pretrain.config.schema import TrainerConfig
+from pretrain.data.source import DataSource
 from pretrain.data.stream import DataError
-from pretrain.train.loggers import Loggers
-from pretrain.train.metrics import Throughput
+from pretrain.train.callbacks import Callback
 from pretrain.train.module import TrainModule
-from pretrain.train.profiling import StepProfiler
 from pretrain.train.signals import StopSignals
 from pretrain.train.state import TrainState
 from pretrain.train.watchdog import Watchdog
@@ -39,12 +39,6 @@ after the first of them; the newest complete checkpoint predates the divergence.
 
 class TrainingDiverged(RuntimeError):
     """The loss was NaN/Inf on some rank for `trainer.max_bad_steps` steps in a row."""
-
-
-def data_metrics(data: object) -> dict[str, float]:
-    """What the data source reports about itself (e.g. skipped corrupt shards), if anything."""
-    metrics = getattr(data, "metrics", None)
-    return metrics() if callable(metrics) else {}
 
 
 @dataclass
@@ -65,61 +59,71 @@ class StepResult:
 
 
 class Trainer:
-    """Runs optimizer steps until `cfg.max_steps` (or `cfg.stop_at_step`, or a stop signal)."""
+    """Runs optimizer steps until `cfg.max_steps` (or `cfg.stop_at_step`, or a stop signal,
+    or early stopping); side effects (metrics, evaluation, logging, saving) are `callbacks`
+    (train/callbacks.py), called in list order."""
 
     def __init__(
         self,
         module: TrainModule,
-        data: Iterator[torch.Tensor],
+        data: DataSource,
         cfg: TrainerConfig,
         grad_accum: int,
         tokens_per_step: int,
-        loggers: Loggers | None = None,
         state: TrainState | None = None,
-        save: Callable[[TrainState], None] | None = None,
-        save_every: int = 0,
-        save_every_minutes: float = 0.0,
+        callbacks: Sequence[Callback] = (),
         signals: StopSignals | None = None,
-        throughput: Throughput | None = None,
-        profiler: StepProfiler | None = None,
-        evaluate: Callable[[], dict[str, float]] | None = None,
         watchdog: Watchdog | None = None,
     ) -> None:
         """`watchdog`: told each phase of each step (data, compute, sync, eval, save)."""
         self.module, self.data, self.cfg = module, data, cfg
         self.grad_accum, self.tokens_per_step = grad_accum, tokens_per_step
-        self.loggers = loggers or Loggers([])
         self.state = state or TrainState()
-        self.save, self.save_every, self.save_every_minutes = save, save_every, save_every_minutes
+        self.callbacks = list(callbacks)
         self.signals = signals
-        world = tdist.get_world_size() if tdist.is_initialized() else 1
-        self.throughput = throughput or Throughput(tokens_per_step, world, None, None)
-        self.profiler = profiler
-        self.evaluate = evaluate
-        """Scores the held-out split every `cfg.eval_every_steps` and at the last step."""
         self.stop_signal: int | None = None
         """Set when fit() returned early because of a stop signal (on any rank)."""
-        self.last_saved_step: int | None = None
-        self._last_save_time = time.monotonic()
         self._bad_in_row = 0
         self.watchdog = watchdog
 
-    def _at(self, phase: str) -> None:
+    def phase(self, name: str) -> None:
+        """Tell the watchdog what this rank does now: data, compute, sync (of the coming
+        step), eval or save (of the step just taken; exempt from the hang timeout)."""
         if self.watchdog is not None:
-            self.watchdog.at(self.state.step + (phase not in ("eval", "save")), phase)
+            self.watchdog.at(self.state.step + (name not in ("eval", "save")), name)
+
+    def checkpoint_saved(self, path: Path) -> None:
+        """A callback committed checkpoint `path` of the current step: tell every callback."""
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, path, self.state.step)
+
+    def last_step(self) -> int:
+        """The step this job ends at: cfg.max_steps, or cfg.stop_at_step when earlier."""
+        stop = self.cfg.stop_at_step
+        return self.cfg.max_steps if stop is None else min(stop, self.cfg.max_steps)
 
     def fit(self) -> TrainState:
-        """Train from `state.step` to the last step; returns the final state."""
-        last = self.cfg.max_steps
-        if self.cfg.stop_at_step is not None:
-            last = min(last, self.cfg.stop_at_step)
-        if self.state.stopped_early:
-            log.info("the run stopped early at step %d (no val_loss improvement): nothing to do",
-                     self.state.step)  # fmt: skip
-            return self.state
+        """Train from `state.step` to the last step; returns the final state. Every
+        callback's `close` runs at the end, also after an error."""
+        try:
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
+            if self.state.stopped_early:
+                log.info("the run stopped early at step %d (no val_loss improvement): nothing "
+                         "to do", self.state.step)  # fmt: skip
+            else:
+                self._loop(self.last_step())
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+        finally:
+            for cb in self.callbacks:
+                cb.close()
+        return self.state
+
+    def _loop(self, last: int) -> None:
         while self.state.step < last:
-            if self.profiler:
-                self.profiler.step_started(self.state.step + 1)
+            for cb in self.callbacks:
+                cb.on_step_start(self)
             t0 = time.perf_counter()
             lr = self.module.lr()  # the rate this step uses; the step advances it
             result = self.train_step()
@@ -128,26 +132,12 @@ class Trainer:
             self.state.step += 1
             self.state.tokens += self.tokens_per_step
             self.state.skipped_steps += result.skipped
-            if self.profiler:
-                self.profiler.step_finished(self.state.step)
-            record = self._metrics(result, lr, step_time)
-            evaluated = self._eval_due(last) and not result.stop  # a stop saves in its grace
-            if evaluated:
-                self._at("eval")
-                record.update(self.evaluate())
-            self.loggers.log(record, self.state.step)
-            if evaluated and self._patience_ran_out(record["val_loss"]):
-                self.state.stopped_early = True
+            record = self._record(result, lr, step_time)
+            for cb in self.callbacks:
+                cb.on_step_end(self, result, record)
             self._check_bad_steps(result.skipped)
-            periodic = self.save_every and self.state.step % self.save_every == 0
-            # No scheduled checkpoint in a run of NaN steps (resuming it would resume the
-            # divergence); a stop request saves regardless: the weights are the last good ones.
-            due = (periodic or result.save_due) and not result.skipped
-            if self.save and (due or result.stop or self.state.stopped_early):
-                self._at("save")
-                self.save(self.state)
-                self.last_saved_step = self.state.step
-                self._last_save_time = time.monotonic()
+            for cb in self.callbacks:
+                cb.after_step(self, result)
             if result.stop:
                 received = self.signals.received if self.signals else None
                 self.stop_signal = received or signal.SIGTERM
@@ -156,32 +146,9 @@ class Trainer:
                 break
             if self.state.stopped_early:
                 break
-        return self.state
 
-    def _patience_ran_out(self, val_loss: float) -> bool:
-        """Early stopping: count evaluations without improvement; True when patience is out."""
-        s, patience = self.state, self.cfg.early_stopping_patience
-        if val_loss < s.best_val_loss - self.cfg.early_stopping_min_delta:
-            s.best_val_loss, s.best_val_step, s.evals_since_best = val_loss, s.step, 0
-            return False
-        s.evals_since_best += 1
-        if not patience or s.evals_since_best < patience:
-            return False
-        log.warning(
-            "early stopping at step %d: val_loss %.4f has not improved on %.4f (step %d) for "
-            "%d evaluations (trainer.early_stopping_patience=%d)", s.step, val_loss,
-            s.best_val_loss, s.best_val_step, s.evals_since_best, patience,
-        )  # fmt: skip
-        return True
-
-    def _eval_due(self, last: int) -> bool:
-        every = self.cfg.eval_every_steps
-        if self.evaluate is None or not every:
-            return False
-        return self.state.step % every == 0 or self.state.step == last
-
-    def _metrics(self, result: StepResult, lr: float, step_time: float) -> dict[str, float]:
-        """One step's record: metrics.jsonl gets each; console and W&B one per log interval."""
+    def _record(self, result: StepResult, lr: float, step_time: float) -> dict[str, float]:
+        """The loop's own figures of a step; callbacks add theirs (throughput, val_loss)."""
         return {
             "loss": result.loss,
             "lr": lr,
@@ -191,9 +158,6 @@ class Trainer:
             "step_time_s": step_time,
             "data_wait_s": result.data_wait_s,
             "compute_s": step_time - result.data_wait_s,
-            **self.throughput(step_time),
-            **self.module.metrics(),
-            **data_metrics(self.data),
         }
 
     def _check_bad_steps(self, skipped: bool) -> None:
@@ -222,14 +186,14 @@ class Trainer:
         data_wait = 0.0
         for i in range(self.grad_accum):
             t0 = time.perf_counter()
-            self._at("data")
+            self.phase("data")
             batch = self._next_batch().to(self.module.device, non_blocking=True)  # (B, T + 1)
             data_wait += time.perf_counter() - t0
-            self._at("compute")
+            self.phase("compute")
             losses.append(self.module.forward_backward(batch, last=i == self.grad_accum - 1))
-        self._at("sync")
+        self.phase("sync")
         agreed = self._agree(torch.stack(losses))
-        self._at("compute")
+        self.phase("compute")
         agreed.grad_norm = self.module.optimizer_step(skip=agreed.skipped)
         agreed.data_wait_s = data_wait
         return agreed
@@ -249,12 +213,7 @@ class Trainer:
         """The one collective of the step: mean loss, and the flags any rank raised (on one
         rank, just the host sync that reads the losses)."""
         stop = self.signals is not None and self.signals.received is not None
-        rank = tdist.get_rank() if tdist.is_initialized() else 0
-        due = (  # rank 0's clock alone decides, so every rank agrees
-            rank == 0
-            and self.save_every_minutes > 0
-            and time.monotonic() - self._last_save_time >= 60 * self.save_every_minutes
-        )
+        due = any([cb.wants_save(self) for cb in self.callbacks])  # every callback votes
         world = tdist.get_world_size() if tdist.is_initialized() else 1
         if world == 1:  # nothing to agree on: read the losses (the step's one host sync)
             values = losses.tolist()

@@ -51,13 +51,29 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     overrides = [*TINY, f"run_dir={run_dir}", *COMMON]
     first = launch([*overrides, "trainer.stop_at_step=3", "trainer.profile_steps=[2,3]"], env=env)
     assert first.returncode == 0, first.stderr[-4000:]
-    second = launch(overrides, nproc=2, env=env)
+    probe = f"trainer.callbacks=[{{_target_:tests.train.callback_probe.HookLog,out:{run_dir}}}]"
+    second = launch([*overrides, probe], nproc=2, env=env)
     assert second.returncode == 0, second.stderr[-4000:]
     return {"dir": run_dir, "first": first.stderr, "second": second.stderr}
 
 
 def offline_runs(run_dir: Path) -> list[tuple[str, dict, list[dict]]]:
     return [read_run(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
+
+
+def test_a_callback_from_the_config_alone_sees_every_hook(runs: dict) -> None:
+    """trainer.callbacks adds a side effect without touching the loop or run.py: each rank's
+    callback is told of the resumed start, each step's full record, the committed
+    checkpoint, the end and the close, in that order."""
+    for rank in (0, 1):
+        calls = json.loads((runs["dir"] / f"hooks_rank{rank}.json").read_text())
+        assert [c[:2] for c in calls] == [
+            ["fit_start", 3], ["step_end", 4], ["step_end", 5], ["step_end", 6],
+            ["checkpoint", 6], ["fit_end", 6], ["close"],
+        ]  # fmt: skip
+        assert calls[4][2] == "step_6"
+        last = set(calls[3][2])  # after the run's own callbacks: their figures are in
+        assert {"loss", "tokens_per_s", "mfu", "val_loss"} <= last
 
 
 def test_wandb_history_config_and_resume(runs: dict) -> None:

@@ -1,6 +1,7 @@
 """The loop on its own, in-process: the Trainer drives a fake TrainModule (no DeepSpeed, no
 process group) and must decide *when* right: steps and micro-batches, skipped updates and
-divergence, stop signals, the save cadence, early stopping, data running out."""
+divergence, stop signals, the save cadence, early stopping, data running out; and the
+callbacks (train/callbacks.py) that carry the side effects."""
 
 from __future__ import annotations
 
@@ -8,13 +9,22 @@ import itertools
 import math
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain.config.schema import TrainerConfig
 from pretrain.data.stream import DataError
+from pretrain.train.callbacks import (
+    Callback,
+    CheckpointCallback,
+    EvalCallback,
+    LogCallback,
+    MetricsCallback,
+)
 from pretrain.train.loggers import Loggers
+from pretrain.train.metrics import Throughput
 from pretrain.train.state import TrainState
 from pretrain.train.trainer import Trainer, TrainingDiverged
 
@@ -55,19 +65,60 @@ class Records:
     def log(self, metrics: dict, step: int) -> None:
         self.records.append((step, metrics))
 
+    def close(self) -> None:
+        pass
+
 
 class FakeSignals:
     received: int | None = None
 
 
-def _trainer(losses: Iterator[float], grad_accum: int = 2, data: Iterator | None = None,
-             **kwargs: object) -> tuple[Trainer, FakeModule, Records]:  # fmt: skip
+class FakeData:
+    """A DataSource of zero batches (`n` of them; None: endless)."""
+
+    tokenizer = tokenizer_sha256 = None
+    allow_tokenizer_change = False
+
+    def __init__(self, n: int | None = None) -> None:
+        self.left = n
+
+    def __iter__(self) -> FakeData:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.left is not None:
+            if self.left == 0:
+                raise StopIteration
+            self.left -= 1
+        return torch.zeros(2, 9, dtype=torch.long)
+
+    def metrics(self) -> dict[str, float]:
+        return {"data_metric": 2.0}
+
+
+class Saves(list):
+    """A checkpoint writer that notes the steps it saved."""
+
+    def __call__(self, state: TrainState) -> Path:
+        self.append(state.step)
+        return Path(f"step_{state.step}")
+
+
+def _trainer(losses: Iterator[float], grad_accum: int = 2, data: FakeData | None = None,
+             callbacks: tuple[Callback, ...] = (), **kwargs: object,
+             ) -> tuple[Trainer, FakeModule, Records]:  # fmt: skip
     cfg = TrainerConfig(**{"max_steps": 6, **kwargs.pop("cfg", {})})  # type: ignore[arg-type]
     module, records = FakeModule(losses), Records()
-    batches = data if data is not None else itertools.repeat(torch.zeros(2, 9, dtype=torch.long))
-    trainer = Trainer(module, batches, cfg, grad_accum, tokens_per_step=32,
-                      loggers=Loggers([records]), **kwargs)  # type: ignore[arg-type]  # fmt: skip
+    throughput = Throughput(32, 1, None, None)
+    own = [MetricsCallback(throughput), *callbacks, LogCallback(Loggers([records]))]
+    trainer = Trainer(module, data or FakeData(), cfg, grad_accum, tokens_per_step=32,
+                      callbacks=own, **kwargs)  # type: ignore[arg-type]  # fmt: skip
     return trainer, module, records
+
+
+def _saving(saves: Saves, **kwargs: object) -> CheckpointCallback:
+    """Saving at the given cadence into a directory retention never finds anything in."""
+    return CheckpointCallback(saves, Path("/nonexistent"), **kwargs)  # type: ignore[arg-type]
 
 
 def test_each_step_runs_every_micro_batch_then_one_update() -> None:
@@ -82,6 +133,7 @@ def test_each_step_runs_every_micro_batch_then_one_update() -> None:
     assert first["loss"] == pytest.approx(9.0)  # the mean of 10, 9, 8
     assert first["lr"] == 1e-3 and records.records[1][1]["lr"] == 5e-4  # the rate it used
     assert first["grad_norm"] == 0.25 and first["fake_metric"] == 1.0
+    assert first["data_metric"] == 2.0 and first["tokens_per_s"] > 0
     assert first["tokens"] == 32 and first["step_time_s"] >= first["data_wait_s"] >= 0
 
 
@@ -101,10 +153,7 @@ def test_a_non_finite_loss_skips_the_update_and_a_run_of_them_diverges() -> None
 
 def test_a_stop_signal_saves_that_step_and_stops() -> None:
     signals = FakeSignals()
-    saved: list[int] = []
-
-    def save(state: TrainState) -> None:
-        saved.append(state.step)
+    saved = Saves()
 
     def losses() -> Iterator[float]:
         for i in itertools.count():
@@ -112,37 +161,63 @@ def test_a_stop_signal_saves_that_step_and_stops() -> None:
                 signals.received = signal.SIGUSR1
             yield 1.0
 
-    trainer, _, _ = _trainer(losses(), save=save, signals=signals)
+    saving = _saving(saved, final=True)
+    trainer, _, _ = _trainer(losses(), callbacks=(saving,), signals=signals)
     state = trainer.fit()
-    assert state.step == 3 and saved == [3]
-    assert trainer.stop_signal == signal.SIGUSR1 and trainer.last_saved_step == 3
+    assert state.step == 3 and saved == [3]  # the stop's save; no second one at the end
+    assert trainer.stop_signal == signal.SIGUSR1 and saving.last_saved_step == 3
 
 
 def test_saves_every_n_steps_and_stop_at_step_ends_the_job_early() -> None:
-    saved: list[int] = []
-    trainer, _, _ = _trainer(itertools.repeat(1.0), save=lambda s: saved.append(s.step),
-                             save_every=2, cfg={"max_steps": 10, "stop_at_step": 5})  # fmt: skip
+    saved = Saves()
+    trainer, _, _ = _trainer(itertools.repeat(1.0), callbacks=(_saving(saved, every_steps=2),),
+                             cfg={"max_steps": 10, "stop_at_step": 5})  # fmt: skip
     assert trainer.fit().step == 5
-    assert saved == [2, 4]  # the run's final save is run.py's, not the loop's
+    assert saved == [2, 4]  # no final save unless asked for
+    saved.clear()
+    final = _saving(saved, every_steps=2, final=True)
+    trainer, _, _ = _trainer(itertools.repeat(1.0), callbacks=(final,),
+                             cfg={"max_steps": 10, "stop_at_step": 4})  # fmt: skip
+    assert trainer.fit().step == 4 and saved == [2, 4]  # step 4 saved once
+
+
+def test_a_callback_vote_saves_that_step_and_is_told_of_the_checkpoint() -> None:
+    class Timed(Callback):
+        """Votes to save at step 3; records what it is told."""
+
+        def __init__(self) -> None:
+            self.told: list[tuple[str, int]] = []
+
+        def wants_save(self, trainer: Trainer) -> bool:
+            return trainer.state.step + 1 == 3
+
+        def on_checkpoint(self, trainer: Trainer, path: Path, step: int) -> None:
+            self.told.append((str(path), step))
+
+    saved, timed = Saves(), Timed()
+    trainer, _, _ = _trainer(itertools.repeat(1.0), callbacks=(_saving(saved), timed))
+    trainer.fit()
+    assert saved == [3] and timed.told == [("step_3", 3)]
 
 
 def test_early_stopping_stops_and_saves_after_patience_runs_out() -> None:
     val = iter([3.0, 2.0, 2.5, 2.4, 2.6, 1.0])
-    saved: list[int] = []
+    saved = Saves()
+    evaluate = EvalCallback(lambda: {"val_loss": next(val)}, last_step=6)
     trainer, _, records = _trainer(
-        itertools.repeat(1.0), save=lambda s: saved.append(s.step),
-        evaluate=lambda: {"val_loss": next(val)},
+        itertools.repeat(1.0), callbacks=(evaluate, _saving(saved, final=True)),
         cfg={"eval_every_steps": 1, "early_stopping_patience": 3},
     )  # fmt: skip
     state = trainer.fit()
     assert state.step == 5 and state.stopped_early and saved == [5]
     assert (state.best_val_loss, state.best_val_step) == (2.0, 2)
     assert [r["val_loss"] for _, r in records.records] == [3.0, 2.0, 2.5, 2.4, 2.6]
-    assert trainer.fit().step == 5  # a stopped run stays stopped
+    again, _, _ = _trainer(itertools.repeat(1.0), callbacks=(_saving(saved, final=True),),
+                           state=state)  # fmt: skip
+    assert again.fit().step == 5 and saved == [5]  # a stopped run stays stopped
 
 
 def test_data_that_runs_out_is_a_data_error() -> None:
-    data = iter([torch.zeros(2, 9, dtype=torch.long)] * 5)  # two and a half steps
-    trainer, _, _ = _trainer(itertools.repeat(1.0), data=data)
+    trainer, _, _ = _trainer(itertools.repeat(1.0), data=FakeData(5))  # two and a half steps
     with pytest.raises(DataError, match=r"the data ran out during step 3 of trainer\.max_steps=6"):
         trainer.fit()

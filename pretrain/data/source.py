@@ -1,0 +1,86 @@
+"""The data seam: what the training loop, checkpoints and evaluation need from a data source
+(`DataSource`), and what every source is built for (`DataContext`).
+
+A data family is a builder `f(ctx: DataContext, **fields) -> DataSource`, named by the
+`_target_` of its config group entry (conf/data/*.yaml, schema in config/schema.py); the
+fields are the group's own keys. Today's families:
+
+- data=synthetic: `pretrain.data.synthetic.synthetic_source` (no I/O, exact on any layout);
+- data=shards: `pretrain.data.stream.shards_source` (webdataset token shards);
+- data=demo: `pretrain.data.corpus.demo_source` (the embedded stdlib corpus, as shards).
+
+Adding one: write the builder and a schema dataclass with its `_target_`, store it as a
+group entry, and implement every member of `DataSource`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class DataContext:
+    """What a data source is built for: the model's vocabulary, the batch geometry, the seed,
+    and this rank's place among the data-parallel ranks."""
+
+    vocab_size: int
+    """Token ids must be below it (the model's embedding rows)."""
+    seq_len: int
+    """Each sample is seq_len + 1 tokens: inputs [:-1], targets [1:]."""
+    micro_batch_size: int
+    grad_accum: int
+    """Micro-batches per optimizer step on each rank (a source whose global batch must not
+    depend on the layout, like data=synthetic, needs it)."""
+    seed: int
+    data_rank: int = 0
+    """This rank's index among the data-parallel ranks (`pretrain.dist.data_rank()`)."""
+    data_size: int = 1
+    """How many data-parallel ranks share the data (`pretrain.dist.data_size()`)."""
+    split: str = "train"
+    """train, or val: the held-out split."""
+
+    def alone(self, split: str) -> DataContext:
+        """This context as the one rank of one, one micro-batch per step, reading `split`:
+        how evaluation reads a held-out split whole before striding it over the ranks."""
+        return replace(self, data_rank=0, data_size=1, grad_accum=1, split=split)
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """This rank's endless (or `data.epochs`-long) stream of micro-batches, LongTensor
+    (micro_batch_size, seq_len + 1), with its position for exact resume."""
+
+    tokenizer: str | None
+    """The tokenizer file (or `bytes`) the tokens were made with; None when unknown (no
+    bits per byte, no tokenizer.json in checkpoints or exports)."""
+    tokenizer_sha256: str | None
+    """That tokenizer's fingerprint, kept in checkpoints: a resume on data of another
+    tokenizer is refused unless `allow_tokenizer_change`."""
+    allow_tokenizer_change: bool
+
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
+
+    def __next__(self) -> torch.Tensor:
+        """The next micro-batch; StopIteration when a finite stream ends."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position, saved in its checkpoint shard."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state_dict()` was taken (the same layout)."""
+        ...
+
+    def load_resharded_state(self, states: list[dict[str, Any]], step: int) -> None:
+        """Continue after `step` optimizer steps from the saved states of every rank of a run
+        with another number of data ranks (as exactly as the source can)."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """The source's own figures for the step's record (e.g. skipped shards); {} if none."""
+        ...

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from pretrain import dist
-from pretrain.checkpoint.export import hf_config
 from pretrain.config import compose, resolve
 from pretrain.config.resolve import ConfigError, RunConfig
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
@@ -52,6 +51,7 @@ from pretrain.engine.optim import adamw_kernel, lr_scheduler, param_groups
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain.model.llama import LlamaConfig
+from pretrain.model.llama_family import LLAMA
 from pretrain.train.run import build_data, build_module
 from pretrain.train.trainer import Trainer
 
@@ -161,7 +161,7 @@ def prepare_loop(run: RunConfig, kind: str) -> Row:
         import transformers
 
         fields = OmegaConf.to_container(run.model, resolve=True)
-        config = transformers.LlamaConfig(**hf_config(fields, "float32", None))
+        config = transformers.LlamaConfig(**LLAMA.hf.config(fields, "float32", {}))
         model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
         model = model.to(device)
 

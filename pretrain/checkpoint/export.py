@@ -1,9 +1,7 @@
-"""Checkpoints <-> Hugging Face Llama: consolidate ZeRO shards on CPU, write or read a
-`LlamaForCausalLM` directory.
+"""Checkpoints <-> Hugging Face: consolidate ZeRO shards on CPU, write or read a transformers
+`*ForCausalLM` directory through the model family's `HFAdapter` (model/family.py; for the
+Llama family, LlamaForCausalLM: the conversion is a rename, see model/llama_family.py).
 
-Our parameter names are transformers' minus its leading `model.` (the output projection
-`lm_head` sits outside `model.` in both), and RoPE, RMSNorm and GQA use the same layouts, so
-the conversion is a rename; tied embeddings drop `lm_head.weight` as transformers expects.
 The written directory loads with `AutoModelForCausalLM.from_pretrained` and
 `AutoTokenizer.from_pretrained` without this package installed.
 """
@@ -20,11 +18,11 @@ from typing import Any
 import torch
 
 from pretrain.checkpoint import manager
+from pretrain.model.family import HFAdapter, family_of, model_fields
 
 log = logging.getLogger("pretrain")
 
 TOKENIZER_FILE = "tokenizer.json"
-LLAMA_TARGET = "pretrain.model.llama.Transformer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPECIALS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
 
@@ -71,39 +69,6 @@ def _consolidated(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-def hf_config(model: dict[str, Any], dtype: str, tokenizer: Any | None) -> dict[str, Any]:
-    """config.json of a `LlamaForCausalLM` with the shape of our model section `model`."""
-    from pretrain.model.llama import LlamaConfig
-
-    fields = {k: v for k, v in model.items() if k in LlamaConfig.__dataclass_fields__}
-    cfg = LlamaConfig(**fields)
-    ids = _special_ids(tokenizer)
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,  # the export drops the tables' padding rows
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ffn_hidden,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "initializer_range": cfg.init_std,
-        "torch_dtype": dtype,
-        "use_cache": True,
-        **ids,
-    }
-
-
 def _special_ids(tokenizer: Any | None) -> dict[str, int]:
     if tokenizer is None:
         return {}
@@ -111,28 +76,10 @@ def _special_ids(tokenizer: Any | None) -> dict[str, int]:
     return {k: v for k, v in ids.items() if v is not None}
 
 
-VOCAB_TABLES = ("embed_tokens.weight", "lm_head.weight")
-
-
-def to_hf_names(
-    state: dict[str, torch.Tensor], tied: bool, vocab_size: int | None = None
-) -> dict[str, torch.Tensor]:
-    """HF parameter names; the vocabulary tables cut to `vocab_size` rows (model.vocab_multiple's
-    padding is for our training speed: HF tools would otherwise see ids no tokenizer has)."""
-    out = {}
-    for k, v in state.items():
-        if vocab_size is not None and k in VOCAB_TABLES:
-            v = v[:vocab_size]
-        out[k if k.startswith("lm_head.") else f"model.{k}"] = v
-    if tied:
-        out.pop("lm_head.weight", None)
-    return out
-
-
 def export_hf(
     run_or_ckpt: Path, out: Path, dtype: str | None = None, max_shard_size: str = "5GB"
 ) -> Path:
-    """Write checkpoint `run_or_ckpt` (or a run dir's newest) as a HF Llama directory `out`.
+    """Write checkpoint `run_or_ckpt` (or a run dir's newest) as a HF directory `out`.
 
     `dtype`: float32 | bfloat16 | float16; default: bfloat16 for runs trained in bf16, else
     float32. The directory appears complete or not at all (written aside, then renamed).
@@ -140,10 +87,11 @@ def export_hf(
     ckpt = find_checkpoint(run_or_ckpt)
     saved = manager.read_client_state(ckpt)["config"]
     model = saved["model"]
-    if model.get("_target_") != LLAMA_TARGET:
+    if family_of(model).hf is None:
         raise ValueError(
-            f"{ckpt} holds a {model.get('_target_')} model: only the Llama Transformer "
-            "(model=tiny, llama_*) exports to transformers' LlamaForCausalLM"
+            f"{ckpt} holds a {model.get('_target_')} model, which has no Hugging Face "
+            "counterpart: the Llama Transformer (model=tiny, llama_*) exports to "
+            "transformers' LlamaForCausalLM"
         )
     if dtype is None:
         dtype = "bfloat16" if saved.get("precision") == "bf16" else "float32"
@@ -165,15 +113,17 @@ def write_hf(
     tokenizer: Any | None = None,
     max_shard_size: str = "5GB",
 ) -> None:
-    """Write our model's full `state` (our names) and shape `model` as a HF Llama dir `out`.
+    """Write our model's full `state` (our names) and section `model` as a HF dir `out`.
 
     Written aside and renamed into place, so `out` is complete or absent.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    config = hf_config(model, dtype, tokenizer)
-    state = to_hf_names(state, bool(model.get("tie_embeddings")), config["vocab_size"])
+    hf = _adapter(model)
+    fields = model_fields(model)
+    config = hf.config(fields, dtype, _special_ids(tokenizer))
+    state = hf.to_hf(state, fields)
     state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -190,7 +140,7 @@ def write_hf(
                   if k in config}  # fmt: skip
     _write_json(tmp / "generation_config.json", {**generation, "_from_model_config": True})
     if tokenizer is not None:
-        write_tokenizer(tokenizer, tmp, model_max_length=config["max_position_embeddings"])
+        write_tokenizer(tokenizer, tmp, model_max_length=int(model.get("max_seq_len", 2048)))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -260,30 +210,15 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def model_fields_from_hf(config: dict[str, Any]) -> dict[str, Any]:
-    """Our model section for a transformers Llama config.json (the reverse of hf_config)."""
-    if config.get("model_type") != "llama":
-        raise ValueError(f"model_type {config.get('model_type')!r}: only Llama models load here")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    heads = config["num_attention_heads"]
-    return {
-        "_target_": LLAMA_TARGET,
-        "n_layers": config["num_hidden_layers"],
-        "d_model": config["hidden_size"],
-        "n_heads": heads,
-        "n_kv_heads": config.get("num_key_value_heads") or heads,
-        "ffn_hidden": config["intermediate_size"],
-        "vocab_size": config["vocab_size"],
-        "vocab_multiple": 1,  # the tables exactly as they are
-        "max_seq_len": config.get("max_position_embeddings", 2048),
-        "rope_theta": config.get("rope_theta", rope.get("rope_theta", 10000.0)),
-        "norm_eps": config.get("rms_norm_eps", 1e-6),
-        "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
-    }
+def _adapter(model: dict[str, Any]) -> HFAdapter:
+    hf = family_of(model).hf
+    if hf is None:
+        raise ValueError(f"{model.get('_target_')} has no Hugging Face counterpart")
+    return hf
 
 
 def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, Any]) -> None:
-    """Copy a HF Llama checkpoint's weights into our `model` (model.init_from).
+    """Copy a HF checkpoint's weights into our `model` (model.init_from).
 
     Refuses a directory whose config.json has another shape than `model_cfg`, naming each
     differing key. Works on ZeRO-3 models too: each parameter is gathered, set, re-sharded.
@@ -292,24 +227,8 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, A
     if not config_file.is_file():
         raise FileNotFoundError(f"model.init_from={hf_dir}: no config.json there")
     theirs = json.loads(config_file.read_text())
-    rope = theirs.get("rope_parameters") or theirs.get("rope_scaling") or {}
-    defaults = {  # transformers' LlamaConfig defaults, for keys a config.json may omit
-        "num_key_value_heads": theirs.get("num_attention_heads"),
-        "head_dim": theirs.get("hidden_size", 0) // max(theirs.get("num_attention_heads", 1), 1),
-        "rope_theta": rope.get("rope_theta", 10000.0),
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-    }
-    ours = hf_config(model_cfg, "float32", None)
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
-            "rope_theta", "tie_word_embeddings")  # fmt: skip
-    diff = [f"{k}: checkpoint has {theirs.get(k, defaults.get(k))!r}, model has {ours[k]!r}"
-            for k in keys if theirs.get(k, defaults.get(k)) != ours[k]]  # fmt: skip
-    if theirs.get("model_type") != "llama":
-        diff.insert(0, f"model_type: {theirs.get('model_type')!r}, not 'llama'")
-    if rope.get("rope_type", "default") != "default":
-        diff.append(f"RoPE scaling {rope.get('rope_type')!r}: not supported")
+    hf, fields = _adapter(model_cfg), model_fields(model_cfg)
+    diff = hf.mismatches(theirs, fields)
     if diff:
         raise ValueError(
             f"model.init_from={hf_dir} does not fit the configured model:\n  "
@@ -319,7 +238,6 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, A
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"model.init_from={hf_dir}: no *.safetensors weights there")
-    tied = bool(ours["tie_word_embeddings"])
     params = dict(model.named_parameters(remove_duplicate=False))
     import deepspeed
     from safetensors import safe_open
@@ -328,11 +246,9 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, A
     for f in files:  # one tensor at a time: never the whole model in memory twice
         with safe_open(str(f), framework="pt") as weights:
             for hf_name in weights.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                name = hf_name.removeprefix("model.")
-                if name not in params:
+                targets = [n for n in hf.our_names(hf_name, fields) if n in params]
+                if not targets:
                     continue
-                targets = [name, "lm_head.weight"] if tied and name == "embed_tokens.weight" \
-                    else [name]  # fmt: skip
                 tensor = weights.get_tensor(hf_name)
                 for target in targets:
                     _set_param(params[target], tensor, deepspeed)

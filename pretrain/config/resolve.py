@@ -23,6 +23,7 @@ from pretrain.config.schema import (
     OptimConfig,
     TrainerConfig,
 )
+from pretrain.model.family import family_of, model_fields
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -97,12 +98,12 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     ds: DeepSpeedConfig = _section(cfg, "deepspeed")
     logger: LoggerConfig = _section(cfg, "logger")
     checkpoint: CheckpointConfig = _section(cfg, "checkpoint")
-    model_spec = _section(cfg, "model")
+    model = OmegaConf.to_container(cfg.model, resolve=True)
     device_type, precision = _device_and_precision(trainer, cfg.precision, cuda_available, errors)
     parallel = ParallelDims.for_world(world_size)
     errors.extend(parallel.errors(world_size))
     grad_accum = _batch_geometry(trainer, parallel, errors)
-    _check_model(model_spec, trainer, errors)
+    _check_model(model, trainer, errors)
     _check_optim(optim, ds, errors)
     _check_engine(trainer, ds, errors)
     _check_evaluation(trainer, errors)
@@ -209,17 +210,24 @@ def _batch_geometry(trainer: TrainerConfig, parallel: ParallelDims, errors: list
     return grad_accum
 
 
-def _check_model(model_spec: Any, trainer: TrainerConfig, errors: list[str]) -> None:
-    """The model's own checks, its initialisation source, and the sequence length it takes."""
-    if hasattr(model_spec, "errors"):
-        errors.extend(model_spec.errors())
-    init_from = getattr(model_spec, "init_from", None)
-    if init_from and not (Path(init_from) / "config.json").is_file():
+def _check_model(model: dict[str, Any], trainer: TrainerConfig, errors: list[str]) -> None:
+    """The model family's own checks, the initialisation source, and the sequence length."""
+    try:
+        family = family_of(model)
+    except ValueError as e:
+        errors.append(str(e))
+        return
+    errors.extend(family.errors(model_fields(model)))
+    init_from = model.get("init_from")
+    if init_from and family.hf is None:
+        errors.append(f"model.init_from={init_from}: {model['_target_']} has no Hugging Face "
+                      "counterpart to initialise from")  # fmt: skip
+    elif init_from and not (Path(init_from) / "config.json").is_file():
         errors.append(
-            f"model.init_from={init_from}: no config.json there; give a Hugging Face Llama "
-            "directory (tools/export_hf.py writes one)"
+            f"model.init_from={init_from}: no config.json there; give a Hugging Face "
+            f"{family.hf.model_type} directory (tools/export_hf.py writes one)"
         )
-    max_seq_len = getattr(model_spec, "max_seq_len", None)
+    max_seq_len = model.get("max_seq_len")
     if max_seq_len is not None and trainer.seq_len > max_seq_len:
         errors.append(
             f"trainer.seq_len={trainer.seq_len} exceeds model.max_seq_len={max_seq_len}: "

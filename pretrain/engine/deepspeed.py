@@ -8,7 +8,6 @@ choice is made, because importing it picks its accelerator once and for all.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import logging
 import math
@@ -24,7 +23,7 @@ from torch import nn
 from pretrain.config.resolve import ConfigError, RunConfig, deepspeed_config
 from pretrain.config.schema import DeepSpeedConfig
 from pretrain.engine.optim import build_optimizer, lr_scheduler
-from pretrain.model.attention import flash_attn_func
+from pretrain.model.family import family_of
 
 log = logging.getLogger("pretrain")
 
@@ -69,81 +68,11 @@ def build_model(run: RunConfig, factory: Callable[[], nn.Module]) -> nn.Module:
         ctx = contextlib.nullcontext()
     with ctx:
         model = factory()
-    blocks = getattr(model, "layers", None)  # the Transformer's blocks; baselines have none
-    policy = run.trainer.activation_checkpointing
-    wanted = policy != "none" or run.trainer.compile
-    if wanted and not isinstance(blocks, nn.ModuleList):
-        log.warning(
-            "trainer.compile / trainer.activation_checkpointing apply per Transformer block; "
-            "%s has no `layers` blocks, so they are ignored", type(model).__name__,
-        )  # fmt: skip
-    if isinstance(blocks, nn.ModuleList):
-        for block in blocks:
-            if policy != "none":
-                checkpoint_activations(block, policy)
-            if run.trainer.compile and run.deepspeed.zero_stage == 3:
-                # Only the forward: ZeRO-3's fetch and release hooks on the block (a leaf:
-                # none inside it) stay eager around it. Compiled with them, dynamo traced
-                # into them and recompiled the block for each one (a guard on its ds_id).
-                block.forward = torch.compile(block.forward)
-            elif run.trainer.compile:
-                block.compile()  # in place: parameter names (and checkpoints) are unchanged
-    if run.trainer.compile and hasattr(getattr(model, "lm_head", None), "compile_loss"):
-        model.lm_head.compile_loss = True  # the chunked loss's softmax gradient, fused
+    family_of(run.model).parallelize(
+        model, run.trainer.activation_checkpointing, run.trainer.compile,
+        zero3=run.deepspeed.zero_stage == 3,
+    )  # fmt: skip
     return model
-
-
-def checkpoint_activations(block: nn.Module, policy: str = "full") -> None:
-    """Make `block` recompute activations in backward instead of keeping them.
-
-    full: keep only the block's inputs and recompute its whole forward (one more forward's
-    FLOPs, about a third more compute). selective: keep the outputs of the matmuls and of
-    the attention kernel, recompute the rest (norms, RoPE, SwiGLU's pointwise product):
-    almost no extra FLOPs, about half the activation memory (Korthikanti et al. 2022's
-    selective recomputation, at the operator level as torchtitan's selective AC does it).
-
-    Non-reentrant checkpointing works with ZeRO-3 (the recompute gathers parameters through
-    the same module hooks) and with torch.compile (torchtitan applies it the same way).
-    """
-    if policy not in ("full", "selective"):
-        raise ValueError(f"activation checkpointing policy {policy!r}: choose full or selective")
-    forward = block.forward
-    context_fn = _save_matmuls_context if policy == "selective" else None
-    kwargs = {"context_fn": context_fn} if context_fn else {}
-
-    def checkpointed(*args: Any) -> Any:
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    block.forward = checkpointed
-
-
-@functools.cache
-def _saved_ops() -> frozenset:
-    """The operators whose outputs selective checkpointing keeps: matmuls and attention."""
-    aten = torch.ops.aten
-    names = ["mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-             "_scaled_dot_product_flash_attention_for_cpu"]  # fmt: skip
-    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
-    if flash_attn_func() is not None:  # importing flash-attn >= 2.6 registers its torch ops
-        flash = torch.ops.flash_attn
-        if hasattr(flash, "_flash_attn_forward"):
-            ops.add(flash._flash_attn_forward.default)
-    return frozenset(ops)
-
-
-def _keep_matmuls(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    if op in _saved_ops():
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _save_matmuls_context() -> tuple[Any, Any]:
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
 def build_engine(run: RunConfig, model: nn.Module, load_universal: bool = False) -> Any:

@@ -1,6 +1,7 @@
 """A trained model and its tokenizer for evaluation and generation, from a run dir, a
 `checkpoints/step_N` dir (ZeRO shards of any stage, consolidated on CPU) or a Hugging Face
-Llama directory (ours, exported, or any `LlamaForCausalLM` without RoPE scaling)."""
+directory of a family with an `HFAdapter` (ours exported, or any `LlamaForCausalLM` without
+RoPE scaling)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ from pretrain.checkpoint.export import (
     consolidated_state_dict,
     find_checkpoint,
     load_hf_weights,
-    model_fields_from_hf,
 )
-from pretrain.model.llama import LlamaConfig, Transformer, saved_model_fields
+from pretrain.model.family import family_of, family_of_hf, model_fields
 
 
 @dataclass
 class Loaded:
-    model: Transformer
+    model: torch.nn.Module
+    """In eval mode: `model(tokens)` gives logits, `model(tokens, targets)` the mean loss
+    (the Llama Transformer also takes a KV cache, for generation)."""
     tokenizer: Any | None
     """A `tokenizers.Tokenizer`, or None when the source carries none."""
     source: Path
@@ -50,16 +52,21 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give a run dir, a step_N dir or an HF dir")
     if (path / "config.json").is_file():
-        fields = model_fields_from_hf(json.loads((path / "config.json").read_text()))
+        config = json.loads((path / "config.json").read_text())
+        fields = family_of_hf(config).hf.fields_from_hf(config)
         model = _build(fields)
         load_hf_weights(model, path, fields)
         source = path
     else:
         source = find_checkpoint(path)
-        fields = saved_model_fields(manager.read_client_state(source)["config"]["model"])
-        if fields.get("_target_") != "pretrain.model.llama.Transformer":
-            raise ValueError(f"{source} holds a {fields.get('_target_')}: only Llama models load")
-        model = _build(fields)
+        saved = manager.read_client_state(source)["config"]["model"]
+        family = family_of(saved)
+        if family.hf is None:
+            raise ValueError(
+                f"{source} holds a {saved.get('_target_')}: only models with a Hugging Face "
+                "counterpart (the Llama Transformer) load here"
+            )
+        model = _build(family.saved_fields(saved))
         model.load_state_dict(consolidated_state_dict(source))
     tokenizer = None
     if (source / TOKENIZER_FILE).is_file():
@@ -69,9 +76,10 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
     return Loaded(model.to(device=device, dtype=dtype).eval(), tokenizer, source)
 
 
-def _build(fields: dict[str, Any]) -> Transformer:
-    known = {k: v for k, v in fields.items() if k in LlamaConfig.__dataclass_fields__}
-    known["attn_impl"] = (
-        "sdpa" if known.get("attn_impl") == "flash" else known.get("attn_impl", "auto")
-    )
-    return Transformer(LlamaConfig(**known))
+def _build(section: dict[str, Any]) -> torch.nn.Module:
+    """The model of a saved section; a flash-attention kernel becomes sdpa (the weights do
+    not depend on it, and evaluation may run where flash-attn is not installed)."""
+    fields = model_fields(section)
+    if fields.get("attn_impl") == "flash":
+        fields["attn_impl"] = "sdpa"
+    return family_of(section).build(fields)

@@ -115,12 +115,6 @@ def pad_vocab(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def saved_model_fields(model: dict) -> dict:
-    """A model section as a checkpoint saved it. Checkpoints from before model.vocab_multiple
-    existed had tables of exactly vocab_size rows: for them it is 1."""
-    return {"vocab_multiple": 1, **model}
-
-
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 like HF Llama."""
 

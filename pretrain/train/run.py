@@ -35,8 +35,7 @@ from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import keep_kernel_after_load, schedule_warnings
 from pretrain.eval.perplexity import Evaluator, byte_lengths
 from pretrain.model.attention import resolve_impl
-from pretrain.model.flops import flops_per_token
-from pretrain.model.llama import LlamaConfig, pad_vocab, saved_model_fields
+from pretrain.model.family import family_of, model_fields
 from pretrain.train.callbacks import (
     ArtifactCallback,
     Callback,
@@ -253,17 +252,15 @@ def resume_path(run: RunConfig, ckpt_dir: Path) -> Path | None:
     return path
 
 
-# Fields that change what the weights mean; the others (attention kernel, dropout) may differ.
-SHAPE_KEYS = ("_target_", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden",
-              "vocab_size", "tie_embeddings", "rope_theta", "norm_eps", "max_seq_len")  # fmt: skip
-
-
 def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint of another model shape, naming every differing key."""
-    old, new = saved_model_fields(saved.get("model", {})), run.as_dict["model"]
+    """Refuse to resume a checkpoint of another model shape, naming every differing key (the
+    family's `shape_keys`; the attention kernel or dropout may differ)."""
+    new = run.as_dict["model"]
+    family = family_of(new)
+    old = family.saved_fields(saved.get("model", {}))
     diff = [f"model.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
-            for k in SHAPE_KEYS if k in old and old.get(k) != new.get(k)]  # fmt: skip
-    rows = [pad_vocab(m.get("vocab_size", 0), m.get("vocab_multiple", 1)) for m in (old, new)]
+            for k in family.shape_keys if k in old and old.get(k) != new.get(k)]  # fmt: skip
+    rows = [family.table_rows(m) for m in (old, new)]
     if not diff and rows[0] != rows[1]:
         diff.append(
             f"model.vocab_multiple: checkpoint {old.get('vocab_multiple')!r} ({rows[0]} table "
@@ -278,8 +275,7 @@ def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:
 
 def build_module(run: RunConfig) -> torch.nn.Module:
     """The model the config describes, with fresh weights (init_from is applied after)."""
-    fields = {k: v for k, v in run.model.items() if k != "init_from"}
-    return instantiate(fields)
+    return family_of(run.model).build(model_fields(run.as_dict["model"]))
 
 
 def data_context(run: RunConfig, split: str = "train") -> DataContext:
@@ -349,9 +345,9 @@ def last_step(run: RunConfig) -> int:
 
 
 def model_flops_per_token(run: RunConfig) -> float | None:
-    """Training FLOPs per token of a Llama model (see model/flops.py); None for baselines."""
-    spec = OmegaConf.to_object(run.model)
-    return flops_per_token(spec, run.trainer.seq_len) if isinstance(spec, LlamaConfig) else None
+    """Training FLOPs per token of the model (None: its family has no count)."""
+    model = run.as_dict["model"]
+    return family_of(model).flops_per_token(model_fields(model), run.trainer.seq_len)
 
 
 def _saving(run: RunConfig) -> str:
@@ -377,7 +373,7 @@ def _log_summary(
 ) -> None:  # fmt: skip
     """What a person checks first in a log: where, how big, how fast it should be."""
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    attn = getattr(run.model, "attn_impl", None)
+    attn = run.model.get("attn_impl")
     if attn is not None:
         attn = resolve_impl(attn, engine.device, run.dtype)
     t = run.trainer

@@ -16,6 +16,7 @@ import torch
 from pretrain.checkpoint.export import load_hf_weights, write_hf
 from pretrain.data.tokenizer import byte_tokenizer
 from pretrain.model.llama import LlamaConfig, Transformer
+from pretrain.model.llama_family import LLAMA
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,7 +46,7 @@ def _model(shape: dict) -> tuple[Transformer, dict]:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    return model, dataclasses.asdict(cfg)
+    return model, {"_target_": LLAMA.target, **dataclasses.asdict(cfg)}  # a model section
 
 
 def _logits_diff(a: torch.nn.Module, b: torch.nn.Module, vocab: int, hf_first: bool) -> float:
@@ -76,7 +77,7 @@ def test_export_matches_transformers_and_import_matches_us(tmp_path: Path, shape
 
     # Import: a fresh model of the same shape takes the HF weights and gives HF's logits.
     torch.manual_seed(123)
-    fresh = Transformer(LlamaConfig(**cfg)).eval()
+    fresh = LLAMA.build(cfg).eval()
     load_hf_weights(fresh, out, cfg)
     assert _logits_diff(hf, fresh, cfg["vocab_size"], hf_first=True) < 1e-5
     if cfg["tie_embeddings"]:
@@ -107,7 +108,7 @@ def test_import_refuses_another_shape_naming_each_key(tmp_path: Path) -> None:
     write_hf(ours.state_dict(), cfg, tmp_path)
     other = {**cfg, "n_layers": 3, "n_kv_heads": 2}
     with pytest.raises(ValueError) as e:
-        load_hf_weights(Transformer(LlamaConfig(**other)), tmp_path, other)
+        load_hf_weights(LLAMA.build(other), tmp_path, other)
     assert "num_hidden_layers: checkpoint has 2, model has 3" in str(e.value)
     assert "num_key_value_heads: checkpoint has 4, model has 2" in str(e.value)
 

@@ -145,15 +145,20 @@ def test_checkpoints_from_before_vocab_padding_resume_when_the_tables_match() ->
 
     from pretrain.train.run import check_same_model
 
-    def run(vocab: int, multiple: int) -> SimpleNamespace:
-        return SimpleNamespace(as_dict={"model": {"vocab_size": vocab, "vocab_multiple": multiple}})
+    llama = "pretrain.model.llama.Transformer"
 
-    check_same_model({"model": {"vocab_size": 512}}, run(512, 128), Path("old"))  # 512 rows both
-    check_same_model({"model": {"vocab_size": 333, "vocab_multiple": 128}}, run(333, 128),
-                     Path("new"))  # fmt: skip
-    check_same_model({"model": {"vocab_size": 333}}, run(333, 1), Path("old"))
+    def run(vocab: int, multiple: int) -> SimpleNamespace:
+        model = {"_target_": llama, "vocab_size": vocab, "vocab_multiple": multiple}
+        return SimpleNamespace(as_dict={"model": model})
+
+    def saved(vocab: int, **more: int) -> dict:
+        return {"model": {"_target_": llama, "vocab_size": vocab, **more}}
+
+    check_same_model(saved(512), run(512, 128), Path("old"))  # 512 rows both
+    check_same_model(saved(333, vocab_multiple=128), run(333, 128), Path("new"))
+    check_same_model(saved(333), run(333, 1), Path("old"))
     with pytest.raises(ValueError) as info:
-        check_same_model({"model": {"vocab_size": 333}}, run(333, 128), Path("old"))
+        check_same_model(saved(333), run(333, 128), Path("old"))
     assert "model.vocab_multiple: checkpoint 1 (333 table rows), config 128 (384 rows)" in str(
         info.value
     )

@@ -8,7 +8,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pretrain.engine.deepspeed import checkpoint_activations
 from pretrain.engine.memory import (
     BYTES,
     activation_bytes_per_token,
@@ -18,6 +17,7 @@ from pretrain.engine.memory import (
 )
 from pretrain.model.flops import num_params
 from pretrain.model.llama import LlamaConfig, Transformer
+from pretrain.model.parallelize import checkpoint_activations
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMALL = LlamaConfig(

@@ -1,0 +1,133 @@
+"""The model seam: what the rest of the framework needs from a model family (`ModelFamily`),
+and from its Hugging Face counterpart (`HFAdapter`). Nothing outside `pretrain/model/`
+names a model class; it asks `family_of(model_section)`.
+
+A family is found by its config's `_target_` (the model class Hydra would instantiate).
+Today's: the Llama-style Transformer (model/llama_family.py: tiny, llama_*), and the seeds'
+LSTM and TransformerEncoder baselines (model/baselines.py). Adding one: write the module
+and its schema dataclass (config/schema.py, with `_target_`), implement `ModelFamily`
+(and `HFAdapter` if transformers has the architecture), and list it in `families()` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class HFAdapter(Protocol):
+    """Our model <-> a transformers `*ForCausalLM` directory (export, model.init_from,
+    evaluation of any HF checkpoint of the architecture)."""
+
+    model_type: str
+    """transformers' `model_type` (config.json), e.g. llama."""
+
+    def config(self, fields: Mapping[str, Any], dtype: str, special_ids: dict[str, int]
+               ) -> dict[str, Any]:  # fmt: skip
+        """config.json for a model of our section `fields`, stored in `dtype`."""
+        ...
+
+    def to_hf(self, state: dict[str, torch.Tensor], fields: Mapping[str, Any]
+              ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Our full state dict under transformers' names, as transformers holds it (e.g.
+        the vocabulary tables without our padding rows, tied weights once)."""
+        ...
+
+    def fields_from_hf(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Our model section (with `_target_`) for a transformers config.json; ValueError
+        for a config of another architecture."""
+        ...
+
+    def mismatches(self, config: dict[str, Any], fields: Mapping[str, Any]) -> list[str]:
+        """Why HF weights of `config` cannot initialise our model `fields` (each differing
+        key, with both values); [] when they fit."""
+        ...
+
+    def our_names(self, hf_name: str, fields: Mapping[str, Any]) -> list[str]:
+        """The parameters of ours that HF tensor `hf_name` sets ([] for none)."""
+        ...
+
+
+class ModelFamily(Protocol):
+    """One kind of model: how it is built, checked, parallelized, costed and exported."""
+
+    target: str
+    """The `_target_` of its config section (the class built)."""
+    shape_keys: tuple[str, ...]
+    """Config fields that change what the weights mean: a checkpoint resumes only into the
+    same values (the others, e.g. the attention kernel, may change between runs)."""
+    hf: HFAdapter | None
+    """Its transformers counterpart; None: no HF export or import."""
+
+    def build(self, fields: Mapping[str, Any]) -> nn.Module:
+        """A model with fresh weights, from its config section (without `_target_` or
+        `init_from`). Its `forward(tokens, targets)` returns the mean next-token loss over
+        `table_rows` logits; without targets, the logits of the real vocabulary."""
+        ...
+
+    def errors(self, fields: Mapping[str, Any]) -> list[str]:
+        """Every inconsistency in the section, each naming its key and the fix."""
+        ...
+
+    def table_rows(self, fields: Mapping[str, Any]) -> int:
+        """Rows of the vocabulary tables (the softmax's width): vocab_size, or padded."""
+        ...
+
+    def saved_fields(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """A section as a checkpoint saved it, completed with the defaults that applied when
+        keys added since did not exist yet."""
+        ...
+
+    def parallelize(
+        self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool
+    ) -> None:
+        """Apply, in place and from outside the model, activation checkpointing (none |
+        full | selective) and torch.compile, at the granularity the family has (a
+        Transformer's blocks); `zero3`: its parameters are ZeRO-3 shards whose fetch hooks
+        must stay outside compiled code. Parameter names must not change (checkpoints)."""
+        ...
+
+    def flops_per_token(self, fields: Mapping[str, Any], seq_len: int) -> float | None:
+        """Training FLOPs per token (forward and backward) at `seq_len`, for MFU; None when
+        the family has no count."""
+        ...
+
+
+def families() -> dict[str, ModelFamily]:
+    """Every family, by its `_target_`."""
+    from pretrain.model.baselines import ENCODER, LSTM
+    from pretrain.model.llama_family import LLAMA
+
+    return {f.target: f for f in (LLAMA, LSTM, ENCODER)}
+
+
+def family_of(section: Mapping[str, Any]) -> ModelFamily:
+    """The family of a model config section (by its `_target_`)."""
+    known = families()
+    target = section.get("_target_")
+    if target not in known:
+        raise ValueError(
+            f"model._target_={target!r} is no model family of this framework (known: "
+            f"{', '.join(known)}): implement pretrain.model.family.ModelFamily for it and "
+            "list it in families()"
+        )
+    return known[target]
+
+
+def family_of_hf(config: Mapping[str, Any]) -> ModelFamily:
+    """The family whose HFAdapter reads a transformers config.json of this `model_type`."""
+    for family in families().values():
+        if family.hf is not None and family.hf.model_type == config.get("model_type"):
+            return family
+    raise ValueError(
+        f"model_type {config.get('model_type')!r}: only Llama models load here (no model "
+        "family of this framework reads it)"
+    )
+
+
+def model_fields(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A section's model fields: without `_target_` and `init_from` (not the model's)."""
+    return {k: v for k, v in section.items() if k not in ("_target_", "init_from")}

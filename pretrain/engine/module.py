@@ -3,11 +3,15 @@ to know about DeepSpeed lives here, so the loop imports nothing from it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from pretrain.checkpoint import manager, reshard
+from pretrain.config.schema import OptimConfig
 from pretrain.engine.deepspeed import UpdateGate, clip_gradients
+from pretrain.engine.optim import keep_kernel_after_load
 from pretrain.train.metrics import fp16_metrics, memory_metrics
 
 
@@ -21,10 +25,11 @@ class DeepSpeedTrainModule:
     for that one call.
     """
 
-    def __init__(self, engine: Any, clip: float | None) -> None:
+    def __init__(self, engine: Any, clip: float | None, optim: OptimConfig | None = None) -> None:
         """`clip`: engine.deepspeed.trainer_clip(run), the max gradient norm clipped here
-        (0: none) where DeepSpeed does not clip; None where DeepSpeed does."""
-        self.engine = engine
+        (0: none) where DeepSpeed does not clip; None where DeepSpeed does. `optim`: this
+        run's optimizer settings, whose kernel replaces a loaded checkpoint's."""
+        self.engine, self.optim = engine, optim
         self.device: torch.device = engine.device
         self._clip = clip
         self._params = list(engine.module.parameters()) if clip is not None else []
@@ -53,3 +58,21 @@ class DeepSpeedTrainModule:
 
     def metrics(self) -> dict[str, float]:
         return {**memory_metrics(self.device), **fp16_metrics(self.engine)}
+
+    def save(
+        self, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
+        files: dict[str, str],
+    ) -> Path:  # fmt: skip
+        return manager.save(self.engine, ckpt_dir, step, client_state, rank_state, files)
+
+    def load(
+        self, path: Path, resharded: bool, universal: bool
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        if resharded:
+            client_state, rank_states = reshard.load(self.engine, path, universal)
+        else:
+            client_state, rank_state = manager.load(self.engine, path)
+            rank_states = [rank_state]
+        if self.optim is not None:
+            keep_kernel_after_load(self.engine.client_optimizer, self.optim)
+        return client_state, rank_states

@@ -9,7 +9,8 @@ Trainer's tests drive the loop with a fake one, in-process.
 
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -42,4 +43,24 @@ class TrainModule(Protocol):
     def metrics(self) -> dict[str, float]:
         """Figures of the step just taken beyond loss and norm (memory, loss scale), by
         metric name; {} when there are none."""
+        ...
+
+    def save(
+        self, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
+        files: dict[str, str],
+    ) -> Path:  # fmt: skip
+        """Write and commit checkpoint `step` under `ckpt_dir` on every rank: the model and
+        optimizer state as this module holds it (sharded or not), `client_state` (the run's:
+        trainer state, config), `rank_state` (this rank's own: its data position) and
+        `files` (name -> text, e.g. tokenizer.json). Returns the checkpoint's directory;
+        it counts as complete only once every rank's part is on disk."""
+        ...
+
+    def load(
+        self, path: Path, resharded: bool, universal: bool
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Load checkpoint `path` into the model and optimizer (and this rank's RNG): the
+        saved client state, and the saved rank states: [this rank's] in the same layout, or
+        every saved rank's, in rank order, when `resharded` (saved by another number of
+        ranks or another sharding; `universal`: through the converted universal format)."""
         ...

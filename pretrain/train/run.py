@@ -32,7 +32,7 @@ from pretrain.data.stream import DataError, shards_source
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
 from pretrain.engine.module import DeepSpeedTrainModule
-from pretrain.engine.optim import keep_kernel_after_load, schedule_warnings
+from pretrain.engine.optim import schedule_warnings
 from pretrain.eval.perplexity import Evaluator, byte_lengths
 from pretrain.model.attention import resolve_impl
 from pretrain.model.family import family_of, model_fields
@@ -48,6 +48,7 @@ from pretrain.train.callbacks import (
 )
 from pretrain.train.loggers import Loggers, build_loggers
 from pretrain.train.metrics import Throughput, resolve_peak
+from pretrain.train.module import TrainModule
 from pretrain.train.profiling import StepProfiler
 from pretrain.train.signals import Preempted, StopSignals
 from pretrain.train.state import TrainState
@@ -84,16 +85,15 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     if init_from and resume.path is None:
         load_hf_weights(model, Path(init_from), run.as_dict["model"])
     engine = build_engine(run, model, load_universal=resume.universal)
-    state, wandb_run_id = restore(run, engine, data, resume)
+    module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim)
+    state, wandb_run_id = restore(run, module, data, resume)
     loggers = _start_logging(run, state, resume.path is not None, wandb_run_id)
     peak, peak_source = resolve_peak(run.logger.peak_tflops, engine.device, run.precision)
     throughput = Throughput(run.tokens_per_step, run.world_size, model_flops_per_token(run), peak)
     _log_summary(run, engine, state, throughput, peak_source, loggers)
-    callbacks = build_callbacks(run, engine, data, loggers, throughput)
-    trainer = Trainer(
-        DeepSpeedTrainModule(engine, trainer_clip(run)), data, run.trainer, run.grad_accum,
-        run.tokens_per_step, state, callbacks, signals, watchdog,
-    )  # fmt: skip
+    callbacks = build_callbacks(run, module, data, loggers, throughput)
+    trainer = Trainer(module, data, run.trainer, run.grad_accum, run.tokens_per_step, state,
+                      callbacks, signals, watchdog)  # fmt: skip
     trainer.fit()
     if trainer.stop_signal is not None:
         raise Preempted(trainer.stop_signal, state.step)
@@ -102,26 +102,26 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
 
 
 def build_callbacks(
-    run: RunConfig, engine: object, data: DataSource, loggers: Loggers | None,
+    run: RunConfig, module: DeepSpeedTrainModule, data: DataSource, loggers: Loggers | None,
     throughput: Throughput,
 ) -> list[Callback]:  # fmt: skip
     """The run's side effects, in the order they act on each step (callbacks.py): figures,
     evaluation, profiler, logging, saving, then the config's own `trainer.callbacks`."""
     t, c = run.trainer, run.checkpoint
     callbacks: list[Callback] = [MetricsCallback(throughput)]
-    evaluator = build_evaluator(run, engine, data)
+    evaluator = build_evaluator(run, module.engine, data)
     if evaluator is not None:
         callbacks.append(EvalCallback(evaluator, last_step(run)))
     if t.profile_steps:
         first, last = t.profile_steps
         callbacks.append(ProfilerCallback(StepProfiler(
-            run.run_dir / "profile", first, last, dist.rank(), engine.device, t.profile_memory
+            run.run_dir / "profile", first, last, dist.rank(), module.device, t.profile_memory
         )))  # fmt: skip
     if loggers is not None:
         callbacks += [LogCallback(loggers), ArtifactCallback(loggers)]
     ckpt_dir = checkpoint.checkpoint_dir(run.run_dir)
     callbacks.append(CheckpointCallback(
-        _saver(run, engine, data, loggers, ckpt_dir), ckpt_dir, c.every_steps, c.every_minutes,
+        _saver(run, module, data, loggers, ckpt_dir), ckpt_dir, c.every_steps, c.every_minutes,
         c.save_final or c.export_hf, c.keep_last, c.keep_every,
     ))  # fmt: skip
     if c.export_hf:
@@ -168,19 +168,19 @@ def plan_resume(run: RunConfig, ckpt_dir: Path, data: object) -> ResumePlan:
 
 
 def restore(
-    run: RunConfig, engine: object, data: object, resume: ResumePlan
+    run: RunConfig, module: TrainModule, data: DataSource, resume: ResumePlan
 ) -> tuple[TrainState, str | None]:
-    """Load the planned checkpoint into engine and data: (the trainer's state, the W&B run
+    """Load the planned checkpoint into module and data: (the trainer's state, the W&B run
     id to continue); a fresh state when there is none."""
     state = TrainState()
     if resume.path is None:
         return state, None
     layout = (run.world_size, run.deepspeed.zero_stage)
-    if resume.saved_layout == layout:
-        client_state, rank_state = checkpoint.load(engine, resume.path)
-        data.load_state_dict(rank_state["data"])
+    resharded = resume.saved_layout != layout
+    client_state, rank_states = module.load(resume.path, resharded, resume.universal)
+    if not resharded:
+        data.load_state_dict(rank_states[0]["data"])
     else:
-        client_state, rank_states = reshard.load(engine, resume.path, resume.universal)
         step = int(client_state["trainer"]["step"])
         data.load_resharded_state([r["data"] for r in rank_states], step)
         log.warning(
@@ -189,7 +189,6 @@ def restore(
             *resume.saved_layout, *layout,
             " (via DeepSpeed's universal checkpoint)" if resume.universal else "",
         )  # fmt: skip
-    keep_kernel_after_load(engine.client_optimizer, run.optim)
     state.load_state_dict(client_state["trainer"])
     log.info("resumed from %s at step %d (%s tokens)", resume.path, state.step,
              f"{state.tokens:,}")  # fmt: skip
@@ -211,9 +210,10 @@ def _start_logging(
 
 
 def _saver(
-    run: RunConfig, engine: object, data: DataSource, loggers: Loggers | None, ckpt_dir: Path
-) -> Callable[[TrainState], Path]:
-    """What saving a checkpoint at a state means for this run: the engine's shards, the
+    run: RunConfig, module: TrainModule, data: DataSource, loggers: Loggers | None,
+    ckpt_dir: Path,
+) -> Callable[[TrainState], Path]:  # fmt: skip
+    """What saving a checkpoint at a state means for this run: the module's state, the
     data position, the trainer state and config, the tokenizer."""
     tokenizer = data.tokenizer  # travels with each checkpoint, for export
     files = {TOKENIZER_FILE: load_tokenizer(tokenizer).to_str()} if tokenizer else {}
@@ -226,7 +226,7 @@ def _saver(
             "data_tokenizer_sha256": data.tokenizer_sha256,
         }
         rank_state = {"data": data.state_dict()}
-        return checkpoint.save(engine, ckpt_dir, s.step, client_state, rank_state, files)
+        return module.save(ckpt_dir, s.step, client_state, rank_state, files)
 
     return save
 

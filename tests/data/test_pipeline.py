@@ -20,7 +20,15 @@ import pytest
 import torch
 
 from pretrain.data import shards, tokenizer
-from pretrain.data.stream import DataError, Piece, TokenLoader, build_loader, read_members
+from pretrain.data.source import DataContext, DataSource
+from pretrain.data.stream import (
+    DataError,
+    Piece,
+    TokenLoader,
+    build_loader,
+    read_members,
+    shards_source,
+)
 from tests.conftest import EXACT, REPO, TINY, curve, launch, train
 
 SEQ = 16
@@ -189,6 +197,20 @@ def test_resume_yields_exactly_the_uninterrupted_batches(
         assert all(torch.equal(a, b) for a, b in zip(head + tail, reference, strict=True)), k
     state = make().state_dict()
     assert state["readers"] == max(workers, 1)
+
+
+def test_the_shards_family_builder_takes_one_context(dataset: tuple[Path, list[str]]) -> None:
+    """data=shards' builder is `build_loader` for a DataContext: data.split for training,
+    the val split for an evaluation context."""
+    shard_dir, _ = dataset
+    ctx = DataContext(259, SEQ, 2, grad_accum=1, seed=5)
+    train = shards_source(ctx, path=str(shard_dir), num_workers=0)
+    assert isinstance(train, DataSource) and train.metrics() == {"data_skipped_shards": 0}
+    same = build_loader(str(shard_dir), 259, SEQ, 2, seed=5, num_workers=0)
+    assert torch.equal(next(train), next(same))
+    val = shards_source(ctx.alone("val"), path=str(shard_dir), split="train", num_workers=0)
+    held_out = build_loader(str(shard_dir), 259, SEQ, 2, seed=5, split="val", num_workers=0)
+    assert torch.equal(next(val), next(held_out))
 
 
 def test_resume_with_another_worker_count_is_refused(dataset: tuple[Path, list[str]]) -> None:
@@ -563,7 +585,7 @@ def test_sources_compose_from_the_command_line(two_sources: tuple[Path, Path]) -
     cfg = compose(["data=shards", f"data.sources=[{{path: {a}, weight: 0.7}}, {{path: {b}}}]",
                    "data.num_workers=0"])  # fmt: skip
     assert cfg.data.sources[1].weight == 1.0
-    loader = instantiate(cfg.data, vocab_size=512, seq_len=SEQ, micro_batch_size=2, seed=0)
+    loader = instantiate(cfg.data, DataContext(512, SEQ, 2, grad_accum=1, seed=0))
     assert next(loader).shape == (2, SEQ + 1)
 
 

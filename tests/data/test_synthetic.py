@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pretrain.data.synthetic import SyntheticStream
+from pretrain.data.source import DataContext, DataSource
+from pretrain.data.synthetic import SyntheticStream, synthetic_source
 
 
 def _stream(**kw: int) -> SyntheticStream:
@@ -57,3 +58,17 @@ def test_state_dict_resumes_the_stream() -> None:
 def test_tokens_stay_in_vocab() -> None:
     x = np.concatenate([_stream(vocab_size=13).sample(i) for i in range(20)])
     assert x.min() >= 0 and x.max() < 13
+
+
+def test_the_data_family_builder_takes_one_context() -> None:
+    """data=synthetic's builder: the DataSource of a DataContext, the same stream as the
+    class given each field; `alone("val")` reads the held-out walk as the one rank of one."""
+    ctx = DataContext(vocab_size=50, seq_len=16, micro_batch_size=2, grad_accum=2, seed=7,
+                      data_rank=1, data_size=2)  # fmt: skip
+    source = synthetic_source(ctx, noise=0.1)
+    assert isinstance(source, DataSource)
+    assert source.tokenizer is None and source.metrics() == {}
+    assert torch.equal(next(source), next(_stream(rank=1, world_size=2)))
+    val = synthetic_source(ctx.alone("val"))
+    assert (val.rank, val.world, val.accum) == (0, 1, 1)
+    assert not torch.equal(next(val), next(_stream()))

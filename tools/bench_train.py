@@ -44,6 +44,7 @@ from omegaconf import OmegaConf
 from pretrain import dist
 from pretrain.config import compose, resolve
 from pretrain.config.resolve import ConfigError, RunConfig
+from pretrain.data.build import build_data
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
 from pretrain.engine.memory import estimate_memory
 from pretrain.engine.module import DeepSpeedTrainModule
@@ -52,7 +53,7 @@ from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain.model.llama import LlamaConfig
 from pretrain.model.llama_family import LLAMA
-from pretrain.train.run import build_data, build_module
+from pretrain.train.run import build_module
 from pretrain.train.trainer import Trainer
 
 

@@ -83,6 +83,12 @@ class RunConfig:
     def tokens_per_step(self) -> int:
         return self.trainer.global_batch_size * self.trainer.seq_len
 
+    @property
+    def last_step(self) -> int:
+        """The step this job ends at: trainer.max_steps, or trainer.stop_at_step if earlier."""
+        stop, end = self.trainer.stop_at_step, self.trainer.max_steps
+        return end if stop is None else min(stop, end)
+
 
 def _section(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_object(cfg[key])

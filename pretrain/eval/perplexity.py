@@ -8,6 +8,7 @@ evaluations follows the same training curve as one without.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -16,6 +17,10 @@ import torch
 import torch.distributed as tdist
 from tokenizers import Tokenizer
 
+from pretrain.config import RunConfig
+from pretrain.data.build import build_named_val_data, build_val_data
+from pretrain.data.source import DataSource
+from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.data.tokenizer import token_byte_lengths
 from pretrain.model.loss import IGNORE_INDEX
 
@@ -126,3 +131,22 @@ class Evaluator:
             out.update(evaluate(self.model, iter(make_batches()), self.n_batches, self.device,
                                 self.byte_lengths, prefix))  # fmt: skip
         return out
+
+
+def build_evaluator(
+    run: RunConfig, engine: torch.nn.Module, train_data: DataSource
+) -> Evaluator | None:
+    """trainer.eval_every_steps > 0: the held-out scorer, `eval_tokens` over all ranks per set
+    (with bits per byte when the training data names its tokenizer)."""
+    t = run.trainer
+    if not t.eval_every_steps:
+        return None
+    per_batch = t.micro_batch_size * t.seq_len * run.parallel.data
+    n_batches = -(-t.eval_tokens // per_batch)
+    tokenizer = train_data.tokenizer
+    # Bits per byte need the bytes behind each token id.
+    table = byte_lengths(load_tokenizer(tokenizer), run.vocab_size) if tokenizer else None
+    sets = {"val": lambda: build_val_data(run)}
+    for name, path in t.eval_data.items():  # their tokenizer was checked once, at start
+        sets[f"val_{name}"] = functools.partial(build_named_val_data, run, path, None)
+    return Evaluator(engine, sets, n_batches, engine.device, table)

@@ -6,35 +6,29 @@ as `tools/bench_train.py` reuse the builders so they measure exactly what traini
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pretrain import dist
 from pretrain.checkpoint import manager as checkpoint
-from pretrain.checkpoint import reshard
 from pretrain.checkpoint.export import (
     TOKENIZER_FILE,
-    check_same_tokenizer,
     load_hf_weights,
 )
-from pretrain.config import ConfigError, RunConfig
-from pretrain.data.source import DataContext, DataSource
-from pretrain.data.stream import DataError, shards_source
+from pretrain.checkpoint.resume import ResumePlan, plan_resume
+from pretrain.config import RunConfig
+from pretrain.data.build import build_data, check_val_data
+from pretrain.data.source import DataSource
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
 from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import schedule_warnings
-from pretrain.eval.perplexity import Evaluator, byte_lengths
-from pretrain.model.attention import resolve_impl
+from pretrain.eval.perplexity import build_evaluator
 from pretrain.model.family import family_of, model_fields
 from pretrain.train.callbacks import (
     ArtifactCallback,
@@ -52,6 +46,7 @@ from pretrain.train.module import TrainModule
 from pretrain.train.profiling import StepProfiler
 from pretrain.train.signals import Preempted, StopSignals
 from pretrain.train.state import TrainState
+from pretrain.train.summary import log_summary
 from pretrain.train.trainer import Trainer
 from pretrain.train.watchdog import Watchdog
 
@@ -78,7 +73,7 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     # Cheap checks first: bad data or a checkpoint of another shape fail before the model
     # and the engine cost anything.
     data = build_data(run)
-    _check_val_data(run, data)
+    check_val_data(run, data)
     resume = plan_resume(run, checkpoint.checkpoint_dir(run.run_dir), data)
     model = build_model(run, lambda: build_module(run))
     init_from = run.model.get("init_from")
@@ -90,7 +85,7 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     loggers = _start_logging(run, state, resume.path is not None, wandb_run_id)
     peak, peak_source = resolve_peak(run.logger.peak_tflops, engine.device, run.precision)
     throughput = Throughput(run.tokens_per_step, run.world_size, model_flops_per_token(run), peak)
-    _log_summary(run, engine, state, throughput, peak_source, loggers)
+    log_summary(run, engine, state, throughput, peak_source, loggers)
     callbacks = build_callbacks(run, module, data, loggers, throughput)
     trainer = Trainer(module, data, run.trainer, run.grad_accum, run.tokens_per_step, state,
                       callbacks, signals, watchdog)  # fmt: skip
@@ -111,7 +106,7 @@ def build_callbacks(
     callbacks: list[Callback] = [MetricsCallback(throughput)]
     evaluator = build_evaluator(run, module.engine, data)
     if evaluator is not None:
-        callbacks.append(EvalCallback(evaluator, last_step(run)))
+        callbacks.append(EvalCallback(evaluator, run.last_step))
     if t.profile_steps:
         first, last = t.profile_steps
         callbacks.append(ProfilerCallback(StepProfiler(
@@ -127,44 +122,6 @@ def build_callbacks(
     if c.export_hf:
         callbacks.append(ExportCallback(ckpt_dir, run.run_dir / "hf"))
     return callbacks + [instantiate(spec) for spec in t.callbacks]
-
-
-def _check_val_data(run: RunConfig, data: object) -> None:
-    """With evaluations on, a missing val split fails now, not at step N."""
-    if run.trainer.eval_every_steps:
-        build_val_data(run)
-        for path in run.trainer.eval_data.values():
-            build_named_val_data(run, path, data.tokenizer)
-
-
-@dataclass(frozen=True)
-class ResumePlan:
-    """Where a run resumes from, known before the model is built."""
-
-    path: Path | None
-    """The checkpoint (None: a fresh start)."""
-    saved_layout: tuple[int, int]
-    """(world size, ZeRO stage) it was saved with (this run's own when fresh)."""
-    universal: bool
-    """It loads through DeepSpeed's universal format (another layout)."""
-
-
-def plan_resume(run: RunConfig, ckpt_dir: Path, data: object) -> ResumePlan:
-    """Pick the checkpoint and check it fits this run (model shape, the data's tokenizer,
-    the layout change), converting it for another layout when needed."""
-    layout = (run.world_size, run.deepspeed.zero_stage)
-    path = resume_path(run, ckpt_dir)
-    if path is None or not checkpoint.is_complete(path):
-        return ResumePlan(path, layout, False)
-    client = checkpoint.read_client_state(path)
-    check_same_model(client["config"], run, path)
-    check_same_tokenizer(path, client.get("data_tokenizer_sha256"), data.tokenizer_sha256,
-                         data.allow_tokenizer_change)  # fmt: skip
-    saved_layout = reshard.saved_layout(client["config"])
-    universal = reshard.needs_universal(saved_layout, layout, path)
-    if universal:
-        reshard.convert(path)
-    return ResumePlan(path, saved_layout, universal)
 
 
 def restore(
@@ -205,7 +162,7 @@ def _start_logging(
     OmegaConf.save(OmegaConf.create(run.as_dict), run.run_dir / "config.yaml")
     return build_loggers(
         run.logger, run.run_name, run.run_dir, run.as_dict, run.trainer.log_every,
-        last_step(run), resume_step=state.step if resumed else None, wandb_run_id=wandb_run_id,
+        run.last_step, resume_step=state.step if resumed else None, wandb_run_id=wandb_run_id,
     )  # fmt: skip
 
 
@@ -231,175 +188,12 @@ def _saver(
     return save
 
 
-def resume_path(run: RunConfig, ckpt_dir: Path) -> Path | None:
-    """The checkpoint to resume from: checkpoint.resume=auto|none|<step_N dir>."""
-    if run.checkpoint.resume == "none":
-        return None
-    if run.checkpoint.resume == "auto":
-        return checkpoint.choose_resume(ckpt_dir, run.checkpoint.verify)
-    path = Path(run.checkpoint.resume)
-    problems = (
-        checkpoint.verify_timed(path)
-        if run.checkpoint.verify and checkpoint.is_complete(path)
-        else []
-    )
-    if problems:
-        raise checkpoint.CheckpointError(
-            f"checkpoint.resume={path} fails its checksums: {'; '.join(problems)}. Restore it "
-            "from a copy, or resume from another checkpoint (checkpoint.verify=false loads it "
-            "unchecked)"
-        )
-    return path
-
-
-def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint of another model shape, naming every differing key (the
-    family's `shape_keys`; the attention kernel or dropout may differ)."""
-    new = run.as_dict["model"]
-    family = family_of(new)
-    old = family.saved_fields(saved.get("model", {}))
-    diff = [f"model.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
-            for k in family.shape_keys if k in old and old.get(k) != new.get(k)]  # fmt: skip
-    rows = [family.table_rows(m) for m in (old, new)]
-    if not diff and rows[0] != rows[1]:
-        diff.append(
-            f"model.vocab_multiple: checkpoint {old.get('vocab_multiple')!r} ({rows[0]} table "
-            f"rows), config {new.get('vocab_multiple')!r} ({rows[1]} rows)"
-        )
-    if diff:
-        raise ConfigError([
-            f"{path} holds another model shape ({'; '.join(diff)}): use the checkpoint's "
-            "model settings, or checkpoint.resume=none (or another run_dir) to start afresh"
-        ])  # fmt: skip
-
-
 def build_module(run: RunConfig) -> torch.nn.Module:
     """The model the config describes, with fresh weights (init_from is applied after)."""
     return family_of(run.model).build(model_fields(run.as_dict["model"]))
-
-
-def data_context(run: RunConfig, split: str = "train") -> DataContext:
-    """What this rank's data source is built for."""
-    t = run.trainer
-    return DataContext(run.vocab_size, t.seq_len, t.micro_batch_size, run.grad_accum, t.seed,
-                       dist.data_rank(), dist.data_size(), split)  # fmt: skip
-
-
-def build_data(run: RunConfig) -> DataSource:
-    """This rank's stream of (micro_batch_size, seq_len + 1) token batches."""
-    return _instantiate_data(run, data_context(run))
-
-
-def build_val_data(run: RunConfig) -> Iterator[torch.Tensor]:
-    """This rank's share of the val split: every rank reads the split whole (as the one rank
-    of one, so a val split of a single shard serves any number of ranks) and keeps every
-    data_size()-th micro-batch from its data rank on. The same batches at every call."""
-    extra = {"num_workers": 0} if "num_workers" in run.data else {}  # a few batches per eval
-    stream = _instantiate_data(run, data_context(run).alone("val"), **extra)
-    return itertools.islice(stream, dist.data_rank(), None, dist.data_size())
-
-
-def build_named_val_data(run: RunConfig, path: str, tokenizer: str | None) -> Iterator:
-    """This rank's share of a trainer.eval_data set: a shard directory's val split, or every
-    shard of a glob, read and strided like `build_val_data`."""
-    manifest = Path(path).is_dir()  # a glob has no splits (all of it) and no tokenizer record
-    ctx = data_context(run).alone("val" if manifest else "train")
-    stream = shards_source(ctx, path=path, num_workers=0,
-                           tokenizer=tokenizer if manifest else None)  # fmt: skip
-    return itertools.islice(stream, dist.data_rank(), None, dist.data_size())
-
-
-def _instantiate_data(run: RunConfig, ctx: DataContext, **extra: object) -> DataSource:
-    """The data source of `run.data` (its `_target_` builder) for `ctx`."""
-    try:
-        return instantiate(run.data, ctx, **extra)
-    except InstantiationException as e:  # Hydra wraps the data source's own error
-        if isinstance(e.__cause__, DataError):
-            raise e.__cause__ from None
-        raise
-
-
-def build_evaluator(
-    run: RunConfig, engine: torch.nn.Module, train_data: DataSource
-) -> Evaluator | None:
-    """trainer.eval_every_steps > 0: the held-out scorer, `eval_tokens` over all ranks per set
-    (with bits per byte when the training data names its tokenizer)."""
-    t = run.trainer
-    if not t.eval_every_steps:
-        return None
-    per_batch = t.micro_batch_size * t.seq_len * run.parallel.data
-    n_batches = -(-t.eval_tokens // per_batch)
-    tokenizer = train_data.tokenizer
-    # Bits per byte need the bytes behind each token id.
-    table = byte_lengths(load_tokenizer(tokenizer), run.vocab_size) if tokenizer else None
-    sets = {"val": lambda: build_val_data(run)}
-    for name, path in t.eval_data.items():  # their tokenizer was checked once, at start
-        sets[f"val_{name}"] = functools.partial(build_named_val_data, run, path, None)
-    return Evaluator(engine, sets, n_batches, engine.device, table)
-
-
-def last_step(run: RunConfig) -> int:
-    """The step this job ends at: trainer.max_steps, or trainer.stop_at_step when earlier."""
-    stop = run.trainer.stop_at_step
-    return run.trainer.max_steps if stop is None else min(stop, run.trainer.max_steps)
 
 
 def model_flops_per_token(run: RunConfig) -> float | None:
     """Training FLOPs per token of the model (None: its family has no count)."""
     model = run.as_dict["model"]
     return family_of(model).flops_per_token(model_fields(model), run.trainer.seq_len)
-
-
-def _saving(run: RunConfig) -> str:
-    """What will be saved, when, and where, in words."""
-    c, end = run.checkpoint, last_step(run)
-    when = [f"every {c.every_steps} steps"] if c.every_steps else []
-    when += [f"every {c.every_minutes:g} min"] if c.every_minutes else []
-    if c.save_final or c.export_hf:
-        early = ", or where early stopping ends it" if run.trainer.early_stopping_patience else ""
-        when.append(f"at the last step ({end}{early})")
-    when.append("on SIGTERM/SIGUSR1/SIGINT")
-    keep = f"keep last {c.keep_last}" if c.keep_last else "keep all"
-    keep += f" + every multiple of {c.keep_every}" if c.keep_every and c.keep_last else ""
-    text = f"{', '.join(when)} -> {checkpoint.checkpoint_dir(run.run_dir)}/step_N ({keep})"
-    if not (c.save_final or c.export_hf or (c.every_steps and end % c.every_steps == 0)):
-        text += f"; step {end} (the end) NOT saved: checkpoint.save_final=false"
-    return text + (f"; HF export -> {run.run_dir / 'hf'}" if c.export_hf else "")
-
-
-def _log_summary(
-    run: RunConfig, engine: object, state: TrainState, throughput: Throughput,
-    peak_source: str, loggers: Loggers | None,
-) -> None:  # fmt: skip
-    """What a person checks first in a log: where, how big, how fast it should be."""
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    attn = run.model.get("attn_impl")
-    if attn is not None:
-        attn = resolve_impl(attn, engine.device, run.dtype)
-    t = run.trainer
-    end = last_step(run)
-    flops = throughput.flops_per_token
-    lines = [
-        f"run        {run.run_name} -> {run.run_dir}",
-        f"world      {run.world_size} rank(s) on {engine.device.type}"
-        f" | ZeRO-{run.deepspeed.zero_stage} | {run.precision} | attention {attn or 'n/a'}"
-        f" | compile {t.compile}",
-        f"model      {n_params:,} parameters"
-        + (f" | {flops:.4g} FLOP/token (6N + 12*L*T*d, full attention)" if flops else ""),
-        f"batch      {run.tokens_per_step:,} tokens/step = {t.global_batch_size} seqs x {t.seq_len}"
-        f" (micro {t.micro_batch_size} x accum {run.grad_accum} x world {run.world_size})",
-        f"schedule   steps {state.step + 1}-{end} of {t.max_steps}"
-        f" ({(end - state.step) * run.tokens_per_step:,} tokens to go) | lr {run.optim.lr:g},"
-        f" warmup {run.optim.warmup_steps} steps, cosine to {run.optim.min_lr_ratio:g}x"
-        + (
-            " (warmup >= max_steps: the LR never peaks, see the warning above)"
-            if schedule_warnings(run.optim, t.max_steps)
-            else ""
-        ),
-        f"checkpoint {_saving(run)}",
-        f"MFU basis  {peak_source}",
-    ]
-    if loggers is not None:
-        wandb = loggers.wandb
-        lines.append(f"W&B        {wandb.where if wandb else 'disabled'}")
-    log.info("\n".join(lines))

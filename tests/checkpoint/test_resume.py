@@ -143,7 +143,7 @@ def test_checkpoints_from_before_vocab_padding_resume_when_the_tables_match() ->
     """A model section saved before model.vocab_multiple existed had vocab_size rows."""
     from types import SimpleNamespace
 
-    from pretrain.train.run import check_same_model
+    from pretrain.checkpoint.resume import check_same_model
 
     llama = "pretrain.model.llama.Transformer"
 

@@ -69,7 +69,7 @@ def test_ranks_share_the_val_split_by_striding_one_stream(monkeypatch: pytest.Mo
     """Each of 2 ranks keeps every 2nd micro-batch of the whole split: disjoint, complete."""
     from pretrain import dist
     from pretrain.config import resolve
-    from pretrain.train.run import build_val_data
+    from pretrain.data.build import build_val_data
     from tests.conftest import TINY, compose_config
 
     run = resolve(compose_config([*TINY, "trainer.micro_batch_size=2",

@@ -1,0 +1,88 @@
+"""Where a run resumes from, decided before the model is built: the checkpoint
+(checkpoint.resume=auto|none|<dir>, verified), and whether it fits this run (model shape,
+the data's tokenizer, the layout: another one is converted to DeepSpeed's universal
+format once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.checkpoint import manager as checkpoint
+from pretrain.checkpoint import reshard
+from pretrain.checkpoint.export import check_same_tokenizer
+from pretrain.config import ConfigError, RunConfig
+from pretrain.data.source import DataSource
+from pretrain.model.family import family_of
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a run resumes from, known before the model is built."""
+
+    path: Path | None
+    """The checkpoint (None: a fresh start)."""
+    saved_layout: tuple[int, int]
+    """(world size, ZeRO stage) it was saved with (this run's own when fresh)."""
+    universal: bool
+    """It loads through DeepSpeed's universal format (another layout)."""
+
+
+def plan_resume(run: RunConfig, ckpt_dir: Path, data: DataSource) -> ResumePlan:
+    """Pick the checkpoint and check it fits this run (model shape, the data's tokenizer,
+    the layout change), converting it for another layout when needed."""
+    layout = (run.world_size, run.deepspeed.zero_stage)
+    path = resume_path(run, ckpt_dir)
+    if path is None or not checkpoint.is_complete(path):
+        return ResumePlan(path, layout, False)
+    client = checkpoint.read_client_state(path)
+    check_same_model(client["config"], run, path)
+    check_same_tokenizer(path, client.get("data_tokenizer_sha256"), data.tokenizer_sha256,
+                         data.allow_tokenizer_change)  # fmt: skip
+    saved_layout = reshard.saved_layout(client["config"])
+    universal = reshard.needs_universal(saved_layout, layout, path)
+    if universal:
+        reshard.convert(path)
+    return ResumePlan(path, saved_layout, universal)
+
+
+def resume_path(run: RunConfig, ckpt_dir: Path) -> Path | None:
+    """The checkpoint to resume from: checkpoint.resume=auto|none|<step_N dir>."""
+    if run.checkpoint.resume == "none":
+        return None
+    if run.checkpoint.resume == "auto":
+        return checkpoint.choose_resume(ckpt_dir, run.checkpoint.verify)
+    path = Path(run.checkpoint.resume)
+    problems = (
+        checkpoint.verify_timed(path)
+        if run.checkpoint.verify and checkpoint.is_complete(path)
+        else []
+    )
+    if problems:
+        raise checkpoint.CheckpointError(
+            f"checkpoint.resume={path} fails its checksums: {'; '.join(problems)}. Restore it "
+            "from a copy, or resume from another checkpoint (checkpoint.verify=false loads it "
+            "unchecked)"
+        )
+    return path
+
+
+def check_same_model(saved: dict, run: RunConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint of another model shape, naming every differing key (the
+    family's `shape_keys`; the attention kernel or dropout may differ)."""
+    new = run.as_dict["model"]
+    family = family_of(new)
+    old = family.saved_fields(saved.get("model", {}))
+    diff = [f"model.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
+            for k in family.shape_keys if k in old and old.get(k) != new.get(k)]  # fmt: skip
+    rows = [family.table_rows(m) for m in (old, new)]
+    if not diff and rows[0] != rows[1]:
+        diff.append(
+            f"model.vocab_multiple: checkpoint {old.get('vocab_multiple')!r} ({rows[0]} table "
+            f"rows), config {new.get('vocab_multiple')!r} ({rows[1]} rows)"
+        )
+    if diff:
+        raise ConfigError([
+            f"{path} holds another model shape ({'; '.join(diff)}): use the checkpoint's "
+            "model settings, or checkpoint.resume=none (or another run_dir) to start afresh"
+        ])  # fmt: skip

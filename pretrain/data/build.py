@@ -1,0 +1,67 @@
+"""A run's data sources, built for this rank from its RunConfig: the training stream (the
+data family's builder, `_target_`, given one `DataContext`) and the held-out streams that
+evaluation reads (data/source.py has the interface)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from pretrain import dist
+from pretrain.config import RunConfig
+from pretrain.data.source import DataContext, DataSource
+from pretrain.data.stream import DataError, shards_source
+
+
+def data_context(run: RunConfig, split: str = "train") -> DataContext:
+    """What this rank's data source is built for."""
+    t = run.trainer
+    return DataContext(run.vocab_size, t.seq_len, t.micro_batch_size, run.grad_accum, t.seed,
+                       dist.data_rank(), dist.data_size(), split)  # fmt: skip
+
+
+def build_data(run: RunConfig) -> DataSource:
+    """This rank's stream of (micro_batch_size, seq_len + 1) token batches."""
+    return _instantiate_data(run, data_context(run))
+
+
+def build_val_data(run: RunConfig) -> Iterator[torch.Tensor]:
+    """This rank's share of the val split: every rank reads the split whole (as the one rank
+    of one, so a val split of a single shard serves any number of ranks) and keeps every
+    data_size()-th micro-batch from its data rank on. The same batches at every call."""
+    extra = {"num_workers": 0} if "num_workers" in run.data else {}  # a few batches per eval
+    stream = _instantiate_data(run, data_context(run).alone("val"), **extra)
+    return itertools.islice(stream, dist.data_rank(), None, dist.data_size())
+
+
+def build_named_val_data(run: RunConfig, path: str, tokenizer: str | None) -> Iterator:
+    """This rank's share of a trainer.eval_data set: a shard directory's val split, or every
+    shard of a glob, read and strided like `build_val_data`."""
+    manifest = Path(path).is_dir()  # a glob has no splits (all of it) and no tokenizer record
+    ctx = data_context(run).alone("val" if manifest else "train")
+    stream = shards_source(ctx, path=path, num_workers=0,
+                           tokenizer=tokenizer if manifest else None)  # fmt: skip
+    return itertools.islice(stream, dist.data_rank(), None, dist.data_size())
+
+
+def _instantiate_data(run: RunConfig, ctx: DataContext, **extra: object) -> DataSource:
+    """The data source of `run.data` (its `_target_` builder) for `ctx`."""
+    try:
+        return instantiate(run.data, ctx, **extra)
+    except InstantiationException as e:  # Hydra wraps the data source's own error
+        if isinstance(e.__cause__, DataError):
+            raise e.__cause__ from None
+        raise
+
+
+def check_val_data(run: RunConfig, data: DataSource) -> None:
+    """With evaluations on, a missing val split fails now, not at step N."""
+    if run.trainer.eval_every_steps:
+        build_val_data(run)
+        for path in run.trainer.eval_data.values():
+            build_named_val_data(run, path, data.tokenizer)

@@ -791,7 +791,6 @@ def build_loader(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
-    grad_accum: int = 1,
     split: str = "train",
     num_workers: int = 2,
     prefetch_factor: int = 4,
@@ -808,9 +807,7 @@ def build_loader(
 
     Either `path` (one source) or `sources` ([{path, weight}, ...], mixed by weight). With
     `tokenizer`, every manifest must name that tokenizer (by its SHA-256).
-    `grad_accum` is part of the data interface; packing does not need it.
     """
-    del grad_accum
     if on_corrupt not in ("error", "skip"):
         raise DataError(f"data.on_corrupt={on_corrupt!r}: choose error or skip")
     if bool(path) == bool(sources):
@@ -872,7 +869,7 @@ def shards_source(ctx: DataContext, split: str = "train", **fields: Any) -> Toke
     a context for evaluation (ctx.split=val) reads the val split."""
     return build_loader(
         vocab_size=ctx.vocab_size, seq_len=ctx.seq_len, micro_batch_size=ctx.micro_batch_size,
-        seed=ctx.seed, rank=ctx.data_rank, world_size=ctx.data_size, grad_accum=ctx.grad_accum,
+        seed=ctx.seed, rank=ctx.data_rank, world_size=ctx.data_size,
         split=split if ctx.split == "train" else ctx.split, **fields,
     )  # fmt: skip
 

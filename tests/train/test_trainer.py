@@ -27,6 +27,7 @@ from pretrain.train.loggers import Loggers
 from pretrain.train.metrics import Throughput
 from pretrain.train.state import TrainState
 from pretrain.train.trainer import Trainer, TrainingDiverged
+from tests.train.test_loggers import Recorder  # a logger that keeps what it is given
 
 
 class FakeModule:
@@ -54,19 +55,6 @@ class FakeModule:
 
     def metrics(self) -> dict[str, float]:
         return {"fake_metric": 1.0}
-
-
-class Records:
-    """A logger that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[int, dict]] = []
-
-    def log(self, metrics: dict, step: int) -> None:
-        self.records.append((step, metrics))
-
-    def close(self) -> None:
-        pass
 
 
 class FakeSignals:
@@ -106,9 +94,9 @@ class Saves(list):
 
 def _trainer(losses: Iterator[float], grad_accum: int = 2, data: FakeData | None = None,
              callbacks: tuple[Callback, ...] = (), **kwargs: object,
-             ) -> tuple[Trainer, FakeModule, Records]:  # fmt: skip
+             ) -> tuple[Trainer, FakeModule, Recorder]:  # fmt: skip
     cfg = TrainerConfig(**{"max_steps": 6, **kwargs.pop("cfg", {})})  # type: ignore[arg-type]
-    module, records = FakeModule(losses), Records()
+    module, records = FakeModule(losses), Recorder()
     throughput = Throughput(32, 1, None, None)
     own = [MetricsCallback(throughput), *callbacks, LogCallback(Loggers([records]))]
     trainer = Trainer(module, data or FakeData(), cfg, grad_accum, tokens_per_step=32,

@@ -109,7 +109,7 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     parallel = ParallelDims.for_world(world_size)
     errors.extend(parallel.errors(world_size))
     grad_accum = _batch_geometry(trainer, parallel, errors)
-    _check_model(model, trainer, errors)
+    _check_model(model, trainer, ds, errors)
     _check_optim(optim, ds, errors)
     _check_engine(trainer, ds, errors)
     _check_evaluation(trainer, errors)
@@ -216,8 +216,11 @@ def _batch_geometry(trainer: TrainerConfig, parallel: ParallelDims, errors: list
     return grad_accum
 
 
-def _check_model(model: dict[str, Any], trainer: TrainerConfig, errors: list[str]) -> None:
-    """The model family's own checks, the initialisation source, and the sequence length."""
+def _check_model(
+    model: dict[str, Any], trainer: TrainerConfig, ds: DeepSpeedConfig, errors: list[str]
+) -> None:
+    """The model family's own checks, the initialisation source, the sequence length, and
+    its block among ZeRO-3's leaves when compiled."""
     try:
         family = family_of(model)
     except ValueError as e:
@@ -233,11 +236,30 @@ def _check_model(model: dict[str, Any], trainer: TrainerConfig, errors: list[str
             f"model.init_from={init_from}: no config.json there; give a Hugging Face "
             f"{family.hf.model_type} directory (tools/export_hf.py writes one)"
         )
+    _check_compiled_block(family.target, family.block, trainer, ds, errors)
     max_seq_len = model.get("max_seq_len")
     if max_seq_len is not None and trainer.seq_len > max_seq_len:
         errors.append(
             f"trainer.seq_len={trainer.seq_len} exceeds model.max_seq_len={max_seq_len}: "
             "shorten trainer.seq_len or raise model.max_seq_len"
+        )
+
+
+def _check_compiled_block(
+    target: str, block: str | None, trainer: TrainerConfig, ds: DeepSpeedConfig,
+    errors: list[str],
+) -> None:  # fmt: skip
+    """Compiled under ZeRO-3, the family's block must be a ZeRO-3 leaf (by class name, or
+    qualified by the model's module)."""
+    if not (trainer.compile and ds.zero_stage == 3 and block):
+        return
+    qualified = f"{target.rpartition('.')[0]}.{block}"
+    if not {block, qualified} & set(ds.stage3_leaf_modules):
+        errors.append(
+            f"trainer.compile=true with deepspeed.zero_stage=3 and "
+            f"deepspeed.stage3_leaf_modules={list(ds.stage3_leaf_modules)}: ZeRO-3's hooks "
+            f"inside a compiled block recompile it at every module; keep {block} in "
+            "stage3_leaf_modules (the default) or set trainer.compile=false"
         )
 
 
@@ -279,14 +301,6 @@ def _check_engine(trainer: TrainerConfig, ds: DeepSpeedConfig, errors: list[str]
         errors.append(f"deepspeed.zero_stage={ds.zero_stage}: choose 0, 1, 2 or 3")
     if ds.offload_optimizer and ds.zero_stage == 0:
         errors.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
-    block_leaf = {"Block", "pretrain.model.llama.Block"} & set(ds.stage3_leaf_modules)
-    if trainer.compile and ds.zero_stage == 3 and not block_leaf:
-        errors.append(
-            f"trainer.compile=true with deepspeed.zero_stage=3 and "
-            f"deepspeed.stage3_leaf_modules={list(ds.stage3_leaf_modules)}: ZeRO-3's hooks "
-            "inside a compiled block recompile it at every module; keep Block in "
-            "stage3_leaf_modules (the default) or set trainer.compile=false"
-        )
     if ds.offload_params and ds.zero_stage != 3:
         errors.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
 

@@ -3,7 +3,7 @@ penalty) and beam search with a length penalty, for a batch of prompts of any le
 
 The search functions talk to a `Decoder`: `prefill(prompts)` runs the prompts once and
 `step(tokens)` feeds one token per row, each returning the next-token logits. `KVDecoder`
-keeps every layer's keys and values (`pretrain.model.llama.KVCache`), so a new token costs
+keeps every layer's keys and values (the model's own cache, `CachedLM`), so a new token costs
 one position, not the whole prefix. Beam search follows transformers' semantics (the top
 2K continuations per step, finished hypotheses scored `sum log p / generated_len **
 length_penalty`, its default early-stopping heuristic), so its output equals
@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-
-from pretrain.model.llama import KVCache, Transformer
 
 NEG = -1.0e9  # "never": HF's beam search uses the same large negative
 
@@ -96,6 +94,24 @@ def config_from_args(args: argparse.Namespace, eos: int | None) -> GenerationCon
     )  # fmt: skip
 
 
+class CachedLM(Protocol):
+    """What generation needs of a model: a KV cache of its own (the Llama Transformer's is
+    `pretrain.model.llama.KVCache`), fed through forward with each token's position."""
+
+    max_seq_len: int
+
+    def empty_cache(self, rows: int, length: int, device: torch.device, dtype: torch.dtype
+                    ) -> Any:  # fmt: skip
+        """A cache for `rows` sequences of up to `length` positions, every position real."""
+        ...
+
+    def __call__(self, tokens: torch.Tensor, *, cache: Any, positions: torch.Tensor
+                 ) -> torch.Tensor:  # fmt: skip
+        """Logits (N, T, V) of `tokens` at `positions`, attending to and extending `cache`
+        (its `real` mask (N, length) says which positions hold tokens)."""
+        ...
+
+
 class Decoder(Protocol):
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor: ...
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
@@ -105,7 +121,7 @@ class Decoder(Protocol):
 class KVDecoder:
     """Runs `model` incrementally on left-padded prompts, keeping keys and values cached."""
 
-    def __init__(self, model: Transformer, max_new_tokens: int) -> None:
+    def __init__(self, model: CachedLM, max_new_tokens: int) -> None:
         self.model, self.max_new_tokens = model, max_new_tokens
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -120,8 +136,8 @@ class KVDecoder:
         for i, p in enumerate(prompts):
             tokens[i, width - len(p) :] = torch.tensor(p, device=self.device)
             real[i, width - len(p) :] = True
-        cfg = self.model.config
-        self.cache = KVCache.empty(cfg, rows, width + self.max_new_tokens, self.device, self.dtype)
+        length = width + self.max_new_tokens
+        self.cache = self.model.empty_cache(rows, length, self.device, self.dtype)
         self.cache.real[:, :width] = real
         self.next_position = real.sum(1)  # (N,) where each row's next token sits
         positions = (real.cumsum(1) - 1).clamp(min=0)  # (N, width): 0, 1, ... from each start
@@ -171,7 +187,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 def generate(
-    model: Transformer, prompts: list[list[int]], cfg: GenerationConfig,
+    model: CachedLM, prompts: list[list[int]], cfg: GenerationConfig,
     decoder: Decoder | None = None,
 ) -> list[list[int]]:  # fmt: skip
     """The new tokens for each prompt (a stop token ends a row and is left out)."""
@@ -181,10 +197,10 @@ def generate(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts) + cfg.max_new_tokens
-    if longest > model.config.max_seq_len:
+    if longest > model.max_seq_len:
         raise ValueError(
             f"prompt + max_new_tokens = {longest} tokens exceeds the model's max_seq_len="
-            f"{model.config.max_seq_len}: shorten the prompt or lower max_new_tokens"
+            f"{model.max_seq_len}: shorten the prompt or lower max_new_tokens"
         )
     was_training = model.training
     model.eval()

@@ -97,6 +97,7 @@ class BaselineFamily:
     per-block transformations, no FLOP count, no Hugging Face counterpart."""
 
     hf = None
+    block = None
 
     def __init__(self, model: type[nn.Module], shape_keys: tuple[str, ...]) -> None:
         self.model = model

@@ -61,6 +61,9 @@ class ModelFamily(Protocol):
     same values (the others, e.g. the attention kernel, may change between runs)."""
     hf: HFAdapter | None
     """Its transformers counterpart; None: no HF export or import."""
+    block: str | None
+    """Class name of its repeated unit, the one `parallelize` compiles and ZeRO-3 must gather
+    whole (deepspeed.stage3_leaf_modules) when compiled; None: it has none."""
 
     def build(self, fields: Mapping[str, Any]) -> nn.Module:
         """A model with fresh weights, from its config section (without `_target_` or

@@ -301,6 +301,17 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
 
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence the model is meant for (positions beyond are refused)."""
+        return self.config.max_seq_len
+
+    def empty_cache(
+        self, rows: int, length: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
+        """A KV cache for `rows` sequences of up to `length` positions (`forward(cache=)`)."""
+        return KVCache.empty(self.config, rows, length, device, dtype)
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
         if isinstance(module, nn.Linear):

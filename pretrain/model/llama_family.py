@@ -131,6 +131,7 @@ class LlamaFamily:
         "tie_embeddings", "rope_theta", "norm_eps", "max_seq_len",
     )  # fmt: skip
     hf = LlamaHF()
+    block = "Block"
 
     def build(self, fields: Mapping[str, Any]) -> nn.Module:
         return Transformer(llama_config(fields))

@@ -89,6 +89,11 @@ def test_compile_under_zero3_needs_the_blocks_as_leaves() -> None:
     assert "keep Block in stage3_leaf_modules" in config_errors(
         [*ok, "deepspeed.stage3_leaf_modules=[MLP]"]
     )
+    # The family names its block: qualified by the model's module too; a baseline has none.
+    resolve(compose_config([*ok, "deepspeed.stage3_leaf_modules=[pretrain.model.llama.Block]"]),
+            1, cuda_available=False)  # fmt: skip
+    resolve(compose_config([*ok, "model=lstm", "deepspeed.stage3_leaf_modules=[]"]), 1,
+            cuda_available=False)  # fmt: skip
 
 
 BAD_OVERRIDES = [

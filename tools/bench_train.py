@@ -13,7 +13,7 @@ device; tokens/s come from the median step time. Rows:
 
 Each row prints its switches (ZeRO stage, attention backend, compile, activation
 checkpointing, loss), tokens/s, MFU (`pretrain/model/flops.py`, full attention, the GPU's
-dense peak), measured peak memory beside `pretrain/engine/memory.py`'s estimate for the same
+dense peak), measured peak memory beside `pretrain/model/memory.py`'s estimate for the same
 configuration on one rank (on a GPU the allocator's peak over the timed steps; on a CPU the
 peak of the allocations made while building and warming the row up, from torch.profiler's
 memory events; not per row with --rounds > 1), and its ratio to plain and to hf. The last
@@ -46,13 +46,13 @@ from pretrain.config import compose, resolve
 from pretrain.config.resolve import ConfigError, RunConfig
 from pretrain.data.build import build_data
 from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
-from pretrain.engine.memory import estimate_memory
 from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import adamw_kernel, lr_scheduler, param_groups
 from pretrain.model.attention import resolve_impl
 from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain.model.llama import LlamaConfig
 from pretrain.model.llama_family import LLAMA
+from pretrain.model.memory import estimate_memory
 from pretrain.train.run import build_module
 from pretrain.train.trainer import Trainer
 
@@ -84,7 +84,7 @@ class Row:
 
 
 def estimated_gib(run: RunConfig) -> float:
-    """`pretrain/engine/memory.py`'s peak for the row's configuration on one rank, GiB."""
+    """`pretrain/model/memory.py`'s peak for the row's configuration on one rank, GiB."""
     t = run.trainer
     estimate = estimate_memory(
         OmegaConf.to_object(run.model), seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,

@@ -7,7 +7,7 @@
 The positional arguments are the Hydra overrides a training run would get, so presets,
 batch geometry and their checks are the same as `python -m pretrain`'s. Pure arithmetic:
 no GPU, no model is built. Memory per GPU is printed for every ZeRO stage (the configured
-one marked), from `pretrain/engine/memory.py`; FLOPs per token from
+one marked), from `pretrain/model/memory.py`; FLOPs per token from
 `pretrain/model/flops.py` (6 x matmul parameters + attention over the full T x T scores,
 the convention of our logged MFU and of published figures; --attention-flops causal halves
 the attention term).
@@ -25,7 +25,6 @@ from omegaconf import OmegaConf
 
 from pretrain.config import compose, resolve
 from pretrain.config.resolve import ConfigError
-from pretrain.engine.memory import GPU_MEMORY_GIB, estimate_memory
 from pretrain.model.flops import (
     PEAK_FLOPS,
     flops_per_token,
@@ -34,6 +33,7 @@ from pretrain.model.flops import (
     peak_flops,
 )
 from pretrain.model.llama import LlamaConfig
+from pretrain.model.memory import GPU_MEMORY_GIB, estimate_memory
 
 GIB = 2**30
 

@@ -15,9 +15,9 @@ from types import ModuleType
 
 import pytest
 
-from pretrain.engine.memory import estimate_memory
 from pretrain.model.flops import num_params
 from pretrain.model.llama import LlamaConfig
+from pretrain.model.memory import estimate_memory
 from tests.conftest import REPO, compose_config, subprocess_env
 
 WIDER = "model.d_model=256 model.ffn_hidden=768 model.n_heads=8 model.n_kv_heads=8"

@@ -8,15 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pretrain.engine.memory import (
+from pretrain.model.flops import num_params
+from pretrain.model.llama import LlamaConfig, Transformer
+from pretrain.model.memory import (
     BYTES,
     activation_bytes_per_token,
     block_bytes_per_token,
     estimate_memory,
     loss_bytes,
 )
-from pretrain.model.flops import num_params
-from pretrain.model.llama import LlamaConfig, Transformer
 from pretrain.model.parallelize import checkpoint_activations
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -31,7 +31,7 @@ from pretrain.checkpoint.export import TOKENIZER_FILE, check_same_tokenizer
 from pretrain.data.stream import DataError, build_loader
 from pretrain.data.tokenizer import eos_id
 from pretrain.eval.load import Loaded, load_model, pick_device
-from pretrain.eval.perplexity import byte_lengths, evaluate, score_documents
+from pretrain.eval.perplexity import byte_lengths, evaluate, model_loss, score_documents
 
 
 def trained(source: Path) -> dict:
@@ -61,7 +61,8 @@ def score_shards(
     if loaded.tokenizer is not None:
         table = byte_lengths(loaded.tokenizer, loaded.model.config.vocab_size)
     n_batches = None if args.tokens is None else -(-args.tokens // (batch * seq_len))
-    return evaluate(loaded.model, iter(data), n_batches, device, table, prefix="eval")
+    return evaluate(model_loss(loaded.model), iter(data), n_batches, device, table,
+                    prefix="eval")  # fmt: skip
 
 
 def score_text(loaded: Loaded, path: Path, seq_len: int, device: torch.device) -> dict[str, float]:

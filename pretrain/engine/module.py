@@ -56,6 +56,14 @@ class DeepSpeedTrainModule:
             norm = float(self.engine.get_global_grad_norm() or 0.0)
         return norm
 
+    @torch.no_grad()
+    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        self.engine.eval()
+        try:
+            return self.engine(batch[:, :-1], batch[:, 1:])
+        finally:
+            self.engine.train()
+
     def metrics(self) -> dict[str, float]:
         return {**memory_metrics(self.device), **fp16_metrics(self.engine)}
 

@@ -23,41 +23,56 @@ from pretrain.data.source import DataSource
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.data.tokenizer import token_byte_lengths
 from pretrain.model.loss import IGNORE_INDEX
+from pretrain.train.module import TrainModule
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]
+"""A (B, T + 1) token batch -> the mean next-token loss of its targets [:, 1:], scored in
+eval mode (no dropout): `model_loss(model)`, or a TrainModule's `eval_loss`."""
+
+
+def model_loss(model: torch.nn.Module) -> LossFn:
+    """`model`'s own training loss, `model(tokens, targets)`, in eval mode for each batch."""
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return model(batch[:, :-1], batch[:, 1:])
+        finally:
+            model.train(was_training)
+
+    return loss_of
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, batches: Iterator[torch.Tensor], n_batches: int | None,
+    loss_of: LossFn, batches: Iterator[torch.Tensor], n_batches: int | None,
     device: torch.device, byte_lengths: torch.Tensor | None = None, prefix: str = "val",
 ) -> dict[str, float]:  # fmt: skip
     """Mean next-token loss over `n_batches` of (B, T + 1) token batches on every rank (None:
     until `batches` ends; only with one rank, since ranks must run the same count).
 
-    Scored by the training loss itself, `model(tokens, targets)` (a DeepSpeed engine too,
-    gathering ZeRO-3 shards as it goes, which is why every rank runs the same count): the
-    same function over the same (padded) vocabulary as training, chunked so no (B, T, V)
-    logits exist; what the exported model's softmax computes too. With `byte_lengths`
-    (V,), the UTF-8 bytes each token id stands for, also bits per byte: the summed loss in
-    bits over the bytes of the predicted text, comparable between tokenizers.
+    Scored by the training loss itself (`loss_of`: a DeepSpeed engine's gathers ZeRO-3
+    shards as it goes, which is why every rank runs the same count): the same function over
+    the same (padded) vocabulary as training, chunked so no (B, T, V) logits exist; what
+    the exported model's softmax computes too. With `byte_lengths` (V,), the UTF-8 bytes
+    each token id stands for, also bits per byte: the summed loss in bits over the bytes of
+    the predicted text, comparable between tokenizers. Training's random stream is left as
+    it was.
     """
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, bytes
     if byte_lengths is not None:
         byte_lengths = byte_lengths.to(device)
     forked = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=forked):
-            for batch in itertools.islice(batches, n_batches):
-                batch = batch.to(device, non_blocking=True)  # (B, T + 1)
-                targets = batch[:, 1:]
-                mean = model(batch[:, :-1], targets)  # every target counts: no IGNORE_INDEX
-                totals[0] += mean.double() * targets.numel()
-                totals[1] += targets.numel()
-                if byte_lengths is not None:
-                    totals[2] += byte_lengths[targets].sum().double()
-    finally:
-        model.train(was_training)
+    with torch.random.fork_rng(devices=forked):
+        for batch in itertools.islice(batches, n_batches):
+            batch = batch.to(device, non_blocking=True)  # (B, T + 1)
+            targets = batch[:, 1:]
+            mean = loss_of(batch)  # every target counts: no IGNORE_INDEX
+            totals[0] += mean.double() * targets.numel()
+            totals[1] += targets.numel()
+            if byte_lengths is not None:
+                totals[2] += byte_lengths[targets].sum().double()
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(totals)
     nats, tokens, n_bytes = totals.tolist()
@@ -119,22 +134,22 @@ class Evaluator:
     rank, scored by `evaluate`."""
 
     def __init__(
-        self, model: torch.nn.Module, sets: dict[str, Callable[[], Iterator[torch.Tensor]]],
+        self, loss_of: LossFn, sets: dict[str, Callable[[], Iterator[torch.Tensor]]],
         n_batches: int, device: torch.device, byte_lengths: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
-        self.model, self.sets = model, sets
+        self.loss_of, self.sets = loss_of, sets
         self.n_batches, self.device, self.byte_lengths = n_batches, device, byte_lengths
 
     def __call__(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for prefix, make_batches in self.sets.items():
-            out.update(evaluate(self.model, iter(make_batches()), self.n_batches, self.device,
+            out.update(evaluate(self.loss_of, iter(make_batches()), self.n_batches, self.device,
                                 self.byte_lengths, prefix))  # fmt: skip
         return out
 
 
 def build_evaluator(
-    run: RunConfig, engine: torch.nn.Module, train_data: DataSource
+    run: RunConfig, module: TrainModule, train_data: DataSource
 ) -> Evaluator | None:
     """trainer.eval_every_steps > 0: the held-out scorer, `eval_tokens` over all ranks per set
     (with bits per byte when the training data names its tokenizer)."""
@@ -149,4 +164,4 @@ def build_evaluator(
     sets = {"val": lambda: build_val_data(run)}
     for name, path in t.eval_data.items():  # their tokenizer was checked once, at start
         sets[f"val_{name}"] = functools.partial(build_named_val_data, run, path, None)
-    return Evaluator(engine, sets, n_batches, engine.device, table)
+    return Evaluator(module.eval_loss, sets, n_batches, module.device, table)

@@ -1,7 +1,8 @@
 """The seam between the loop and the engine: a `TrainModule` knows *what* one optimizer step
 computes (forward and backward of each micro-batch, clipping, the update or its skip, the
-learning rate, the gradient norm); `train/trainer.py` decides *when* (steps, agreement
-between ranks, logging, saving, stopping) and talks to the model only through it.
+learning rate, the gradient norm), the evaluation loss, and how its state is saved and
+loaded; `train/trainer.py` decides *when* (steps, agreement between ranks, logging, saving,
+stopping) and talks to the model only through it.
 
 `pretrain.engine.module.DeepSpeedTrainModule` is the implementation the runs use; the
 Trainer's tests drive the loop with a fake one, in-process.
@@ -38,6 +39,12 @@ class TrainModule(Protocol):
         leave weights and optimizer state as they are while the LR schedule and step
         counters move on as usual. Returns the gradient norm before clipping (NaN where
         none is known)."""
+        ...
+
+    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """The mean loss of micro-batch `batch` (B, T + 1) as training computes it, in eval
+        mode (no dropout) and without gradients; every rank must call it equally often
+        (sharded weights are gathered collectively)."""
         ...
 
     def metrics(self) -> dict[str, float]:

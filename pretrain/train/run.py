@@ -104,7 +104,7 @@ def build_callbacks(
     evaluation, profiler, logging, saving, then the config's own `trainer.callbacks`."""
     t, c = run.trainer, run.checkpoint
     callbacks: list[Callback] = [MetricsCallback(throughput)]
-    evaluator = build_evaluator(run, module.engine, data)
+    evaluator = build_evaluator(run, module, data)
     if evaluator is not None:
         callbacks.append(EvalCallback(evaluator, run.last_step))
     if t.profile_steps:

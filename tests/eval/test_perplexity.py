@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pretrain.data.synthetic import SyntheticStream
-from pretrain.eval.perplexity import Evaluator, evaluate
+from pretrain.eval.perplexity import Evaluator, evaluate, model_loss
 from pretrain.model import LlamaConfig, Transformer
 
 
@@ -39,7 +39,7 @@ def test_loss_is_the_token_mean_and_the_model_and_rng_are_left_as_found() -> Non
         model.train()
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    out = evaluate(model, val_stream(), n_batches=4, device=torch.device("cpu"))
+    out = evaluate(model_loss(model), val_stream(), n_batches=4, device=torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), before)  # training's random stream is untouched
     assert model.training  # dropout back on
     mean = torch.stack(expected).mean().item()  # equal batches: the mean of batch means
@@ -51,8 +51,8 @@ def test_loss_is_the_token_mean_and_the_model_and_rng_are_left_as_found() -> Non
 
 def test_every_evaluation_scores_the_same_batches() -> None:
     model = tiny()
-    evaluator = Evaluator(model, {"val": val_stream, "val_again": val_stream}, n_batches=2,
-                          device=torch.device("cpu"))  # fmt: skip
+    sets = {"val": val_stream, "val_again": val_stream}
+    evaluator = Evaluator(model_loss(model), sets, n_batches=2, device=torch.device("cpu"))
     first = evaluator()
     assert first == evaluator()
     assert first["val_again_loss"] == first["val_loss"] and first["val_tokens"] == 2 * 3 * 16
@@ -97,5 +97,5 @@ def test_bits_per_byte_from_the_tokenizer(tmp_path) -> None:
     assert table[bpe.token_to_id("<|eos|>")] == 0 and table[310] == 0  # special, past vocab
 
     byte_table = torch.tensor(token_byte_lengths(byte_tokenizer(), 64), dtype=torch.float64)
-    out = evaluate(tiny(), val_stream(), 2, torch.device("cpu"), byte_lengths=byte_table)
+    out = evaluate(model_loss(tiny()), val_stream(), 2, torch.device("cpu"), byte_table)
     assert out["val_bpb"] == pytest.approx(out["val_loss"] / math.log(2))

@@ -127,7 +127,7 @@ def prepare_ours(run: RunConfig) -> Row:
     dist.seed_everything(run.trainer.seed)
     model = build_model(run, lambda: build_module(run))
     engine = build_engine(run, model)
-    module = DeepSpeedTrainModule(engine, trainer_clip(run))
+    module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim)
     trainer = Trainer(module, build_data(run), run.trainer, run.grad_accum, run.tokens_per_step)
     losses: list[float] = []
 

@@ -8,6 +8,7 @@ Below the entry point nothing sees the raw Hydra config: each component gets its
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,9 @@ class RunConfig:
     """Everything a run needs, checked and with derived values filled in."""
 
     model: DictConfig
-    """The model section, with `_target_`, for hydra.utils.instantiate."""
+    """The model section; its `_target_` names the model family (model/family.py)."""
     data: DictConfig
-    """The data section, with `_target_`, for hydra.utils.instantiate."""
+    """The data section; its `_target_` is the data family's builder (data/source.py)."""
     optim: OptimConfig
     deepspeed: DeepSpeedConfig
     trainer: TrainerConfig
@@ -85,9 +86,8 @@ class RunConfig:
 
     @property
     def last_step(self) -> int:
-        """The step this job ends at: trainer.max_steps, or trainer.stop_at_step if earlier."""
-        stop, end = self.trainer.stop_at_step, self.trainer.max_steps
-        return end if stop is None else min(stop, end)
+        """The step this job ends at (TrainerConfig.last_step)."""
+        return self.trainer.last_step
 
 
 def _section(cfg: DictConfig, key: str) -> Any:
@@ -113,6 +113,7 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     _check_optim(optim, ds, errors)
     _check_engine(trainer, ds, errors)
     _check_evaluation(trainer, errors)
+    _check_callbacks(trainer, errors)
     _check_logger(logger, errors)
     _check_checkpoint(checkpoint, errors)
 
@@ -303,6 +304,28 @@ def _check_engine(trainer: TrainerConfig, ds: DeepSpeedConfig, errors: list[str]
         errors.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
     if ds.offload_params and ds.zero_stage != 3:
         errors.append("deepspeed.offload_params=true needs deepspeed.zero_stage=3")
+
+
+def _check_callbacks(trainer: TrainerConfig, errors: list[str]) -> None:
+    """Each trainer.callbacks entry names an importable Callback subclass (so a typo fails
+    now, not after the model is built)."""
+    from pretrain.train.callbacks import Callback
+
+    for i, spec in enumerate(trainer.callbacks):
+        target = spec.get("_target_") if isinstance(spec, dict) else None
+        where = f"trainer.callbacks[{i}]"
+        if not isinstance(target, str):
+            errors.append(f"{where}={spec!r}: give {{_target_: module.Class, <its arguments>}}")
+            continue
+        module, _, name = target.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            errors.append(f"{where}._target_={target}: cannot be imported ({e})")
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Callback)):
+            errors.append(f"{where}._target_={target} is not a subclass of "
+                          "pretrain.train.callbacks.Callback")  # fmt: skip
 
 
 def _check_evaluation(trainer: TrainerConfig, errors: list[str]) -> None:

@@ -247,8 +247,16 @@ class TrainerConfig:
     (<run_dir>/profile/*_memory.pickle, for https://pytorch.org/memory_viz)."""
     callbacks: list[Any] = field(default_factory=list)
     """More side effects of training: [{_target_: my.module.MyCallback, <its arguments>}],
-    each a pretrain.train.callbacks.Callback, instantiated by Hydra and called after the
-    run's own (metrics, evaluation, profiler, logging, saving, export)."""
+    each a pretrain.train.callbacks.Callback subclass (checked at start), instantiated by
+    Hydra. They come after the run's figures and evaluation and before its logging, saving
+    and export: what they add to a step's record is logged."""
+
+    @property
+    def last_step(self) -> int:
+        """The step this job ends at: max_steps, or stop_at_step when earlier."""
+        return (
+            self.max_steps if self.stop_at_step is None else min(self.stop_at_step, self.max_steps)
+        )
 
 
 @dataclass

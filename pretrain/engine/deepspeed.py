@@ -17,15 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from pretrain.config.resolve import ConfigError, RunConfig, deepspeed_config
 from pretrain.config.schema import DeepSpeedConfig
 from pretrain.engine.optim import build_optimizer, lr_scheduler
 from pretrain.model.family import family_of
-
-log = logging.getLogger("pretrain")
 
 
 def _import_deepspeed(device_type: str) -> Any:

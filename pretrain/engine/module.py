@@ -25,7 +25,7 @@ class DeepSpeedTrainModule:
     for that one call.
     """
 
-    def __init__(self, engine: Any, clip: float | None, optim: OptimConfig | None = None) -> None:
+    def __init__(self, engine: Any, clip: float | None, optim: OptimConfig) -> None:
         """`clip`: engine.deepspeed.trainer_clip(run), the max gradient norm clipped here
         (0: none) where DeepSpeed does not clip; None where DeepSpeed does. `optim`: this
         run's optimizer settings, whose kernel replaces a loaded checkpoint's."""
@@ -81,6 +81,5 @@ class DeepSpeedTrainModule:
         else:
             client_state, rank_state = manager.load(self.engine, path)
             rank_states = [rank_state]
-        if self.optim is not None:
-            keep_kernel_after_load(self.engine.client_optimizer, self.optim)
+        keep_kernel_after_load(self.engine.client_optimizer, self.optim)
         return client_state, rank_states

@@ -7,15 +7,11 @@ a researcher can put a modern Llama next to the classic recipes on equal terms.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger("pretrain")
+from pretrain.model.family import PlainFamily
 
 
 def _lm_output(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
@@ -92,45 +88,6 @@ class TransformerEncoderLM(nn.Module):
         return _lm_output(self.head(self.norm(x)), targets)  # logits: (B, T, V)
 
 
-class BaselineFamily:
-    """A seed baseline as a `ModelFamily` (model/family.py): built from its fields, no
-    per-block transformations, no FLOP count, no Hugging Face counterpart."""
-
-    hf = None
-    block = None
-
-    def __init__(self, model: type[nn.Module], shape_keys: tuple[str, ...]) -> None:
-        self.model = model
-        self.target = f"{model.__module__}.{model.__qualname__}"
-        self.shape_keys = ("_target_", *shape_keys)
-
-    def build(self, fields: Mapping[str, Any]) -> nn.Module:
-        return self.model(**fields)
-
-    def errors(self, fields: Mapping[str, Any]) -> list[str]:
-        return [f"model.{k}={fields[k]}: must be >= 1" for k in self.shape_keys[1:]
-                if isinstance(fields.get(k), int) and not isinstance(fields[k], bool)
-                and fields[k] < 1]  # fmt: skip
-
-    def table_rows(self, fields: Mapping[str, Any]) -> int:
-        return int(fields.get("vocab_size", 0))
-
-    def saved_fields(self, fields: Mapping[str, Any]) -> dict[str, Any]:
-        return dict(fields)
-
-    def parallelize(
-        self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool
-    ) -> None:
-        if activation_checkpointing != "none" or compile:
-            log.warning(
-                "trainer.compile / trainer.activation_checkpointing apply per Transformer "
-                "block; %s has no such blocks, so they are ignored", type(model).__name__,
-            )  # fmt: skip
-
-    def flops_per_token(self, fields: Mapping[str, Any], seq_len: int) -> float | None:
-        return None
-
-
 _SHAPE = ("vocab_size", "d_model", "n_layers", "tie_embeddings", "max_seq_len")
-LSTM = BaselineFamily(LSTMLM, _SHAPE)
-ENCODER = BaselineFamily(TransformerEncoderLM, (*_SHAPE, "n_heads", "ffn_hidden"))
+LSTM = PlainFamily(f"{__name__}.LSTMLM", _SHAPE)
+ENCODER = PlainFamily(f"{__name__}.TransformerEncoderLM", (*_SHAPE, "n_heads", "ffn_hidden"))

@@ -1,21 +1,27 @@
 """The model seam: what the rest of the framework needs from a model family (`ModelFamily`),
-and from its Hugging Face counterpart (`HFAdapter`). Nothing outside `pretrain/model/`
-names a model class; it asks `family_of(model_section)`.
+and from its Hugging Face counterpart (`HFAdapter`). Nothing else in the package names a
+model class; it asks `family_of(model_section)`.
 
-A family is found by its config's `_target_` (the model class Hydra would instantiate).
-Today's: the Llama-style Transformer (model/llama_family.py: tiny, llama_*), and the seeds'
-LSTM and TransformerEncoder baselines (model/baselines.py). Adding one: write the module
-and its schema dataclass (config/schema.py, with `_target_`), implement `ModelFamily`
-(and `HFAdapter` if transformers has the architecture), and list it in `families()` below.
+A family is found by its config's `_target_` (the model class). Today's: the Llama-style
+Transformer (model/llama_family.py: tiny, llama_*), and the seeds' LSTM and
+TransformerEncoder baselines (model/baselines.py, `PlainFamily`). Any other importable class
+trains as a `PlainFamily` (no MFU, no per-block transformations, no export). Adding a
+first-class one: write the module and its schema dataclass (config/schema.py, with
+`_target_`, stored in the model group), implement `ModelFamily` (and `HFAdapter` if
+transformers has the architecture), and list it in `families()` below.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+log = logging.getLogger("pretrain")
 
 
 class HFAdapter(Protocol):
@@ -99,6 +105,54 @@ class ModelFamily(Protocol):
         ...
 
 
+class PlainFamily:
+    """A model class as a family with nothing beyond the loop's basics: built from its
+    fields, no per-block transformations (asked for, they are warned about and ignored), no
+    FLOP count (no MFU), no Hugging Face counterpart. The seed baselines are plain; so is
+    any other `_target_` class, which trains as it did before families existed."""
+
+    hf = None
+    block = None
+
+    def __init__(self, target: str, shape_keys: tuple[str, ...]) -> None:
+        self.target = target
+        self.shape_keys = ("_target_", *shape_keys)
+
+    def build(self, fields: Mapping[str, Any]) -> nn.Module:
+        module, _, name = self.target.rpartition(".")
+        return getattr(importlib.import_module(module), name)(**fields)
+
+    def errors(self, fields: Mapping[str, Any]) -> list[str]:
+        return [f"model.{k}={fields[k]}: must be >= 1" for k in self.shape_keys[1:]
+                if isinstance(fields.get(k), int) and not isinstance(fields[k], bool)
+                and fields[k] < 1]  # fmt: skip
+
+    def table_rows(self, fields: Mapping[str, Any]) -> int:
+        return int(fields.get("vocab_size", 0))
+
+    def saved_fields(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(fields)
+
+    def parallelize(
+        self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool
+    ) -> None:
+        if activation_checkpointing != "none" or compile:
+            log.warning(
+                "trainer.compile / trainer.activation_checkpointing apply per Transformer "
+                "block; %s has no such blocks, so they are ignored", type(model).__name__,
+            )  # fmt: skip
+
+    def flops_per_token(self, fields: Mapping[str, Any], seq_len: int) -> float | None:
+        return None
+
+
+GENERIC_SHAPE_KEYS = (
+    "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
+    "tie_embeddings", "rope_theta", "norm_eps", "max_seq_len",
+)  # fmt: skip
+"""What a resume compares for a model class outside the families (those it has)."""
+
+
 def families() -> dict[str, ModelFamily]:
     """Every family, by its `_target_`."""
     from pretrain.model.baselines import ENCODER, LSTM
@@ -108,16 +162,24 @@ def families() -> dict[str, ModelFamily]:
 
 
 def family_of(section: Mapping[str, Any]) -> ModelFamily:
-    """The family of a model config section (by its `_target_`)."""
+    """The family of a model config section (by its `_target_`); a class outside the
+    families is a `PlainFamily`. ValueError when `_target_` names no importable class."""
     known = families()
     target = section.get("_target_")
-    if target not in known:
+    if target in known:
+        return known[target]
+    module, _, name = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        cls = None
+    if not isinstance(cls, type):
         raise ValueError(
-            f"model._target_={target!r} is no model family of this framework (known: "
-            f"{', '.join(known)}): implement pretrain.model.family.ModelFamily for it and "
-            "list it in families()"
+            f"model._target_={target!r} names no model class (the families: "
+            f"{', '.join(known)}): give an importable nn.Module class, or implement "
+            "pretrain.model.family.ModelFamily for it and list it in families()"
         )
-    return known[target]
+    return PlainFamily(target, GENERIC_SHAPE_KEYS)
 
 
 def family_of_hf(config: Mapping[str, Any]) -> ModelFamily:

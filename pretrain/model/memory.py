@@ -20,7 +20,7 @@ w being the compute dtype's width (h = d_model, F = ffn_hidden, kv = n_kv_heads 
     SwiGLU                   w * 4F (gate, up, silu(gate), their product)
 
 which is Korthikanti et al. 2022's count redone for RMSNorm, GQA and SwiGLU, and which
-tests/engine/test_memory.py checks against what a real forward pass leaves allocated. The
+tests/model/test_memory.py checks against what a real forward pass leaves allocated. The
 final norm keeps 4h + 2wh. With activation checkpointing `full` a block keeps only its
 input (w*h); `selective` keeps its input and the outputs of its matmuls and attention
 kernel: w * (3h + 2kv + 2F + h) and the kernel's fp32 log-sum-exp (4 per head). Under

@@ -12,10 +12,11 @@ here, one class per concern:
 - `ExportCallback`: the Hugging Face export at the end (checkpoint.export_hf).
 
 Callbacks run in list order at each point, so a callback sees what the ones before it put in
-the step's record (the log callback comes after the metrics and the evaluation). The run's
-own list is built by `train/run.py`; more come from the config, without touching the loop
-or run.py: `trainer.callbacks=[{_target_: my.module.MyCallback, ...}]` (Hydra instantiates
-each entry and appends it).
+the step's record. The run's list (`train/run.build_callbacks`): profiler, metrics,
+evaluation, then the config's own, then logging, W&B artifacts, checkpointing, export.
+More come from the config without touching the loop or run.py:
+`trainer.callbacks=[{_target_: my.module.MyCallback, ...}]` (each a `Callback` subclass,
+checked at start; Hydra instantiates it), and what they add to a record is logged.
 """
 
 from __future__ import annotations

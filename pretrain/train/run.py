@@ -1,4 +1,5 @@
-"""Assemble a run from its RunConfig and train it: model -> engine -> data -> loggers -> loop.
+"""Assemble a run from its RunConfig and train it, in build order: data -> resume plan ->
+model -> engine (the TrainModule) -> restored state -> loggers and callbacks -> the loop.
 
 `python -m pretrain` calls `train(run)` after composing and checking the config; tools such
 as `tools/bench_train.py` reuse the builders so they measure exactly what training runs.
@@ -97,21 +98,24 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
 
 
 def build_callbacks(
-    run: RunConfig, module: DeepSpeedTrainModule, data: DataSource, loggers: Loggers | None,
+    run: RunConfig, module: TrainModule, data: DataSource, loggers: Loggers | None,
     throughput: Throughput,
 ) -> list[Callback]:  # fmt: skip
-    """The run's side effects, in the order they act on each step (callbacks.py): figures,
-    evaluation, profiler, logging, saving, then the config's own `trainer.callbacks`."""
+    """The run's side effects, in the order they act on each step (callbacks.py): the
+    profiler (its span ends with the step's compute), figures, evaluation, the config's
+    `trainer.callbacks` (what they add to the record is logged), logging, saving, export."""
     t, c = run.trainer, run.checkpoint
-    callbacks: list[Callback] = [MetricsCallback(throughput)]
-    evaluator = build_evaluator(run, module, data)
-    if evaluator is not None:
-        callbacks.append(EvalCallback(evaluator, run.last_step))
+    callbacks: list[Callback] = []
     if t.profile_steps:
         first, last = t.profile_steps
         callbacks.append(ProfilerCallback(StepProfiler(
             run.run_dir / "profile", first, last, dist.rank(), module.device, t.profile_memory
         )))  # fmt: skip
+    callbacks.append(MetricsCallback(throughput))
+    evaluator = build_evaluator(run, module, data)
+    if evaluator is not None:
+        callbacks.append(EvalCallback(evaluator, run.last_step))
+    callbacks += [instantiate(spec) for spec in t.callbacks]
     if loggers is not None:
         callbacks += [LogCallback(loggers), ArtifactCallback(loggers)]
     ckpt_dir = checkpoint.checkpoint_dir(run.run_dir)
@@ -121,7 +125,7 @@ def build_callbacks(
     ))  # fmt: skip
     if c.export_hf:
         callbacks.append(ExportCallback(ckpt_dir, run.run_dir / "hf"))
-    return callbacks + [instantiate(spec) for spec in t.callbacks]
+    return callbacks
 
 
 def restore(

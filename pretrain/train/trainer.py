@@ -53,7 +53,8 @@ class StepResult:
     stop: bool
     """Some rank received a stop signal."""
     save_due: bool
-    """Rank 0's clock says a timed checkpoint is due."""
+    """Some callback voted for a checkpoint after this step (`Callback.wants_save`: e.g.
+    checkpoint.every_minutes, by rank 0's clock)."""
     data_wait_s: float = 0.0
     """Seconds this rank waited for its micro-batches (the rest of the step is compute)."""
 
@@ -97,11 +98,6 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_checkpoint(self, path, self.state.step)
 
-    def last_step(self) -> int:
-        """The step this job ends at: cfg.max_steps, or cfg.stop_at_step when earlier."""
-        stop = self.cfg.stop_at_step
-        return self.cfg.max_steps if stop is None else min(stop, self.cfg.max_steps)
-
     def fit(self) -> TrainState:
         """Train from `state.step` to the last step; returns the final state. Every
         callback's `close` runs at the end, also after an error."""
@@ -112,7 +108,7 @@ class Trainer:
                 log.info("the run stopped early at step %d (no val_loss improvement): nothing "
                          "to do", self.state.step)  # fmt: skip
             else:
-                self._loop(self.last_step())
+                self._loop(self.cfg.last_step)
             for cb in self.callbacks:
                 cb.on_fit_end(self)
         finally:

@@ -241,3 +241,16 @@ def test_speed_switches_are_checked_and_true_means_full_checkpointing() -> None:
                       world_size=1, cuda_available=False)  # fmt: skip
         assert run.trainer.activation_checkpointing == policy
         assert run.as_dict["trainer"]["activation_checkpointing"] == policy
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        ("{_target_:nope.Nope}", "trainer.callbacks[0]._target_=nope.Nope: cannot be imported"),
+        ("{_target_:pretrain.train.loggers.Loggers}", "is not a subclass of pretrain.train"),
+        ("{every:3}", "trainer.callbacks[0]={'every': 3}: give {_target_: module.Class"),
+    ],
+)
+def test_a_callback_that_cannot_be_built_fails_at_start(entry: str, said: str) -> None:
+    """trainer.callbacks are checked with the config, before any model is built."""
+    assert said in config_errors([f"trainer.callbacks=[{entry}]"])

@@ -71,8 +71,27 @@ def test_parallelize_checkpoints_the_transformer_s_blocks_and_warns_on_a_baselin
     assert "LSTMLM has no such blocks, so they are ignored" in caplog.text
 
 
-def test_an_unknown_family_is_named_with_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"model\._target_='my\.Model' is no model family.*"
+class Bigram(torch.nn.Module):
+    """A model class outside the families."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.table(tokens)
+        if targets is None:
+            return logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def test_a_class_outside_the_families_is_plain_and_a_missing_one_is_named() -> None:
+    family = family_of({"_target_": f"{__name__}.Bigram"})
+    assert family.hf is None and family.block is None
+    model = family.build({"vocab_size": 16})
+    assert isinstance(model, Bigram) and family.table_rows({"vocab_size": 16}) == 16
+    assert family.flops_per_token({"vocab_size": 16}, 8) is None
+    with pytest.raises(ValueError, match=r"model\._target_='my\.Model' names no model class.*"
                                          r"pretrain\.model\.llama\.Transformer"):  # fmt: skip
         family_of({"_target_": "my.Model"})
     with pytest.raises(ValueError, match="model_type 'gpt2'"):

@@ -4,9 +4,13 @@
 
 Then train on it: python -m pretrain data=shards data.path=DIR. Re-running with the same
 inputs, tokenizer and settings does nothing; the manifest is written last, atomically.
-Documents that are not text (more than 1% of characters invalid UTF-8, or NUL characters:
-binary files, other encodings) are skipped, named in a warning and counted in the manifest
-(`rejected_documents`); a corpus with no text at all exits 2.
+Inputs: text files, JSON lines (.jsonl, .jsonl.gz, .jsonl.zst), parquet, arrow, Hugging Face
+dataset directories, and directories of these; `--text-field` picks the column or key
+(default `text`). A record without usable text (no such field, null, not a string, not JSON)
+stops the run naming its file and row, or with `--on-bad-record skip` is counted in the
+manifest (`bad_records`). Documents that are not text (more than 1% of characters invalid
+UTF-8, or NUL characters: binary files, other encodings) are skipped, named in a warning and
+counted in the manifest (`rejected_documents`); a corpus with no text at all exits 2.
 """
 
 from __future__ import annotations
@@ -15,12 +19,12 @@ import argparse
 import logging
 import sys
 
-from pretrain.data import shards
+from pretrain.data import inputs, shards
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--input", nargs="+", required=True, help="files or directories")
+    inputs.add_arguments(parser)
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json, or 'bytes'")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--shard-tokens", type=int, default=2**25, help="tokens per shard")
@@ -32,6 +36,7 @@ def main() -> None:
         m = shards.prepare(
             args.input, args.tokenizer, args.output, shard_tokens=args.shard_tokens,
             member_tokens=args.member_tokens, val_fraction=args.val_fraction,
+            text_field=args.text_field, on_bad_record=args.on_bad_record,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -43,6 +48,7 @@ def main() -> None:
         f"{mb:.1f} MB of text in {m['seconds']:.1f} s"
         + (f"; {m['rejected_documents']:,} not-text document(s) skipped"
            if m.get("rejected_documents") else "")
+        + (f"; {m['bad_records']:,} bad record(s) skipped" if m.get("bad_records") else "")
     )  # fmt: skip
 
 

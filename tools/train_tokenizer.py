@@ -2,7 +2,9 @@
 
     python tools/train_tokenizer.py --input PATH [PATH ...] --vocab-size N --output tokenizer.json
 
-Inputs: text files, directories (their text files), .jsonl / .jsonl.gz / .zst (field `text`).
+Inputs: text files, JSON lines (.jsonl, .jsonl.gz, .jsonl.zst), parquet, arrow, Hugging Face
+dataset directories, and directories of these (`--text-field` picks the column or key, default
+`text`; `--on-bad-record skip` counts records without usable text instead of stopping).
 `--vocab-size` counts the 256 byte tokens and the specials. For the byte-level tokenizer that
 needs no training, pass `bytes` wherever a tokenizer path is asked for.
 """
@@ -15,7 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import NoReturn
 
-from pretrain.data import shards, tokenizer
+from pretrain.data import inputs, tokenizer
 
 
 def fail(message: str) -> NoReturn:
@@ -25,29 +27,33 @@ def fail(message: str) -> NoReturn:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--input", nargs="+", required=True, help="files or directories")
+    inputs.add_arguments(parser)
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--output", required=True, help="where to write tokenizer.json")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    rejected: list[str] = []
+    report = inputs.ReadReport()
     seen = {"chars": 0}
 
     def texts() -> Iterator[str]:  # streamed: the corpus need not fit in memory
-        for doc in shards.read_documents(files, rejected):
+        for doc in inputs.read_documents(files, args.text_field, args.on_bad_record, report):
             seen["chars"] += len(doc)
             yield doc
 
     try:
-        files = shards.expand_inputs(args.input)
+        files = inputs.find_inputs(args.input)
         tok = tokenizer.train_bpe(texts(), args.vocab_size)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    if rejected:
-        print(f"warning: skipped {len(rejected)} document(s) that are not text, first: "
-              f"{rejected[0]}", file=sys.stderr)  # fmt: skip
+    if report.rejected:
+        print(f"warning: skipped {report.rejected} document(s) that are not text, first: "
+              f"{report.rejected_examples[0]}", file=sys.stderr)  # fmt: skip
+    if report.bad_records:
+        print(f"warning: skipped {report.bad_records} bad record(s), first: "
+              f"{report.bad_examples[0]}", file=sys.stderr)  # fmt: skip
     if not seen["chars"]:
-        why = f" ({len(rejected)} rejected as not text)" if rejected else ""
+        why = f" ({report.rejected} rejected as not text)" if report.rejected else ""
+        why += f" ({report.bad_records} bad record(s))" if report.bad_records else ""
         fail(f"the corpus {' '.join(args.input)} holds no text to train on{why}; nothing written")
     tok.save(args.output)
     sha = tokenizer.fingerprint(tok)[:12]

@@ -17,6 +17,7 @@ import torch.distributed as tdist
 
 from pretrain.data import shards as shard_writer
 from pretrain.data import tokenizer as tokenizers
+from pretrain.data.inputs import read_documents
 from pretrain.data.source import DataContext
 from pretrain.data.stream import TokenLoader, shards_source
 
@@ -60,7 +61,7 @@ def build_demo(cache_dir: str | Path, vocab_size: int, max_bytes: int) -> Path:
     files = sorted(stdlib_sources(max_bytes), key=lambda p: hashlib.sha1(p.name.encode()).digest())
     log.info("building the demo corpus: %d stdlib files -> %s", len(files), cache)
     cache.mkdir(parents=True, exist_ok=True)
-    texts = list(shard_writer.read_documents(files))
+    texts = list(read_documents(files))
     tokenizers.train_bpe(texts, vocab_size).save(str(tokenizer_path))
     # ~32 shards (about 2 bytes of source per token): each epoch mixes them in a new order.
     shard_writer.prepare(

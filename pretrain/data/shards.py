@@ -13,15 +13,12 @@ keeps the split stable as the corpus grows. The same input gives the same shards
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +27,11 @@ import numpy as np
 import webdataset as wds
 
 from pretrain.data import tokenizer as tokenizers
+from pretrain.data.inputs import NOT_TEXT_FRACTION, ReadReport, find_inputs, read_documents
 
 log = logging.getLogger("pretrain")
 
 MANIFEST = "manifest.json"
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".jsonl", ".jsonl.gz", ".zst", ".json.gz")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -43,87 +40,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def dtype_suffix(dtype: np.dtype) -> str:
     return {"<u2": "u16", "<u4": "u32"}[np.dtype(dtype).str]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a corpus
-
-
-def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files named directly, and the text files below directories, in a stable sorted order."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(
-                p for p in item.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES)
-            )
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"corpus input {item} does not exist")
-    return files
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    name = path.name
-    if name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path), encoding="utf-8", errors="replace")
-    if name.endswith(".zst"):
-        import zstandard
-
-        stream = zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
-        return io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
-    return path.open(encoding="utf-8", errors="replace")
-
-
-NOT_TEXT_FRACTION = 0.01
-"""A document with more than this fraction of its characters not valid UTF-8, or with a NUL
-character, is not text (a binary file, another encoding): skipped and counted."""
-
-
-def not_text(text: str) -> str | None:
-    """Why `text` (decoded with errors="replace") is not text, or None when it is."""
-    if "\x00" in text:
-        return "it holds NUL characters (a binary file?)"
-    bad = text.count("\ufffd")
-    if bad > NOT_TEXT_FRACTION * len(text):
-        return (f"{bad:,} of its {len(text):,} characters are not valid UTF-8 (binary, or "
-                "another encoding?)")  # fmt: skip
-    return None
-
-
-def read_documents(files: list[Path], rejected: list[str] | None = None) -> Iterator[str]:
-    """Documents: a whole plain-text file each, or each JSON line's `text` field. Documents
-    that are not text (`not_text`) are skipped; `rejected` gets "<where>: <why>" for each."""
-    for path in files:
-        is_jsonl = any(s in path.name for s in (".jsonl", ".json.gz")) or path.name.endswith(".zst")
-        with _open_text(path) as f:
-            if not is_jsonl:
-                yield from _text_only([(str(path), f.read())], rejected)
-                continue
-            yield from _text_only(_json_texts(path, f), rejected)
-
-
-def _json_texts(path: Path, lines: Iterator[str]) -> Iterator[tuple[str, str]]:
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            if "\ufffd" in line or "\x00" in line:
-                yield f"{path}:{lineno}", line  # not_text names it better than the JSON error
-                continue
-            raise ValueError(f"{path}:{lineno}: not a JSON object with a 'text' field ({e})") from e
-
-
-def _text_only(docs: Iterator[tuple[str, str]], rejected: list[str] | None) -> Iterator[str]:
-    for where, text in docs:
-        why = not_text(text)
-        if why is None:
-            yield text
-        elif rejected is not None:
-            rejected.append(f"{where}: {why}")
 
 
 def is_validation(doc: str, fraction: float) -> bool:
@@ -215,8 +131,11 @@ def prepare(
     val_fraction: float = 0.005,
     batch_docs: int = 512,
     progress: bool = True,
+    text_field: str = "text",
+    on_bad_record: str = "error",
 ) -> dict[str, Any]:
     """Tokenize `inputs` into shards under `output`; returns (and writes) the manifest.
+    `inputs`, `text_field` and `on_bad_record` are read as `pretrain.data.inputs` reads them.
 
     Skips all work when `output` already holds a manifest for the same inputs, tokenizer
     and settings. The manifest is written last, atomically: shards without one are not a
@@ -224,7 +143,7 @@ def prepare(
     """
     out = Path(output)
     member_tokens = min(member_tokens, shard_tokens)  # a shard holds at least one member
-    files = expand_inputs(list(inputs))
+    files = find_inputs(list(inputs))
     tok = tokenizers.load(tokenizer_path)
     vocab, eos = tok.get_vocab_size(), tokenizers.eos_id(tok)
     dtype = token_dtype(vocab)
@@ -237,6 +156,7 @@ def prepare(
         "shard_tokens": shard_tokens,
         "member_tokens": member_tokens,
         "val_fraction": val_fraction,
+        "text_field": text_field,
     }
     existing = out / MANIFEST
     if existing.is_file():
@@ -270,23 +190,18 @@ def prepare(
             )
         batch.clear()
 
-    rejected: list[str] = []
-    for text in read_documents(files, rejected):
-        if text:
-            batch.append(text)
+    report = ReadReport()
+    for text in read_documents(files, text_field, on_bad_record, report):
+        batch.append(text)
         if len(batch) >= batch_docs:
             flush()
     flush()
     if bar is not None:
         bar.close()
-    if rejected:
-        log.warning(
-            "skipped %d document(s) that are not text (more than %.0f%% invalid UTF-8, or NUL "
-            "characters), first: %s", len(rejected), 100 * NOT_TEXT_FRACTION, rejected[0],
-        )  # fmt: skip
+    _warn_skipped(report)
     if docs == 0:
-        why = f" ({len(rejected)} rejected as not text, first {rejected[0]})" if rejected else ""
-        raise ValueError(f"the corpus {[str(i) for i in inputs]} holds no documents{why}")
+        raise ValueError(f"the corpus {[str(i) for i in inputs]} holds no documents"
+                         f"{_skipped_text(report)}")  # fmt: skip
     manifest = {
         **settings,
         "format": "pretrain-shards/1",
@@ -296,8 +211,10 @@ def prepare(
         "documents": docs,
         "tokens": tokens,
         "text_bytes": text_bytes,
-        "rejected_documents": len(rejected),
-        "rejected_examples": rejected[:10],
+        "rejected_documents": report.rejected,
+        "rejected_examples": report.rejected_examples,
+        "bad_records": report.bad_records,
+        "bad_record_examples": report.bad_examples,
         "seconds": round(time.perf_counter() - t0, 3),
         "train": writers["train"].finish(),
         "val": writers["val"].finish(),
@@ -306,6 +223,27 @@ def prepare(
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, existing)
     return manifest
+
+
+def _warn_skipped(report: ReadReport) -> None:
+    if report.rejected:
+        log.warning(
+            "skipped %d document(s) that are not text (more than %.0f%% invalid UTF-8, or NUL "
+            "characters), first: %s", report.rejected, 100 * NOT_TEXT_FRACTION,
+            report.rejected_examples[0],
+        )  # fmt: skip
+    if report.bad_records:
+        log.warning("skipped %d bad record(s) (on_bad_record=skip), first: %s",
+                    report.bad_records, report.bad_examples[0])  # fmt: skip
+
+
+def _skipped_text(report: ReadReport) -> str:
+    """' (what was skipped)' for a message about an empty corpus."""
+    parts = [f"{report.rejected} rejected as not text, first {report.rejected_examples[0]}"
+             for _ in range(bool(report.rejected))]  # fmt: skip
+    parts += [f"{report.bad_records} bad record(s), first {report.bad_examples[0]}"
+              for _ in range(bool(report.bad_records))]  # fmt: skip
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _progress(enabled: bool) -> Any:

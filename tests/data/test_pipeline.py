@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from pretrain.data import shards, tokenizer
+from pretrain.data.inputs import read_documents
 from pretrain.data.source import DataContext, DataSource
 from pretrain.data.stream import (
     DataError,
@@ -682,7 +683,7 @@ def test_zstd_jsonl_corpus(tmp_path: Path) -> None:
     zstandard = pytest.importorskip("zstandard")
     lines = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)).encode()
     (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
-    docs = list(shards.read_documents([tmp_path / "c.jsonl.zst"]))
+    docs = list(read_documents([tmp_path / "c.jsonl.zst"]))
     assert docs == [f"doc {i}" for i in range(5)]
 
 

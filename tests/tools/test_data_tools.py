@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, read_metrics, subprocess_env
 
 
@@ -19,21 +21,53 @@ def _run(args: list[str], expect: int = 0) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_tokenizer_then_shards_then_training(tmp_path: Path) -> None:
+def _shipped_corpus(tmp_path: Path) -> list[str]:
+    """Text files, and the same kind of code as corpora ship it, text in a `content` field:
+    parquet (row groups, an extra column, one null), a Hugging Face dataset directory
+    (save_to_disk, two arrow files) and zstd JSON lines: 30 + 5 + 10 + 5 documents."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    def code(i: int) -> str:
+        return f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * 20
+
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(30):
-        (corpus / f"{i}.txt").write_text(
-            f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * 20
-        )
+        (corpus / f"{i}.txt").write_text(code(i))
+    rows = [code(i) for i in range(30, 35)]
+    pq.write_table(pa.table({"content": [*rows[:2], None, *rows[2:]], "n": list(range(6))}),
+                   tmp_path / "c.parquet", row_group_size=2)  # fmt: skip
+    lines = "".join(json.dumps({"content": code(i)}) + "\n" for i in range(35, 40))
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    inputs = [str(corpus), str(tmp_path / "c.parquet"), str(tmp_path / "c.jsonl.zst")]
+    datasets = pytest.importorskip("datasets")  # the dev install has it (lm-eval's)
+    hub = datasets.Dataset.from_dict({"content": [code(i) for i in range(40, 50)]})
+    hub.save_to_disk(str(tmp_path / "hf"), num_shards=2)
+    return [*inputs, str(tmp_path / "hf")]
+
+
+def test_tokenizer_then_shards_then_training(tmp_path: Path) -> None:
+    corpus = _shipped_corpus(tmp_path)
+    read = ["--text-field", "content", "--on-bad-record", "skip"]
     tok = tmp_path / "tokenizer.json"
-    _run(["tools/train_tokenizer.py", "--input", str(corpus), "--vocab-size", "300",
-          "--output", str(tok)])  # fmt: skip
+    proc = _run(["tools/train_tokenizer.py", "--input", *corpus, "--vocab-size", "300",
+                 "--output", str(tok), *read])  # fmt: skip
     assert json.loads(tok.read_text())["model"]["type"] == "BPE"
+    assert "skipped 1 bad record(s), first: " in proc.stderr and "c.parquet row 2" in proc.stderr
     out = tmp_path / "shards"
-    proc = _run(["tools/prepare_data.py", "--input", str(corpus), "--tokenizer", str(tok),
-                 "--output", str(out), "--shard-tokens", "2000"])  # fmt: skip
-    assert "train" in proc.stdout and (out / "manifest.json").is_file()
+    proc = _run(["tools/prepare_data.py", "--input", *corpus, "--tokenizer", str(tok),
+                 "--output", str(out), "--shard-tokens", "2000", *read])  # fmt: skip
+    assert "train" in proc.stdout and "1 bad record(s) skipped" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["documents"], manifest["bad_records"], manifest["text_field"]) == (
+        50, 1, "content")  # fmt: skip
+    assert manifest["bad_record_examples"][0].endswith("c.parquet row 2: 'content' is null")
+    strict = ["--output", str(tmp_path / "no"), "--text-field", "content"]  # error: the default
+    refused = _run(["tools/prepare_data.py", "--input", *corpus, "--tokenizer", str(tok),
+                    *strict], expect=2)  # fmt: skip
+    assert "c.parquet row 2: 'content' is null" in refused.stderr
     run_dir = tmp_path / "run"
     _run(["-m", "pretrain", "data=shards", f"data.path={out}", "data.num_workers=2",
           "model=tiny", "model.vocab_size=320", "trainer.device=cpu", "trainer.max_steps=5",

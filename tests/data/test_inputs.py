@@ -1,0 +1,96 @@
+"""Corpus inputs as they ship: parquet (row groups, extra columns, nulls), Hugging Face
+dataset directories, JSON lines; bad records stop naming the file and row, or are counted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pretrain.data.inputs import BadRecord, ReadReport, find_inputs, read_documents
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def write_parquet(path: Path, texts: list[object], field: str = "text") -> Path:
+    """Several row groups (3 rows each) and an extra column, as FineWeb ships."""
+    table = pa.table({"id": list(range(len(texts))), field: texts,
+                      "url": [f"https://x/{i}" for i in range(len(texts))]})  # fmt: skip
+    pq.write_table(table, path, row_group_size=3)
+    return path
+
+
+def test_parquet_reads_the_text_column_across_row_groups(tmp_path: Path) -> None:
+    texts = [f"document {i}" for i in range(8)]
+    path = write_parquet(tmp_path / "a.parquet", texts)
+    assert pq.ParquetFile(path).num_row_groups == 3
+    assert list(read_documents(find_inputs([path]))) == texts
+    other = write_parquet(tmp_path / "b.parquet", texts, field="content")
+    assert list(read_documents([other], text_field="content")) == texts
+
+
+def test_a_null_text_stops_naming_the_row_or_is_counted(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "a.parquet", ["one", "two", None, "four"])
+    with pytest.raises(BadRecord, match=r"a\.parquet row 2: 'text' is null.*--on-bad-record skip"):
+        list(read_documents([path]))
+    report = ReadReport()
+    docs = list(read_documents([path], on_bad_record="skip", report=report))
+    assert docs == ["one", "two", "four"] and report.bad_records == 1
+    numbers = ReadReport()  # a column that is not text
+    assert list(read_documents([path], "id", "skip", numbers)) == []
+    assert numbers.bad_records == 4
+    assert numbers.bad_examples[3].endswith("row 3: 'id' is a int, not a string")
+
+
+def test_a_missing_column_names_the_columns_there(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "a.parquet", ["x", "y"], field="body")
+    with pytest.raises(BadRecord, match=r"row 0: no 'text' column \(the columns: id, body, url\)"):
+        list(read_documents([path]))
+    report = ReadReport()
+    assert list(read_documents([path], on_bad_record="skip", report=report)) == []
+    assert report.bad_records == 2
+
+
+def test_json_lines_bad_records_name_the_line(tmp_path: Path) -> None:
+    lines = ['{"text": "good"}', '{"text": null}', '{"other": 1}', "not json", "[1, 2]",
+             '{"text": 7}', '{"text": "also good"}']  # fmt: skip
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadRecord, match=r"c\.jsonl:2: 'text' is null"):
+        list(read_documents([path]))
+    report = ReadReport()
+    assert list(read_documents([path], on_bad_record="skip", report=report)) == [
+        "good",
+        "also good",
+    ]
+    assert report.bad_records == 5
+    assert [e.split(": ", 1)[1] for e in report.bad_examples] == [
+        "'text' is null", "no 'text' field", "not a JSON line (Expecting value: line 1 "
+        "column 1 (char 0))", "no 'text' field", "'text' is a int, not a string",
+    ]  # fmt: skip
+
+
+def test_a_hugging_face_dataset_directory_reads_in_its_own_order(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    texts = [f"row {i}" for i in range(40)]
+    ds = datasets.Dataset.from_dict({"text": texts, "n": list(range(40))})
+    ds.save_to_disk(str(tmp_path / "ds"), num_shards=3)
+    files = find_inputs([tmp_path / "ds"])
+    assert [f.suffix for f in files] == [".arrow"] * 3
+    assert list(read_documents(files)) == texts
+    both = datasets.DatasetDict({"train": ds, "test": ds.select(range(5))})
+    both.save_to_disk(str(tmp_path / "dd"))
+    docs = list(read_documents(find_inputs([tmp_path / "dd"])))
+    assert docs == texts + texts[:5]  # every split, in dataset_dict.json's order
+
+
+def test_a_directory_of_mixed_files_and_a_missing_input(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "b.parquet", ["p"])
+    (tmp_path / "a.txt").write_text("t")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "j"}) + "\n")
+    (tmp_path / "notes.csv").write_text("ignored")
+    assert list(read_documents(find_inputs([tmp_path]))) == ["t", "p", "j"]
+    with pytest.raises(FileNotFoundError, match=r"corpus input .*nope does not exist"):
+        find_inputs([tmp_path / "nope"])

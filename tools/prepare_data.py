@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from pretrain.data import inputs, shards
 
@@ -30,13 +31,16 @@ def main() -> None:
     parser.add_argument("--shard-tokens", type=int, default=2**25, help="tokens per shard")
     parser.add_argument("--member-tokens", type=int, default=2**16, help="tokens per tar member")
     parser.add_argument("--val-fraction", type=float, default=0.005, help="documents held out")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="tokenizing processes (the output is the same for any number)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
     try:
         m = shards.prepare(
             args.input, args.tokenizer, args.output, shard_tokens=args.shard_tokens,
             member_tokens=args.member_tokens, val_fraction=args.val_fraction,
-            text_field=args.text_field, on_bad_record=args.on_bad_record,
+            text_field=args.text_field, on_bad_record=args.on_bad_record, workers=args.workers,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -45,7 +49,7 @@ def main() -> None:
     print(
         f"{m['documents']:,} documents, {m['tokens']:,} tokens ({m['dtype']}) -> "
         f"{len(m['train'])} train + {len(m['val'])} val shard(s) in {args.output}; "
-        f"{mb:.1f} MB of text in {m['seconds']:.1f} s"
+        f"{mb:.1f} MB of text in {time.perf_counter() - t0:.1f} s"
         + (f"; {m['rejected_documents']:,} not-text document(s) skipped"
            if m.get("rejected_documents") else "")
         + (f"; {m['bad_records']:,} bad record(s) skipped" if m.get("bad_records") else "")

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,14 +134,19 @@ def prepare(
     progress: bool = True,
     text_field: str = "text",
     on_bad_record: str = "error",
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Tokenize `inputs` into shards under `output`; returns (and writes) the manifest.
     `inputs`, `text_field` and `on_bad_record` are read as `pretrain.data.inputs` reads them.
 
-    Skips all work when `output` already holds a manifest for the same inputs, tokenizer
-    and settings. The manifest is written last, atomically: shards without one are not a
-    finished dataset.
+    `workers` processes tokenize batches of `batch_docs` documents while this one reads and
+    writes, in input order: the shards and the manifest are the same bytes for any number
+    of workers, and at most a few batches per worker are in memory at once. Skips all work
+    when `output` already holds a manifest for the same inputs, tokenizer and settings. The
+    manifest is written last, atomically: shards without one are not a finished dataset.
     """
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1")
     out = Path(output)
     member_tokens = min(member_tokens, shard_tokens)  # a shard holds at least one member
     files = find_inputs(list(inputs))
@@ -169,37 +175,12 @@ def prepare(
         split: SplitWriter(out, split, dtype, member_tokens, shard_tokens)
         for split in ("train", "val")
     }
-    docs = tokens = 0
-    text_bytes = 0
-    t0 = time.perf_counter()
-    bar = _progress(progress)
-    batch: list[str] = []
-
-    def flush() -> None:
-        nonlocal docs, tokens, text_bytes
-        for text, enc in zip(batch, tok.encode_batch(batch), strict=True):
-            ids = np.asarray([*enc.ids, eos], dtype=dtype)
-            writers["val" if is_validation(text, val_fraction) else "train"].add(ids)
-            docs, tokens = docs + 1, tokens + len(ids)
-            text_bytes += len(text.encode("utf-8", "replace"))
-        if bar is not None:
-            bar.update(len(batch))
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(
-                tok_per_s=f"{tokens / elapsed:,.0f}", MB_per_s=f"{text_bytes / elapsed / 1e6:.1f}"
-            )
-        batch.clear()
-
     report = ReadReport()
-    for text in read_documents(files, text_field, on_bad_record, report):
-        batch.append(text)
-        if len(batch) >= batch_docs:
-            flush()
-    flush()
-    if bar is not None:
-        bar.close()
+    batches = _batches(read_documents(files, text_field, on_bad_record, report), batch_docs)
+    job = (str(tokenizer_path), int(eos), dtype.str, val_fraction)
+    totals = _write_tokenized(_tokenized(batches, job, workers), writers, progress)
     _warn_skipped(report)
-    if docs == 0:
+    if totals["documents"] == 0:
         raise ValueError(f"the corpus {[str(i) for i in inputs]} holds no documents"
                          f"{_skipped_text(report)}")  # fmt: skip
     manifest = {
@@ -208,14 +189,11 @@ def prepare(
         "vocab_size": vocab,
         "eos_id": eos,
         "dtype": dtype_suffix(dtype),
-        "documents": docs,
-        "tokens": tokens,
-        "text_bytes": text_bytes,
+        **totals,
         "rejected_documents": report.rejected,
         "rejected_examples": report.rejected_examples,
         "bad_records": report.bad_records,
         "bad_record_examples": report.bad_examples,
-        "seconds": round(time.perf_counter() - t0, 3),
         "train": writers["train"].finish(),
         "val": writers["val"].finish(),
     }
@@ -223,6 +201,90 @@ def prepare(
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, existing)
     return manifest
+
+
+def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+_Job = tuple[str, int, str, float]
+"""(tokenizer path, EOS id, token dtype, val fraction): what a tokenizing process needs."""
+_Tokenized = tuple[np.ndarray, np.ndarray, np.ndarray, int]
+"""A batch as (all its token ids with an EOS after each document, each document's length,
+whether each goes to val, its UTF-8 bytes)."""
+
+_worker_tokenizer: Any = None
+_worker_job: _Job | None = None
+
+
+def _tokenize_batch(batch: list[str], tok: Any, job: _Job) -> _Tokenized:
+    _, eos, dtype, val_fraction = job
+    docs = [np.asarray([*enc.ids, eos], dtype=dtype) for enc in tok.encode_batch(batch)]
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    val = np.array([is_validation(text, val_fraction) for text in batch], dtype=bool)
+    n_bytes = sum(len(text.encode("utf-8", "replace")) for text in batch)
+    return np.concatenate(docs), lengths, val, n_bytes
+
+
+def _init_worker(job: _Job) -> None:
+    global _worker_tokenizer, _worker_job
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker: the workers are the parallelism
+    _worker_tokenizer, _worker_job = tokenizers.load(job[0]), job
+
+
+def _worker_tokenize(batch: list[str]) -> _Tokenized:
+    return _tokenize_batch(batch, _worker_tokenizer, _worker_job)
+
+
+def _tokenized(batches: Iterator[list[str]], job: _Job, workers: int) -> Iterator[_Tokenized]:
+    """Each batch tokenized, in order: here, or by `workers` processes with at most two
+    batches per worker in flight (memory stays bounded whatever the corpus size)."""
+    if workers == 1:
+        tok = tokenizers.load(job[0])
+        for batch in batches:
+            yield _tokenize_batch(batch, tok, job)
+        return
+    import multiprocessing
+    from collections import deque
+
+    context = multiprocessing.get_context("spawn")  # no forked tokenizer thread pools
+    with context.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_worker_tokenize, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _write_tokenized(
+    tokenized: Iterator[_Tokenized], writers: dict[str, SplitWriter], progress: bool
+) -> dict[str, int]:
+    """Append each document to its split's writer, in order; the totals."""
+    docs = tokens = text_bytes = 0
+    t0 = time.perf_counter()
+    bar = _progress(progress)
+    for flat, lengths, val, n_bytes in tokenized:
+        for ids, to_val in zip(np.split(flat, np.cumsum(lengths)[:-1]), val, strict=True):
+            writers["val" if to_val else "train"].add(ids)
+        docs, tokens, text_bytes = docs + len(lengths), tokens + len(flat), text_bytes + n_bytes
+        if bar is not None:
+            bar.update(len(lengths))
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(
+                tok_per_s=f"{tokens / elapsed:,.0f}", MB_per_s=f"{text_bytes / elapsed / 1e6:.1f}"
+            )
+    if bar is not None:
+        bar.close()
+    return {"documents": docs, "tokens": tokens, "text_bytes": text_bytes}
 
 
 def _warn_skipped(report: ReadReport) -> None:

@@ -58,7 +58,8 @@ def test_tokenizer_then_shards_then_training(tmp_path: Path) -> None:
     assert "skipped 1 bad record(s), first: " in proc.stderr and "c.parquet row 2" in proc.stderr
     out = tmp_path / "shards"
     proc = _run(["tools/prepare_data.py", "--input", *corpus, "--tokenizer", str(tok),
-                 "--output", str(out), "--shard-tokens", "2000", *read])  # fmt: skip
+                 "--output", str(out), "--shard-tokens", "2000", "--workers", "2",
+                 *read])  # fmt: skip
     assert "train" in proc.stdout and "1 bad record(s) skipped" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["documents"], manifest["bad_records"], manifest["text_field"]) == (

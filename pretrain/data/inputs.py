@@ -71,10 +71,10 @@ class ReadReport:
             self.rejected_examples.append(f"{where}: {why}")
 
 
-def add_arguments(parser: Any) -> None:
+def add_arguments(parser: Any, required: bool = True) -> None:
     """The input options both corpus tools take (argparse): --input, --text-field,
     --on-bad-record."""
-    parser.add_argument("--input", nargs="+", required=True,
+    parser.add_argument("--input", nargs="+", required=required,
                         help="files or directories: text, jsonl(.gz/.zst), parquet, arrow, "
                              "Hugging Face dataset directories")  # fmt: skip
     parser.add_argument(

@@ -135,6 +135,7 @@ def prepare(
     text_field: str = "text",
     on_bad_record: str = "error",
     workers: int = 1,
+    task: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Tokenize `inputs` into shards under `output`; returns (and writes) the manifest.
     `inputs`, `text_field` and `on_bad_record` are read as `pretrain.data.inputs` reads them.
@@ -144,6 +145,8 @@ def prepare(
     of workers, and at most a few batches per worker are in memory at once. Skips all work
     when `output` already holds a manifest for the same inputs, tokenizer and settings. The
     manifest is written last, atomically: shards without one are not a finished dataset.
+    `task` = (index, count): this is one task's share of a corpus (data/tasks.py), which
+    may be empty, recorded in the manifest for the merge.
     """
     if workers < 1:
         raise ValueError(f"workers={workers}: must be >= 1")
@@ -163,6 +166,7 @@ def prepare(
         "member_tokens": member_tokens,
         "val_fraction": val_fraction,
         "text_field": text_field,
+        **({"task": {"index": task[0], "count": task[1]}} if task else {}),
     }
     existing = out / MANIFEST
     if existing.is_file():
@@ -180,7 +184,7 @@ def prepare(
     job = (str(tokenizer_path), int(eos), dtype.str, val_fraction)
     totals = _write_tokenized(_tokenized(batches, job, workers), writers, progress)
     _warn_skipped(report)
-    if totals["documents"] == 0:
+    if totals["documents"] == 0 and task is None:
         raise ValueError(f"the corpus {[str(i) for i in inputs]} holds no documents"
                          f"{_skipped_text(report)}")  # fmt: skip
     manifest = {

@@ -152,3 +152,23 @@ def test_train_tokenizer_says_so_when_the_corpus_is_empty_or_too_small(tmp_path:
     assert n < 5000
     assert f"warning: trained {n} tokens, fewer than the 5000 asked" in proc.stderr
     assert f"trained {n} tokens" in proc.stdout
+
+
+def test_tasks_then_merge_through_the_tool(tmp_path: Path) -> None:
+    """--num-tasks/--task-index write task directories; --merge refuses (exit 2, naming the
+    task to rerun) until all are done, then writes the manifest."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i}.txt").write_text(f"document {i} " * 50)
+    out = tmp_path / "out"
+    task = ["tools/prepare_data.py", "--input", str(corpus), "--tokenizer", "bytes",
+            "--output", str(out), "--num-tasks", "2"]  # fmt: skip
+    proc = _run([*task, "--task-index", "1"])
+    assert "task 1 of 2: 3 input file(s)" in proc.stderr
+    refused = _run(["tools/prepare_data.py", "--merge", str(out)], expect=2)
+    assert "1 of 2 task(s) are missing or unfinished (no manifest.json): 0." in refused.stderr
+    _run([*task, "--task-index", "0"])
+    merged = _run(["tools/prepare_data.py", "--merge", str(out)])
+    assert merged.stdout.startswith("6 documents")
+    assert json.loads((out / "manifest.json").read_text())["tasks"] == 2

@@ -50,6 +50,10 @@ NOT_RUN = {
         "needs a Slurm cluster of GPU nodes",
         "tests/slurm/test_pretrain_sh.py::test_sweep_runs_one_job_per_line",
     ),
+    "sbatch --array=0-63 slurm/prepare_data.sh": (
+        "needs a Slurm cluster and a corpus",
+        "tests/slurm/test_pretrain_sh.py::test_prepare_data_array_then_merge",
+    ),
 }
 
 # Command prefix -> what its exit-2 message must say in the base install (no [eval] extra).

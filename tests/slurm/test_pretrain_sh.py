@@ -4,7 +4,9 @@ preemption and requeue, a node that never joins, a sweep; and slurm/launch_node.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.data import shards
 from tests.conftest import (
     EXACT,
     REPO,
@@ -53,7 +56,7 @@ def submit(
                         *args, env={**subprocess_env(), **(env or {})}, cwd=cwd)  # fmt: skip
 
 
-def job_log(cwd: Path, job_id: int, name: str = "t") -> str:
+def job_log(cwd: Path, job_id: int | str, name: str = "t") -> str:
     return (cwd / "logs" / f"{name}-{job_id}.out").read_text()
 
 
@@ -211,3 +214,27 @@ def test_scripts_refuse_a_launch_that_cannot_work() -> None:
     assert proc.returncode == 2 and "sbatch [options] slurm/pretrain.sh" in proc.stderr
     proc = subprocess.run(["bash", "slurm/launch_node.sh"], env={**env, "NNODES": "2"}, **run)
     assert proc.returncode == 2 and "NNODES=2 needs RDZV_ENDPOINT=" in proc.stderr
+
+
+def test_prepare_data_array_then_merge(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """sbatch --array=0-1 slurm/prepare_data.sh: each task tokenizes its share, the first
+    submits the merge, which runs once both ended and writes the one manifest: the same
+    documents and tokens as one tools/prepare_data.py run."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i}.txt").write_text(f"document {i} " * (40 + 10 * i))
+    out = tmp_path / "shards"
+    job = submit(slurm, tmp_path, ["--array=0-1"],
+                 ["--input", str(corpus), "--tokenizer", "bytes", "--output", str(out)],
+                 script="prepare_data.sh")  # fmt: skip
+    for task in (0, 1):
+        assert slurm.wait(f"{job}_{task}") == "COMPLETED", job_log(tmp_path, f"{job}_{task}")
+    found = re.search(r"merge: job (\d+)", job_log(tmp_path, f"{job}_0"))
+    assert found, job_log(tmp_path, f"{job}_0")
+    merge = int(found.group(1))
+    assert slurm.wait(merge) == "COMPLETED", job_log(tmp_path, merge, "t-merge")
+    merged = json.loads((out / "manifest.json").read_text())
+    single = shards.prepare([corpus], "bytes", tmp_path / "one", progress=False)
+    assert merged["tasks"] == 2 and [len(list(out.glob("task-*")))] == [2]
+    assert (merged["documents"], merged["tokens"]) == (single["documents"], single["tokens"])

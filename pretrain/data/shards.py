@@ -13,10 +13,11 @@ keeps the split stable as the corpus grows. The same input gives the same shards
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import logging
 import os
+import tarfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -25,14 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
 from pretrain.data import tokenizer as tokenizers
 from pretrain.data.inputs import NOT_TEXT_FRACTION, ReadReport, find_inputs, read_documents
+from pretrain.data.tokenize import Job, Tokenized, tokenized
 
 log = logging.getLogger("pretrain")
 
 MANIFEST = "manifest.json"
+BATCH_CHARS = 1 << 18
+"""Characters per batch of documents handed to a tokenizing worker (about 256 KB)."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -43,14 +46,28 @@ def dtype_suffix(dtype: np.dtype) -> str:
     return {"<u2": "u16", "<u4": "u32"}[np.dtype(dtype).str]
 
 
-def is_validation(doc: str, fraction: float) -> bool:
-    """Stable split by content hash: the same document always lands in the same split."""
-    h = int.from_bytes(hashlib.blake2b(doc.encode("utf-8", "replace"), digest_size=8).digest())
-    return h % 1_000_000 < fraction * 1_000_000
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing shards
+
+
+class _TarWriter:
+    """A plain tar of members, each with mtime 0 (byte-identical reruns), mode 0444 and the
+    owner webdataset's writer gives (so shards are the bytes it wrote); tarfile alone, since
+    importing webdataset imports torch (a second per tokenizing worker)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w|")  # noqa: SIM115 (closed in close)
+
+    def write(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0.0, 0o444
+        info.uname = info.gname = "bigdata"
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.close()
 
 
 @dataclass
@@ -81,7 +98,7 @@ class SplitWriter:
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tmp = self.out / f".{name}.tmp"
-        self._writer = wds.TarWriter(str(self._tmp), mtime=0.0)  # mtime 0: byte-identical reruns
+        self._writer = _TarWriter(self._tmp)
         self._shard = {"name": name, "documents": 0, "tokens": 0, "members": 0}
 
     def _flush_member(self, n: int) -> None:
@@ -93,7 +110,8 @@ class SplitWriter:
         key = f"{self._shard['members']:08d}"
         data = member.tobytes()
         crc = f"{zlib.crc32(data):08x}".encode()
-        self._writer.write({"__key__": key, "crc32": crc, dtype_suffix(self.dtype): data})
+        self._writer.write(f"{key}.crc32", crc)
+        self._writer.write(f"{key}.{dtype_suffix(self.dtype)}", data)
         self._shard["members"] += 1
         self._shard["tokens"] += len(member)
         if self._shard["tokens"] >= self.shard_tokens:
@@ -140,16 +158,17 @@ def prepare(
     """Tokenize `inputs` into shards under `output`; returns (and writes) the manifest.
     `inputs`, `text_field` and `on_bad_record` are read as `pretrain.data.inputs` reads them.
 
-    `workers` processes tokenize batches of `batch_docs` documents while this one reads and
-    writes, in input order: the shards and the manifest are the same bytes for any number
-    of workers, and at most a few batches per worker are in memory at once. Skips all work
+    `workers` > 1 processes tokenize batches of `batch_docs` documents (or ~BATCH_CHARS
+    characters) while this one reads and writes, in input order (1: this process does it
+    all): the shards and the manifest are the same bytes for any number of workers, and at
+    most a few batches per worker are in memory at once. Skips all work
     when `output` already holds a manifest for the same inputs, tokenizer and settings. The
     manifest is written last, atomically: shards without one are not a finished dataset.
     `task` = (index, count): this is one task's share of a corpus (data/tasks.py), which
     may be empty, recorded in the manifest for the merge.
     """
     if workers < 1:
-        raise ValueError(f"workers={workers}: must be >= 1")
+        raise ValueError(f"workers={workers}: must be >= 1 (1: tokenize in this process)")
     out = Path(output)
     member_tokens = min(member_tokens, shard_tokens)  # a shard holds at least one member
     files = find_inputs(list(inputs))
@@ -180,9 +199,10 @@ def prepare(
         for split in ("train", "val")
     }
     report = ReadReport()
-    batches = _batches(read_documents(files, text_field, on_bad_record, report), batch_docs)
-    job = (str(tokenizer_path), int(eos), dtype.str, val_fraction)
-    totals = _write_tokenized(_tokenized(batches, job, workers), writers, progress)
+    docs = read_documents(files, text_field, on_bad_record, report)
+    job = Job(str(tokenizer_path), int(eos), dtype.str, val_fraction)
+    batches = tokenized(_batches(docs, batch_docs, BATCH_CHARS), job, workers)
+    totals = _write_tokenized(batches, writers, progress)
     _warn_skipped(report)
     if totals["documents"] == 0 and task is None:
         raise ValueError(f"the corpus {[str(i) for i in inputs]} holds no documents"
@@ -207,76 +227,29 @@ def prepare(
     return manifest
 
 
-def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+def _batches(docs: Iterator[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    """Documents in batches of up to `max_docs` documents or about `max_chars` characters
+    (whichever comes first: many batches, for the workers, even of a few large files)."""
     batch: list[str] = []
+    chars = 0
     for doc in docs:
         batch.append(doc)
-        if len(batch) >= size:
+        chars += len(doc)
+        if len(batch) >= max_docs or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
 
-_Job = tuple[str, int, str, float]
-"""(tokenizer path, EOS id, token dtype, val fraction): what a tokenizing process needs."""
-_Tokenized = tuple[np.ndarray, np.ndarray, np.ndarray, int]
-"""A batch as (all its token ids with an EOS after each document, each document's length,
-whether each goes to val, its UTF-8 bytes)."""
-
-_worker_tokenizer: Any = None
-_worker_job: _Job | None = None
-
-
-def _tokenize_batch(batch: list[str], tok: Any, job: _Job) -> _Tokenized:
-    _, eos, dtype, val_fraction = job
-    docs = [np.asarray([*enc.ids, eos], dtype=dtype) for enc in tok.encode_batch(batch)]
-    lengths = np.array([len(d) for d in docs], dtype=np.int64)
-    val = np.array([is_validation(text, val_fraction) for text in batch], dtype=bool)
-    n_bytes = sum(len(text.encode("utf-8", "replace")) for text in batch)
-    return np.concatenate(docs), lengths, val, n_bytes
-
-
-def _init_worker(job: _Job) -> None:
-    global _worker_tokenizer, _worker_job
-    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker: the workers are the parallelism
-    _worker_tokenizer, _worker_job = tokenizers.load(job[0]), job
-
-
-def _worker_tokenize(batch: list[str]) -> _Tokenized:
-    return _tokenize_batch(batch, _worker_tokenizer, _worker_job)
-
-
-def _tokenized(batches: Iterator[list[str]], job: _Job, workers: int) -> Iterator[_Tokenized]:
-    """Each batch tokenized, in order: here, or by `workers` processes with at most two
-    batches per worker in flight (memory stays bounded whatever the corpus size)."""
-    if workers == 1:
-        tok = tokenizers.load(job[0])
-        for batch in batches:
-            yield _tokenize_batch(batch, tok, job)
-        return
-    import multiprocessing
-    from collections import deque
-
-    context = multiprocessing.get_context("spawn")  # no forked tokenizer thread pools
-    with context.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_worker_tokenize, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
 def _write_tokenized(
-    tokenized: Iterator[_Tokenized], writers: dict[str, SplitWriter], progress: bool
+    batches: Iterator[Tokenized], writers: dict[str, SplitWriter], progress: bool
 ) -> dict[str, int]:
     """Append each document to its split's writer, in order; the totals."""
     docs = tokens = text_bytes = 0
     t0 = time.perf_counter()
     bar = _progress(progress)
-    for flat, lengths, val, n_bytes in tokenized:
+    for flat, lengths, val, n_bytes in batches:
         for ids, to_val in zip(np.split(flat, np.cumsum(lengths)[:-1]), val, strict=True):
             writers["val" if to_val else "train"].add(ids)
         docs, tokens, text_bytes = docs + len(lengths), tokens + len(flat), text_bytes + n_bytes

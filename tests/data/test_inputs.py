@@ -104,12 +104,12 @@ def test_two_workers_write_the_same_bytes_as_one(tmp_path: Path) -> None:
     rows = [f"document {i}: " + "word " * (i % 37) + f"end {i}" for i in range(400)]
     corpus = write_parquet(tmp_path / "c.parquet", rows)
     outs = {}
-    for workers in (1, 2):
+    for workers in (1, 2, 3):
         out = tmp_path / f"w{workers}"
         shards.prepare([corpus], "bytes", out, shard_tokens=3000, member_tokens=500,
                        val_fraction=0.1, batch_docs=16, progress=False,
                        workers=workers)  # fmt: skip
         outs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-    assert outs[1] == outs[2]
+    assert outs[1] == outs[2] == outs[3]
     manifest = json.loads(outs[2]["manifest.json"])
     assert manifest["documents"] == 400 and len(manifest["train"]) > 3 and manifest["val"]

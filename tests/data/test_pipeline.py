@@ -30,6 +30,7 @@ from pretrain.data.stream import (
     read_members,
     shards_source,
 )
+from pretrain.data.tokenize import is_validation
 from tests.conftest import EXACT, REPO, TINY, curve, launch, train
 
 SEQ = 16
@@ -112,7 +113,7 @@ def test_round_trip_reproduces_the_token_stream(dataset: tuple[Path, list[str]])
     eos = tokenizer.eos_id(tok)
     expected = {"train": [], "val": []}
     for doc in docs:
-        split = "val" if shards.is_validation(doc, 0.1) else "train"
+        split = "val" if is_validation(doc, 0.1) else "train"
         expected[split] += [*doc.encode(), eos]  # the byte tokenizer: ids are the bytes
     for split in ("train", "val"):
         assert _stream(shard_dir, split).tolist() == expected[split]

@@ -58,9 +58,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     dist.setup_logging()
     try:
         train(run)
-        # Every rank done before any closes its connections: a rank that shuts gloo down
-        # while another still finishes its last messages can abort that one at exit.
-        dist.barrier()
+        dist.destroy(finished=True)
     except Preempted as e:
         log.warning("%s: checkpoint saved; run the same command to resume", e)
         _exit(EXIT_PREEMPTED)

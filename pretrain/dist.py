@@ -121,9 +121,16 @@ def write_exit_code(code: int) -> None:
         Path(directory, f"rank{os.environ.get('RANK', '0')}").write_text(f"{code}\n")
 
 
-def destroy() -> None:
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+def destroy(finished: bool = False) -> None:
+    """Tear the process group down. `finished`: every rank got here normally, so first wait
+    for all of them: a rank that shuts gloo down while another still finishes its last
+    messages can abort that one at exit ("terminate called without an active exception").
+    Not on an error path, where a rank that died would leave the others waiting."""
+    if not tdist.is_initialized():
+        return
+    if finished:
+        barrier()
+    tdist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -422,7 +422,7 @@ def main() -> None:
     if hf is not None:
         print(f"ours/plain tokens-per-s ratio: {ratio(ours, plain):.3f}")
         print(f"ours/hf tokens-per-s ratio: {ratio(ours, hf):.3f}")
-    dist.destroy()
+    dist.destroy(finished=True)
 
 
 if __name__ == "__main__":

@@ -69,15 +69,30 @@ def main() -> None:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    summarize(m, where, time.perf_counter() - t0)
+
+
+def summarize(m: dict, where: str, seconds: float) -> None:
+    """One line of totals, then per split, the skipped records and the speed."""
     mb = m["text_bytes"] / 1e6
     print(
         f"{m['documents']:,} documents, {m['tokens']:,} tokens ({m['dtype']}) -> "
         f"{len(m['train'])} train + {len(m['val'])} val shard(s) in {where}; "
-        f"{mb:.1f} MB of text in {time.perf_counter() - t0:.1f} s"
+        f"{mb:.1f} MB of text in {seconds:.1f} s"
         + (f"; {m['rejected_documents']:,} not-text document(s) skipped"
            if m.get("rejected_documents") else "")
         + (f"; {m['bad_records']:,} bad record(s) skipped" if m.get("bad_records") else "")
     )  # fmt: skip
+    for split in ("train", "val"):
+        docs = sum(s["documents"] for s in m[split])
+        tokens = sum(s["tokens"] for s in m[split])
+        per_doc = f"{tokens / docs:,.0f} tokens/document" if docs else "no documents"
+        print(f"  {split:5s} {len(m[split]):,} shard(s), {docs:,} documents, {tokens:,} tokens "
+              f"({per_doc})")  # fmt: skip
+    print(f"  skipped {m.get('bad_records', 0):,} bad record(s), "
+          f"{m.get('rejected_documents', 0):,} not-text document(s)")  # fmt: skip
+    print(f"  {m['tokens'] / max(seconds, 1e-9):,.0f} tokens/s, {mb / max(seconds, 1e-9):.2f} "
+          "MB/s of text")  # fmt: skip
 
 
 def _prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, str]:

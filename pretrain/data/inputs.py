@@ -57,6 +57,9 @@ class ReadReport:
     rejected: int = 0
     """Documents skipped as not text."""
     rejected_examples: list[str] = field(default_factory=list)
+    files_done: int = 0
+    bytes_done: int = 0
+    """Input files read to their end, and their size on disk (progress against the total)."""
 
     EXAMPLES = 10
 
@@ -138,21 +141,29 @@ def read_documents(
         raise ValueError(f"on_bad_record={on_bad_record!r}: choose error or skip")
     report = report if report is not None else ReadReport()
     for path in files:
-        for where, value in _records(path, text_field):
-            if not isinstance(value, str):
-                why = value.why if isinstance(value, _Missing) else _wrong_type(value, text_field)
-                if on_bad_record == "error":
-                    raise BadRecord(
-                        f"{where}: {why}. Pick the column with --text-field, or skip such "
-                        "records with --on-bad-record skip (they are counted)"
-                    )
-                report.bad(where, why)
-                continue
-            reason = not_text(value)
-            if reason is not None:
-                report.reject(where, reason)
-            elif value:
-                yield value
+        yield from _file_documents(path, text_field, on_bad_record, report)
+        report.files_done += 1
+        report.bytes_done += path.stat().st_size
+
+
+def _file_documents(
+    path: Path, text_field: str, on_bad_record: str, report: ReadReport
+) -> Iterator[str]:
+    for where, value in _records(path, text_field):
+        if not isinstance(value, str):
+            why = value.why if isinstance(value, _Missing) else _wrong_type(value, text_field)
+            if on_bad_record == "error":
+                raise BadRecord(
+                    f"{where}: {why}. Pick the column with --text-field, or skip such "
+                    "records with --on-bad-record skip (they are counted)"
+                )
+            report.bad(where, why)
+            continue
+        reason = not_text(value)
+        if reason is not None:
+            report.reject(where, reason)
+        elif value:
+            yield value
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,9 @@ def prepare(
     docs = read_documents(files, text_field, on_bad_record, report)
     job = Job(str(tokenizer_path), int(eos), dtype.str, val_fraction)
     batches = tokenized(_batches(docs, batch_docs, BATCH_CHARS), job, workers)
-    totals = _write_tokenized(batches, writers, progress)
+    total_bytes = sum(src["bytes"] for src in settings["sources"])
+    bar = _progress(progress, total_bytes, report)
+    totals = _write_tokenized(batches, writers, bar)
     _warn_skipped(report)
     if totals["documents"] == 0 and task is None:
         raise ValueError(f"the corpus {[str(i) for i in inputs]} holds no documents"
@@ -243,22 +245,16 @@ def _batches(docs: Iterator[str], max_docs: int, max_chars: int) -> Iterator[lis
 
 
 def _write_tokenized(
-    batches: Iterator[Tokenized], writers: dict[str, SplitWriter], progress: bool
+    batches: Iterator[Tokenized], writers: dict[str, SplitWriter], bar: Progress | None
 ) -> dict[str, int]:
     """Append each document to its split's writer, in order; the totals."""
     docs = tokens = text_bytes = 0
-    t0 = time.perf_counter()
-    bar = _progress(progress)
     for flat, lengths, val, n_bytes in batches:
         for ids, to_val in zip(np.split(flat, np.cumsum(lengths)[:-1]), val, strict=True):
             writers["val" if to_val else "train"].add(ids)
         docs, tokens, text_bytes = docs + len(lengths), tokens + len(flat), text_bytes + n_bytes
         if bar is not None:
-            bar.update(len(lengths))
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(
-                tok_per_s=f"{tokens / elapsed:,.0f}", MB_per_s=f"{text_bytes / elapsed / 1e6:.1f}"
-            )
+            bar.show(docs, tokens, text_bytes)
     if bar is not None:
         bar.close()
     return {"documents": docs, "tokens": tokens, "text_bytes": text_bytes}
@@ -285,9 +281,28 @@ def _skipped_text(report: ReadReport) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def _progress(enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class Progress:
+    """A bar over the input's bytes on disk (so its ETA is the corpus's), moved as input
+    files are read to their end, with documents, tokens, tokens/s and MB/s of text."""
 
-    return tqdm(unit="doc", desc="tokenizing", dynamic_ncols=True)
+    def __init__(self, total_bytes: int, report: ReadReport) -> None:
+        from tqdm import tqdm
+
+        self.report, self.t0 = report, time.perf_counter()
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                        dynamic_ncols=True)  # fmt: skip
+
+    def show(self, docs: int, tokens: int, text_bytes: int) -> None:
+        self.bar.update(self.report.bytes_done - self.bar.n)
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix(docs=f"{docs:,}", tokens=f"{tokens:,}",
+                             tok_per_s=f"{tokens / elapsed:,.0f}",
+                             MB_per_s=f"{text_bytes / elapsed / 1e6:.1f}")  # fmt: skip
+
+    def close(self) -> None:
+        self.bar.update(self.report.bytes_done - self.bar.n)
+        self.bar.close()
+
+
+def _progress(enabled: bool, total_bytes: int, report: ReadReport) -> Progress | None:
+    return Progress(total_bytes, report) if enabled else None

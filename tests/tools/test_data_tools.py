@@ -61,6 +61,11 @@ def test_tokenizer_then_shards_then_training(tmp_path: Path) -> None:
                  "--output", str(out), "--shard-tokens", "2000", "--workers", "2",
                  *read])  # fmt: skip
     assert "train" in proc.stdout and "1 bad record(s) skipped" in proc.stdout
+    summary = proc.stdout.splitlines()[1:]  # per split, the skipped records, the speed
+    assert summary[0].startswith("  train ") and "tokens/document)" in summary[0]
+    assert summary[1].startswith("  val ")
+    assert summary[2] == "  skipped 1 bad record(s), 0 not-text document(s)"
+    assert summary[3].endswith("MB/s of text")
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["documents"], manifest["bad_records"], manifest["text_field"]) == (
         50, 1, "content")  # fmt: skip

@@ -57,9 +57,8 @@ class ReadReport:
     rejected: int = 0
     """Documents skipped as not text."""
     rejected_examples: list[str] = field(default_factory=list)
-    files_done: int = 0
     bytes_done: int = 0
-    """Input files read to their end, and their size on disk (progress against the total)."""
+    """The size on disk of the input files read to their end (progress against the total)."""
 
     EXAMPLES = 10
 
@@ -142,7 +141,6 @@ def read_documents(
     report = report if report is not None else ReadReport()
     for path in files:
         yield from _file_documents(path, text_field, on_bad_record, report)
-        report.files_done += 1
         report.bytes_done += path.stat().st_size
 
 
@@ -226,10 +224,12 @@ def _table_records(path: Path, text_field: str) -> Iterator[tuple[str, Any]]:
     """Rows of a parquet or arrow file, one record batch at a time."""
     row = 0
     for column, rows, names in _table_batches(path, text_field):
-        values = column.to_pylist() if column is not None else [None] * rows
+        if column is None:  # the file has no such column: every row lacks it
+            values = [_Missing(f"no {text_field!r} column (the columns: {', '.join(names)})")]
+            values *= rows
+        else:
+            values = column.to_pylist()
         for value in values:
-            if column is None:  # the file has no such column: every row lacks it
-                value = _Missing(f"no {text_field!r} column (the columns: {', '.join(names)})")
             yield f"{path} row {row}", value
             row += 1
 

@@ -203,7 +203,7 @@ def prepare(
     job = Job(str(tokenizer_path), int(eos), dtype.str, val_fraction)
     batches = tokenized(_batches(docs, batch_docs, BATCH_CHARS), job, workers)
     total_bytes = sum(src["bytes"] for src in settings["sources"])
-    bar = _progress(progress, total_bytes, report)
+    bar = Progress(total_bytes, report) if progress else None
     totals = _write_tokenized(batches, writers, bar)
     _warn_skipped(report)
     if totals["documents"] == 0 and task is None:
@@ -274,10 +274,12 @@ def _warn_skipped(report: ReadReport) -> None:
 
 def _skipped_text(report: ReadReport) -> str:
     """' (what was skipped)' for a message about an empty corpus."""
-    parts = [f"{report.rejected} rejected as not text, first {report.rejected_examples[0]}"
-             for _ in range(bool(report.rejected))]  # fmt: skip
-    parts += [f"{report.bad_records} bad record(s), first {report.bad_examples[0]}"
-              for _ in range(bool(report.bad_records))]  # fmt: skip
+    parts = []
+    if report.rejected:
+        parts.append(f"{report.rejected} rejected as not text, first "
+                     f"{report.rejected_examples[0]}")  # fmt: skip
+    if report.bad_records:
+        parts.append(f"{report.bad_records} bad record(s), first {report.bad_examples[0]}")
     return f" ({'; '.join(parts)})" if parts else ""
 
 
@@ -302,7 +304,3 @@ class Progress:
     def close(self) -> None:
         self.bar.update(self.report.bytes_done - self.bar.n)
         self.bar.close()
-
-
-def _progress(enabled: bool, total_bytes: int, report: ReadReport) -> Progress | None:
-    return Progress(total_bytes, report) if enabled else None

@@ -41,8 +41,8 @@ def main() -> None:
         "--workers",
         type=int,
         default=1,
-        help="tokenizing processes, while this one reads and writes (1: this process does "
-        "it all); the output is the same for any number",
+        help="tokenizing processes, while this one reads and writes (1: a thread of this "
+        "process tokenizes); the output is the same for any number",
     )
     parser.add_argument("--num-tasks", type=int, default=None,
                         help="split the corpus into this many independent tasks (default: "

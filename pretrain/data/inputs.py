@@ -26,9 +26,10 @@ import gzip
 import io
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".zst")
@@ -58,7 +59,9 @@ class ReadReport:
     """Documents skipped as not text."""
     rejected_examples: list[str] = field(default_factory=list)
     bytes_done: int = 0
-    """The size on disk of the input files read to their end (progress against the total)."""
+    """How much of the input's size on disk has been read (progress against the total): the
+    files read to their end, and the part of the current one (its compressed bytes read, or
+    the share of its rows)."""
 
     EXAMPLES = 10
 
@@ -141,27 +144,38 @@ def read_documents(
     report = report if report is not None else ReadReport()
     for path in files:
         yield from _file_documents(path, text_field, on_bad_record, report)
-        report.bytes_done += path.stat().st_size
 
 
 def _file_documents(
     path: Path, text_field: str, on_bad_record: str, report: ReadReport
 ) -> Iterator[str]:
-    for where, value in _records(path, text_field):
-        if not isinstance(value, str):
-            why = value.why if isinstance(value, _Missing) else _wrong_type(value, text_field)
-            if on_bad_record == "error":
-                raise BadRecord(
-                    f"{where}: {why}. Pick the column with --text-field, or skip such "
-                    "records with --on-bad-record skip (they are counted)"
-                )
-            report.bad(where, why)
-            continue
-        reason = not_text(value)
-        if reason is not None:
-            report.reject(where, reason)
-        elif value:
-            yield value
+    done, size = report.bytes_done, path.stat().st_size
+    for where, value, position in _records(path, text_field, size):
+        report.bytes_done = done + position
+        text = _usable(where, value, text_field, on_bad_record, report)
+        if text:
+            yield text
+    report.bytes_done = done + size
+
+
+def _usable(
+    where: str, value: Any, text_field: str, on_bad_record: str, report: ReadReport
+) -> str | None:
+    """The record's text, or None when it has none to give (counted in `report`)."""
+    if not isinstance(value, str):
+        why = value.why if isinstance(value, _Missing) else _wrong_type(value, text_field)
+        if on_bad_record == "error":
+            raise BadRecord(
+                f"{where}: {why}. Pick the column with --text-field, or skip such "
+                "records with --on-bad-record skip (they are counted)"
+            )
+        report.bad(where, why)
+        return None
+    reason = not_text(value)
+    if reason is not None:
+        report.reject(where, reason)
+        return None
+    return value
 
 
 @dataclass(frozen=True)
@@ -175,30 +189,37 @@ def _wrong_type(value: object, text_field: str) -> str:
     return f"{text_field!r} is a {type(value).__name__}, not a string"
 
 
-def _records(path: Path, text_field: str) -> Iterator[tuple[str, Any]]:
-    """(where, the text field's value) of each record of `path`; `_Missing` where a record
-    has no such field."""
+def _records(path: Path, text_field: str, size: int) -> Iterator[tuple[str, Any, int]]:
+    """(where, the text field's value, how much of the file's `size` on disk is read so far)
+    of each record of `path`; `_Missing` where a record has no such field."""
     name = path.name
     if name.endswith(TABLE_SUFFIXES):
-        yield from _table_records(path, text_field)
-    elif name.endswith(JSONL_SUFFIXES):
-        with _open_text(path) as f:
-            yield from _json_records(path, f, text_field)
-    else:
-        with _open_text(path) as f:
-            yield str(path), f.read()
+        yield from _table_records(path, text_field, size)
+        return
+    with _open_text(path) as (text, raw):
+        if name.endswith(JSONL_SUFFIXES):
+            for where, value in _json_records(path, text, text_field):
+                yield where, value, raw.tell()
+        else:
+            yield str(path), text.read(), size
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    name = path.name
-    if name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path), encoding="utf-8", errors="replace")
-    if name.endswith(".zst"):
-        import zstandard
+@contextmanager
+def _open_text(path: Path) -> Iterator[tuple[io.TextIOBase, BinaryIO]]:
+    """The file as text (decompressed by its suffix), and the file itself, whose position
+    says how much of it is read."""
+    with path.open("rb") as raw:
+        if path.name.endswith(".gz"):
+            stream: Any = gzip.GzipFile(fileobj=raw)  # leaves `raw` open
+        elif path.name.endswith(".zst"):
+            import zstandard
 
-        stream = zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
-        return io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
-    return path.open(encoding="utf-8", errors="replace")
+            decompressor = zstandard.ZstdDecompressor()  # reads of 64 KB: progress in steps
+            stream = decompressor.stream_reader(raw, read_size=1 << 16, closefd=False)
+        else:
+            stream = raw
+        with io.TextIOWrapper(stream, encoding="utf-8", errors="replace") as text:
+            yield text, raw
 
 
 def _json_records(path: Path, lines: Iterator[str], text_field: str) -> Iterator[tuple[str, Any]]:
@@ -220,43 +241,53 @@ def _json_records(path: Path, lines: Iterator[str], text_field: str) -> Iterator
             yield where, record[text_field]
 
 
-def _table_records(path: Path, text_field: str) -> Iterator[tuple[str, Any]]:
+def _table_records(path: Path, text_field: str, size: int) -> Iterator[tuple[str, Any, int]]:
     """Rows of a parquet or arrow file, one record batch at a time."""
     row = 0
-    for column, rows, names in _table_batches(path, text_field):
+    for column, rows, names, position in _table_batches(path, text_field, size):
         if column is None:  # the file has no such column: every row lacks it
             values = [_Missing(f"no {text_field!r} column (the columns: {', '.join(names)})")]
             values *= rows
         else:
             values = column.to_pylist()
         for value in values:
-            yield f"{path} row {row}", value
+            yield f"{path} row {row}", value, position
             row += 1
 
 
-def _table_batches(path: Path, text_field: str) -> Iterator[tuple[Any, int, list[str]]]:
-    """(the text column or None when there is none, rows, the column names) per batch."""
+def _table_batches(
+    path: Path, text_field: str, size: int
+) -> Iterator[tuple[Any, int, list[str], int]]:
+    """(the text column or None when there is none, rows, the column names, how much of the
+    file's `size` is read with this batch) per batch."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if path.name.endswith(".parquet"):
         parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
+        names, total = parquet.schema_arrow.names, max(parquet.metadata.num_rows, 1)
         if text_field not in names:
-            yield None, parquet.metadata.num_rows, names
+            yield None, parquet.metadata.num_rows, names, size
             return
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[text_field]):
-            yield batch.column(0), batch.num_rows, names
+        done = 0
+        # A row group at a time: one iter_batches over the whole file reads ahead with
+        # pyarrow's threads and held about the whole file in memory (pyarrow 26;
+        # tests/data/test_prepare_memory.py).
+        for group in range(parquet.num_row_groups):
+            for batch in parquet.iter_batches(BATCH_ROWS, [group], columns=[text_field]):
+                done += batch.num_rows
+                yield batch.column(0), batch.num_rows, names, size * done // total
         return
     with pa.memory_map(str(path)) as source:
         try:
-            reader = pa.ipc.open_stream(source)
-            names = reader.schema.names
+            stream = pa.ipc.open_stream(source)
+            names = stream.schema.names
+            batches = ((batch, source.tell()) for batch in stream)
         except pa.ArrowInvalid:  # the random-access format
             source.seek(0)
             file = pa.ipc.open_file(source)
-            reader = (file.get_batch(i) for i in range(file.num_record_batches))
-            names = file.schema.names
-        for batch in reader:
+            n, names = file.num_record_batches, file.schema.names
+            batches = ((file.get_batch(i), size * (i + 1) // n) for i in range(n))
+        for batch, position in batches:
             column = batch.column(text_field) if text_field in names else None
-            yield column, batch.num_rows, names
+            yield column, batch.num_rows, names, position

@@ -90,7 +90,7 @@ class SplitWriter:
         if self._shard is None:
             self._open()
         self._shard["documents"] += 1  # counted in the shard where the document begins
-        self._pending.append(ids)
+        self._pending.append(ids.copy())  # not a view, which would keep its whole batch alive
         self._pending_len += len(ids)
         while self._pending_len >= self.member_tokens:
             self._flush_member(self.member_tokens)
@@ -284,8 +284,8 @@ def _skipped_text(report: ReadReport) -> str:
 
 
 class Progress:
-    """A bar over the input's bytes on disk (so its ETA is the corpus's), moved as input
-    files are read to their end, with documents, tokens, tokens/s and MB/s of text."""
+    """A bar over the input's bytes on disk (so its ETA is the corpus's), moved as the input
+    is read (`ReadReport.bytes_done`), with documents, tokens, tokens/s and MB/s of text."""
 
     def __init__(self, total_bytes: int, report: ReadReport) -> None:
         from tqdm import tqdm

@@ -8,8 +8,11 @@ UTF-8 size come back, and the writer takes batches in the order they went in.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -63,24 +66,38 @@ def _worker_tokenize(batch: list[str]) -> Tokenized:
 
 
 def tokenized(batches: Iterator[list[str]], job: Job, workers: int) -> Iterator[Tokenized]:
-    """Each batch tokenized, in order: here (`workers=1`), or by `workers` processes with at
-    most two batches per worker in flight (memory stays bounded whatever the corpus size)
-    while the caller reads and writes. (One worker process is no faster than this one
-    tokenizing between its reads and writes: tools/bench_prepare.py.)"""
+    """Each batch tokenized, in order, with at most two batches per worker in flight (memory
+    stays bounded whatever the corpus size) while the caller reads and writes.
+
+    `workers=1`: a thread of this process tokenizes (`tokenizers` releases the GIL while it
+    encodes, so reading and writing overlap with it, and the batch needs no trip between
+    processes); more: that many spawned processes, one tokenizer thread each."""
     if workers == 1:
         tok = tokenizers.load(job[0])
-        for batch in batches:
-            yield _tokenize_batch(batch, tok, job)
+        with ThreadPoolExecutor(1) as threads:
+            yield from _in_order(
+                lambda batch: threads.submit(_tokenize_batch, batch, tok, job).result,
+                batches, depth=2,
+            )  # fmt: skip
         return
-    import multiprocessing
-    from collections import deque
-
     context = multiprocessing.get_context("spawn")  # no forked tokenizer thread pools
     with context.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_worker_tokenize, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        yield from _in_order(
+            lambda batch: pool.apply_async(_worker_tokenize, (batch,)).get,
+            batches, depth=2 * workers,
+        )  # fmt: skip
+
+
+def _in_order(
+    submit: Callable[[list[str]], Callable[[], Tokenized]], batches: Iterator[list[str]],
+    depth: int,
+) -> Iterator[Tokenized]:  # fmt: skip
+    """Results of `submit(batch)` (a call that waits for the batch's result), in submission
+    order, with up to `depth` batches submitted ahead of the one being yielded."""
+    pending: deque[Callable[[], Tokenized]] = deque()
+    for batch in batches:
+        pending.append(submit(batch))
+        if len(pending) >= depth:
+            yield pending.popleft()()
+    while pending:
+        yield pending.popleft()()

@@ -113,3 +113,58 @@ def test_two_workers_write_the_same_bytes_as_one(tmp_path: Path) -> None:
     assert outs[1] == outs[2] == outs[3]
     manifest = json.loads(outs[2]["manifest.json"])
     assert manifest["documents"] == 400 and len(manifest["train"]) > 3 and manifest["val"]
+
+
+def _compressed(path: Path, lines: list[str]) -> Path:
+    body = "".join(line + "\n" for line in lines).encode()
+    if path.name.endswith(".gz"):
+        import gzip
+
+        body = gzip.compress(body)
+    elif path.name.endswith(".zst"):
+        zstandard = pytest.importorskip("zstandard")
+        body = zstandard.ZstdCompressor().compress(body)
+    path.write_bytes(body)
+    return path
+
+
+def _arrow(path: Path, texts: list[str], stream: bool) -> Path:
+    table = pa.table({"text": texts})
+    with pa.OSFile(str(path), "wb") as sink:
+        writer = (pa.ipc.new_stream if stream else pa.ipc.new_file)(sink, table.schema)
+        for batch in table.to_batches(max_chunksize=100):
+            writer.write_batch(batch)
+        writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "name", ["c.jsonl", "c.jsonl.gz", "c.jsonl.zst", "c.parquet", "stream.arrow", "file.arrow"]
+)
+def test_progress_moves_within_one_large_file(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The progress bar's count moves while a single file is read (not only at its end):
+    bytes read of a (compressed) JSON lines file, the share of a table's rows."""
+    import random
+
+    from pretrain.data import inputs
+
+    monkeypatch.setattr(inputs, "BATCH_ROWS", 100)  # 30 record batches of a parquet file
+
+    rng = random.Random(0)  # text that compresses little, so compressed files are large too
+    texts = [" ".join(f"{rng.getrandbits(40):x}" for _ in range(30)) for _ in range(3000)]
+    first = _compressed(tmp_path / "first.jsonl", [json.dumps({"text": "x"})])
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        write_parquet(path, texts)
+    elif name.endswith(".arrow"):
+        _arrow(path, texts, stream=name.startswith("stream"))
+    else:
+        _compressed(path, [json.dumps({"text": t}) for t in texts])
+    report = ReadReport()
+    seen = [report.bytes_done for _ in read_documents([first, path], report=report)][1:]
+    base, size = first.stat().st_size, path.stat().st_size
+    assert seen == sorted(seen) and base <= seen[0] < base + size / 2
+    assert len(set(seen)) >= 5, f"the count moved {len(set(seen))} times in {size:,} bytes"
+    assert seen[-1] <= base + size == report.bytes_done

@@ -38,15 +38,30 @@ def world_size() -> int:
 
 
 _PARALLEL: ParallelDims | None = None
+_GROUPS: dict[str, tdist.ProcessGroup] = {}
 
 
 def init_parallel(dims: ParallelDims) -> None:
-    """Arrange the ranks in `dims` (after `init`); called once. With data parallelism alone,
-    the data dimension's group is the default group, so no group is built."""
+    """Arrange the ranks in `dims` (after `init`); called once, by every rank. With data
+    parallelism alone the data dimension's group is the default group, so no group is
+    built. With sequence parallelism, consecutive ranks form a sequence group (rank //
+    sequence is the data rank), and the ranks at the same place of every sequence group
+    form a data group."""
     global _PARALLEL
     if dims.world_size != world_size():
         raise ValueError(f"{dims} does not cover the {world_size()} ranks")
     _PARALLEL = dims
+    _GROUPS.clear()
+    n = dims.sequence
+    if n > 1:  # every rank creates every group, in the same order
+        for first in range(0, world_size(), n):
+            group = tdist.new_group(list(range(first, first + n)))
+            if first <= rank() < first + n:
+                _GROUPS["sequence"] = group
+        for place in range(n):
+            group = tdist.new_group(list(range(place, world_size(), n)))
+            if rank() % n == place:
+                _GROUPS["data"] = group
 
 
 def parallel() -> ParallelDims:
@@ -55,8 +70,9 @@ def parallel() -> ParallelDims:
 
 
 def data_rank() -> int:
-    """This rank's index on the data dimension: which share of each batch it takes."""
-    return rank()  # data is the only dimension: data rank = global rank
+    """This rank's index on the data dimension: which share of each batch it takes (the
+    ranks of a sequence group take the same)."""
+    return rank() // parallel().sequence
 
 
 def data_size() -> int:
@@ -66,7 +82,22 @@ def data_size() -> int:
 
 def data_group() -> tdist.ProcessGroup | None:
     """The data dimension's process group (None: the default group, all ranks)."""
-    return None
+    return _GROUPS.get("data")
+
+
+def sequence_size() -> int:
+    """Ranks that split each sequence (parallel.sequence)."""
+    return parallel().sequence
+
+
+def sequence_rank() -> int:
+    """This rank's index in its sequence group: which slice of each sequence it holds."""
+    return rank() % parallel().sequence
+
+
+def sequence_group() -> tdist.ProcessGroup | None:
+    """This rank's sequence group (None without sequence parallelism)."""
+    return _GROUPS.get("sequence")
 
 
 def is_main() -> bool:

@@ -38,6 +38,12 @@ def saved_layout(config: dict[str, Any]) -> tuple[int, int]:
     return int(config["derived"]["world_size"]), int(config["deepspeed"]["zero_stage"])
 
 
+def saved_sequence(config: dict[str, Any]) -> int:
+    """The sequence-parallel size a checkpoint's saved config ran with (1 before it existed):
+    its ranks r and r + 1 of a group saved the same data position."""
+    return int(config["derived"].get("parallel", {}).get("sequence", 1))
+
+
 def needs_universal(saved: tuple[int, int], now: tuple[int, int], path: Path) -> bool:
     """Whether resuming `path` (saved with layout `saved`) in layout `now` needs conversion;
     raises when the change cannot be done."""

@@ -26,6 +26,8 @@ class ResumePlan:
     """(world size, ZeRO stage) it was saved with (this run's own when fresh)."""
     universal: bool
     """It loads through DeepSpeed's universal format (another layout)."""
+    saved_sequence: int = 1
+    """The sequence-parallel size it was saved with (this run's own when fresh)."""
 
 
 def plan_resume(run: RunConfig, ckpt_dir: Path, data: DataSource) -> ResumePlan:
@@ -34,7 +36,7 @@ def plan_resume(run: RunConfig, ckpt_dir: Path, data: DataSource) -> ResumePlan:
     layout = (run.world_size, run.deepspeed.zero_stage)
     path = resume_path(run, ckpt_dir)
     if path is None or not checkpoint.is_complete(path):
-        return ResumePlan(path, layout, False)
+        return ResumePlan(path, layout, False, run.parallel.sequence)
     client = checkpoint.read_client_state(path)
     check_same_model(client["config"], run, path)
     check_same_tokenizer(path, client.get("data_tokenizer_sha256"), data.tokenizer_sha256,
@@ -43,7 +45,7 @@ def plan_resume(run: RunConfig, ckpt_dir: Path, data: DataSource) -> ResumePlan:
     universal = reshard.needs_universal(saved_layout, layout, path)
     if universal:
         reshard.convert(path)
-    return ResumePlan(path, saved_layout, universal)
+    return ResumePlan(path, saved_layout, universal, reshard.saved_sequence(client["config"]))
 
 
 def resume_path(run: RunConfig, ckpt_dir: Path) -> Path | None:

@@ -1,10 +1,12 @@
 """How the ranks of a run are arranged: one size per parallel dimension.
 
-Only data parallelism exists today (DeepSpeed's, with ZeRO sharding over it); sequence,
-tensor and expert parallelism are the room the next dimensions take, each 1 until then.
-`resolve()` derives and checks the sizes; `pretrain.dist` builds the process groups once
-from them; code that means "the ranks that split the batch" asks for the data dimension
-(`dist.data_rank()`, `dist.data_size()`, `run.parallel.data`), never the world size.
+Data parallelism (DeepSpeed's, with ZeRO sharding over every rank) and sequence parallelism
+(`parallel.sequence`: DeepSpeed-Ulysses, groups of consecutive ranks that split each
+sequence) exist; tensor and expert parallelism are the room the next dimensions take, each
+1 until then. `resolve()` derives and checks the sizes; `pretrain.dist` builds the process
+groups once from them; code that means "the ranks that split the batch" asks for the data
+dimension (`dist.data_rank()`, `dist.data_size()`, `run.parallel.data`), never the world
+size.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class ParallelDims:
     data: int
     """Ranks that each take a different share of every batch (data parallel, ZeRO)."""
     sequence: int = 1
-    """Ranks that split one sequence (not built yet: 1)."""
+    """Ranks that split one sequence (consecutive ranks: a group stays within a node)."""
     tensor: int = 1
     """Ranks that split each weight matrix (not built yet: 1)."""
     expert: int = 1
@@ -27,9 +29,10 @@ class ParallelDims:
     built yet: 1)."""
 
     @classmethod
-    def for_world(cls, world_size: int) -> ParallelDims:
-        """Every rank on the data dimension: the only arrangement there is today."""
-        return cls(data=world_size)
+    def for_world(cls, world_size: int, sequence: int = 1) -> ParallelDims:
+        """`sequence` ranks per sequence, the rest on the data dimension (data = world /
+        sequence, at least 1: `errors` says when sequence does not divide the world)."""
+        return cls(data=max(world_size // max(sequence, 1), 1), sequence=sequence)
 
     @property
     def world_size(self) -> int:
@@ -38,7 +41,12 @@ class ParallelDims:
     def errors(self, world_size: int) -> list[str]:
         """What is wrong with these sizes for `world_size` ranks ([] when nothing is)."""
         out = [f"parallel.{k}={v}: must be >= 1" for k, v in asdict(self).items() if v < 1]
-        if not out and self.world_size != world_size:
+        if not out and world_size % self.sequence:
+            out.append(
+                f"parallel.sequence={self.sequence} does not divide the {world_size} ranks: "
+                "run a multiple of it (data-parallel size = ranks / sequence)"
+            )
+        elif not out and self.world_size != world_size:
             out.append(
                 f"parallel sizes data={self.data} x sequence={self.sequence} x tensor="
                 f"{self.tensor} = {self.world_size} ranks, but the run has {world_size}"

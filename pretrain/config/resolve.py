@@ -106,10 +106,10 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     checkpoint: CheckpointConfig = _section(cfg, "checkpoint")
     model = OmegaConf.to_container(cfg.model, resolve=True)
     device_type, precision = _device_and_precision(trainer, cfg.precision, cuda_available, errors)
-    parallel = ParallelDims.for_world(world_size)
+    parallel = ParallelDims.for_world(world_size, int(cfg.parallel.sequence))
     errors.extend(parallel.errors(world_size))
     grad_accum = _batch_geometry(trainer, parallel, errors)
-    _check_model(model, trainer, ds, errors)
+    _check_model(model, trainer, ds, parallel, errors)
     _check_optim(optim, ds, errors)
     _check_engine(trainer, ds, errors)
     _check_evaluation(trainer, errors)
@@ -218,16 +218,20 @@ def _batch_geometry(trainer: TrainerConfig, parallel: ParallelDims, errors: list
 
 
 def _check_model(
-    model: dict[str, Any], trainer: TrainerConfig, ds: DeepSpeedConfig, errors: list[str]
-) -> None:
-    """The model family's own checks, the initialisation source, the sequence length, and
-    its block among ZeRO-3's leaves when compiled."""
+    model: dict[str, Any], trainer: TrainerConfig, ds: DeepSpeedConfig, parallel: ParallelDims,
+    errors: list[str],
+) -> None:  # fmt: skip
+    """The model family's own checks, its sequence parallelism, the initialisation source,
+    the sequence length, and its block among ZeRO-3's leaves when compiled."""
     try:
         family = family_of(model)
     except ValueError as e:
         errors.append(str(e))
         return
     errors.extend(family.errors(model_fields(model)))
+    if parallel.sequence > 1:
+        errors.extend(family.sequence_errors(model_fields(model), parallel.sequence,
+                                             trainer.seq_len))  # fmt: skip
     init_from = model.get("init_from")
     if init_from and family.hf is None:
         errors.append(f"model.init_from={init_from}: {model['_target_']} has no Hugging Face "
@@ -408,6 +412,9 @@ def deepspeed_config(run: RunConfig) -> dict[str, Any]:
             stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
             leaf_module={"classes": list(ds.stage3_leaf_modules)},
             memory_efficient_linear=ds.stage3_memory_efficient_linear,
+            # DeepSpeed's default, named: every gradient bucket is reduce-scattered, which
+            # engine/module.py counts on under sequence parallelism.
+            reduce_scatter=True,
         )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": run.device_type == "cuda"}
@@ -435,4 +442,6 @@ def deepspeed_config(run: RunConfig) -> dict[str, Any]:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**62,  # our loggers report progress; silence DeepSpeed's own
         "wall_clock_breakdown": False,
+        # What zero.Init, which takes no sequence-parallel unit, counts data ranks by.
+        **({"sequence_parallel_size": run.parallel.sequence} if run.parallel.sequence > 1 else {}),
     }

@@ -181,6 +181,16 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the ranks split the work beyond data parallelism (config/parallel.py)."""
+
+    sequence: int = 1
+    """DeepSpeed-Ulysses sequence parallelism: groups of this many ranks split each sequence
+    (seq_len / sequence tokens each) and exchange attention heads around attention; the
+    data-parallel size is the world size / sequence. 1: off."""
+
+
+@dataclass
 class TrainerConfig:
     """What the loop runs: length, batch geometry, seed, logging cadence."""
 
@@ -326,7 +336,8 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
-    """The whole run. Groups: model, data, optim, deepspeed, trainer, logger, checkpoint."""
+    """The whole run. Groups: model, data, optim, deepspeed, trainer, logger, checkpoint;
+    `parallel` is a plain section."""
 
     model: Any = MISSING
     data: Any = MISSING
@@ -335,6 +346,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: str = "auto"
     """bf16 | fp16 | fp32 | auto (bf16 on GPU, fp32 on CPU)."""
     run_name: str = "default"

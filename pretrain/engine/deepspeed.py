@@ -19,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain import dist
 from pretrain.config.resolve import ConfigError, RunConfig, deepspeed_config
 from pretrain.config.schema import DeepSpeedConfig
 from pretrain.engine.optim import build_optimizer, lr_scheduler
 from pretrain.model.family import family_of
+from pretrain.model.sequence import SequenceShard
 
 
 def _import_deepspeed(device_type: str) -> Any:
@@ -67,9 +69,79 @@ def build_model(run: RunConfig, factory: Callable[[], nn.Module]) -> nn.Module:
         model = factory()
     family_of(run.model).parallelize(
         model, run.trainer.activation_checkpointing, run.trainer.compile,
-        zero3=run.deepspeed.zero_stage == 3,
+        zero3=run.deepspeed.zero_stage == 3, sequence=sequence_shard(),
     )  # fmt: skip
     return model
+
+
+def sequence_shard() -> SequenceShard | None:
+    """This rank's place in its sequence-parallel group (None without one)."""
+    if dist.sequence_size() == 1:
+        return None
+    return SequenceShard(dist.sequence_group(), dist.sequence_size(), dist.sequence_rank())
+
+
+class SequenceParallelUnit:
+    """The `mpu` DeepSpeed takes for Ulysses sequence parallelism (the shape of its
+    runtime/sequence_parallel/parallel_state_sp.py, over pretrain.dist's groups).
+
+    ZeRO shards over, and reduces gradients over, every rank (the "sequence data parallel"
+    group); DeepSpeed divides the summed gradients by the data-parallel size only, since
+    the ranks of a sequence group hold shares of one loss (model/sequence.py). There is no
+    model (tensor) parallelism: its group is this rank alone, so every rank counts all of
+    its gradients in the norm and nothing is summed over a model-parallel group (aliasing
+    it to the sequence group, as parallel_state_sp does, would skip the gradient
+    partitions of all but one rank of each sequence group in ZeRO-1/2's norm).
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as tdist
+
+        self._alone = tdist.new_group([dist.rank()], use_local_synchronization=True)
+        self._world = tdist.group.WORLD
+
+    def initialize_sequence_parallel(self, size: int) -> None:
+        """Present so DeepSpeed recognises a sequence-parallel unit; the groups exist."""
+
+    def get_sequence_parallel_group(self) -> Any:
+        return dist.sequence_group()
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return dist.sequence_size()
+
+    def get_sequence_parallel_rank(self) -> int:
+        return dist.sequence_rank()
+
+    def get_sequence_data_parallel_group(self) -> Any:
+        return self._world
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return dist.world_size()
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return dist.rank()
+
+    def get_data_parallel_group(self) -> Any:
+        return dist.data_group()
+
+    def get_data_parallel_world_size(self) -> int:
+        return dist.data_size()
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.data_rank()
+
+    def get_model_parallel_group(self) -> Any:
+        return self._alone
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
 
 
 def build_engine(run: RunConfig, model: nn.Module, load_universal: bool = False) -> Any:
@@ -91,6 +163,7 @@ def build_engine(run: RunConfig, model: nn.Module, load_universal: bool = False)
         optimizer=optimizer,
         lr_scheduler=lambda opt: lr_scheduler(opt, run.optim, run.trainer.max_steps),
         config=config,
+        mpu=SequenceParallelUnit() if run.parallel.sequence > 1 else None,
     )
     if run.world_size == 1 and run.deepspeed.zero_stage == 0:
         # Alone, the gradient all-reduce averages over one rank, yet DeepSpeed still flattens

@@ -12,6 +12,7 @@ from pretrain.checkpoint import manager, reshard
 from pretrain.config.schema import OptimConfig
 from pretrain.engine.deepspeed import UpdateGate, clip_gradients
 from pretrain.engine.optim import keep_kernel_after_load
+from pretrain.model.sequence import SequenceShard
 from pretrain.train.metrics import fp16_metrics, memory_metrics
 
 
@@ -25,11 +26,22 @@ class DeepSpeedTrainModule:
     for that one call.
     """
 
-    def __init__(self, engine: Any, clip: float | None, optim: OptimConfig) -> None:
+    def __init__(
+        self, engine: Any, clip: float | None, optim: OptimConfig,
+        sequence: SequenceShard | None = None,
+    ) -> None:  # fmt: skip
         """`clip`: engine.deepspeed.trainer_clip(run), the max gradient norm clipped here
         (0: none) where DeepSpeed does not clip; None where DeepSpeed does. `optim`: this
-        run's optimizer settings, whose kernel replaces a loaded checkpoint's."""
-        self.engine, self.optim = engine, optim
+        run's optimizer settings, whose kernel replaces a loaded checkpoint's. `sequence`:
+        this rank's place in its sequence-parallel group, whose ranks get the same
+        micro-batches and each run the model on its slice (model/sequence.py)."""
+        self.engine, self.optim, self.sequence = engine, optim, sequence
+        # DeepSpeed divides the gradients summed over all ranks by the data-parallel size,
+        # except ZeRO-3's reduce-scatter (every bucket, with reduce_scatter on, as
+        # deepspeed_config sets it), which divides by all ranks: a sequence group's share
+        # of the loss is scaled up by its size there to make up for it.
+        zero3 = engine.zero_optimization_stage() == 3
+        self._grad_factor = sequence.size if sequence is not None and zero3 else 1
         self.device: torch.device = engine.device
         self._clip = clip
         self._params = list(engine.module.parameters()) if clip is not None else []
@@ -38,12 +50,25 @@ class DeepSpeedTrainModule:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
+    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The loss to differentiate on this rank (a sequence group's ranks: each its share
+        of the group's mean), and what it is multiplied by to log it (the group size: the
+        mean over all ranks of share x size is the mean over the groups' losses)."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        s = self.sequence
+        if s is None:
+            return self.engine(inputs, targets), 1
+        local = s.slice(targets)
+        positions = s.positions(local.size(1), self.device)
+        mean = self.engine(s.slice(inputs), local, positions=positions)
+        return s.share(mean, targets, local), s.size
+
     def forward_backward(self, batch: torch.Tensor, last: bool) -> torch.Tensor:
-        loss = self.engine(batch[:, :-1], batch[:, 1:])
-        self.engine.backward(loss)
+        loss, scale = self._loss(batch)
+        self.engine.backward(loss * self._grad_factor if self._grad_factor != 1 else loss)
         if not last:
             self.engine.step()  # inside the accumulation: bookkeeping only
-        return loss.detach().float()
+        return loss.detach().float() * scale
 
     def optimizer_step(self, skip: bool) -> float:
         self._gate.skip = skip
@@ -60,7 +85,8 @@ class DeepSpeedTrainModule:
     def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
         self.engine.eval()
         try:
-            return self.engine(batch[:, :-1], batch[:, 1:])
+            loss, scale = self._loss(batch)
+            return loss * scale
         finally:
             self.engine.train()
 

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from pretrain.model.sequence import SequenceShard
+
 log = logging.getLogger("pretrain")
 
 
@@ -90,13 +92,22 @@ class ModelFamily(Protocol):
         keys added since did not exist yet."""
         ...
 
+    def sequence_errors(self, fields: Mapping[str, Any], size: int, seq_len: int) -> list[str]:
+        """Why a model of `fields` cannot train with sequences of `seq_len` split over
+        `size` ranks (parallel.sequence > 1), each naming its key and the fix; [] when it
+        can."""
+        ...
+
     def parallelize(
-        self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool
-    ) -> None:
-        """Apply, in place and from outside the model, activation checkpointing (none |
-        full | selective) and torch.compile, at the granularity the family has (a
-        Transformer's blocks); `zero3`: its parameters are ZeRO-3 shards whose fetch hooks
-        must stay outside compiled code. Parameter names must not change (checkpoints)."""
+        self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool,
+        sequence: SequenceShard | None = None,
+    ) -> None:  # fmt: skip
+        """Apply, in place and from outside the model, sequence parallelism (`sequence`:
+        this rank's place in its group; the model then runs on its slice of each sequence,
+        at its global positions, model/sequence.py), activation checkpointing (none | full
+        | selective) and torch.compile, at the granularity the family has (a Transformer's
+        blocks); `zero3`: its parameters are ZeRO-3 shards whose fetch hooks must stay
+        outside compiled code. Parameter names must not change (checkpoints)."""
         ...
 
     def flops_per_token(self, fields: Mapping[str, Any], seq_len: int) -> float | None:
@@ -133,9 +144,17 @@ class PlainFamily:
     def saved_fields(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         return dict(fields)
 
+    def sequence_errors(self, fields: Mapping[str, Any], size: int, seq_len: int) -> list[str]:
+        return [
+            f"parallel.sequence={size}: {self.target} has no sequence parallelism (only "
+            "the Llama family splits attention over ranks); use parallel.sequence=1"
+        ]
+
     def parallelize(
-        self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool
-    ) -> None:
+        self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool,
+        sequence: SequenceShard | None = None,
+    ) -> None:  # fmt: skip
+        assert sequence is None, "sequence_errors refuses sequence parallelism"
         if activation_checkpointing != "none" or compile:
             log.warning(
                 "trainer.compile / trainer.activation_checkpointing apply per Transformer "

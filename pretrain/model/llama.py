@@ -130,12 +130,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
+    positions: torch.Tensor, head_dim: int, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (T, head_dim), half-split layout as in HF Llama."""
+    """cos and sin tables at `positions` (T,) or (B, T): (..., head_dim), in the half-split
+    layout of HF Llama."""
+    device = positions.device
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)  # (T, D/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+    angles = positions.float()[..., None] * inv_freq  # (..., D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., D)
     return angles.cos(), angles.sin()
 
 
@@ -203,6 +205,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.attn_impl, self.dropout = cfg.attn_impl, cfg.dropout
+        self.attend = causal_attention  # sequence parallelism wraps it (model/sequence.py)
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -223,7 +226,7 @@ class Attention(nn.Module):
             y = cached_attention(q, k, v, cache.mask(T))  # (B, T, H, D)
         else:
             dropout_p = self.dropout if self.training else 0.0
-            y = causal_attention(q, k, v, self.attn_impl, dropout_p)  # (B, T, H, D)
+            y = self.attend(q, k, v, self.attn_impl, dropout_p)  # (B, T, H, D)
         return self.o_proj(y.reshape(B, T, -1))  # (B, T, d_model)
 
 
@@ -330,18 +333,16 @@ class Transformer(nn.Module):
         """tokens: (B, T) int. Returns logits (B, T, vocab_size), or the mean cross-entropy
         against targets (B, T) (over all padded_vocab entries; -100 marks a target to skip).
 
-        Generation passes a `cache` (the new tokens attend to everything cached, and are
-        added to it) and each token's `positions` (B, T), which differ per row when prompts
-        are left-padded.
+        `positions` (T,) or (B, T), default 0..T-1: each token's position. Generation
+        passes a `cache` (the new tokens attend to everything cached, and are added to it)
+        and per-row positions, which differ when prompts are left-padded; a rank of a
+        sequence-parallel group passes its slice's.
         """
         T = tokens.size(1)
         x = self.embed_dropout(self.embed_tokens(tokens))  # (B, T, d_model)
         if positions is None:
-            cos, sin = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, x.device)
-        else:
-            n = int(positions.max()) + 1
-            cos, sin = rope_cos_sin(n, self.config.head_dim, self.config.rope_theta, x.device)
-            cos, sin = cos[positions], sin[positions]  # (B, T, D)
+            positions = torch.arange(T, device=x.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
         if cache is not None:

@@ -13,6 +13,7 @@ from torch import nn
 from pretrain.model.flops import flops_per_token
 from pretrain.model.llama import LlamaConfig, Transformer, pad_vocab
 from pretrain.model.parallelize import checkpoint_activations, compile_block
+from pretrain.model.sequence import SequenceShard, UlyssesAttention, kv_heads_error
 
 VOCAB_TABLES = ("embed_tokens.weight", "lm_head.weight")
 
@@ -147,13 +148,26 @@ class LlamaFamily:
         vocab_size rows: for them it is 1."""
         return {"vocab_multiple": 1, **fields}
 
+    def sequence_errors(self, fields: Mapping[str, Any], size: int, seq_len: int) -> list[str]:
+        cfg = llama_config(fields)
+        errs = [e for e in [kv_heads_error(cfg.n_heads, cfg.n_kv_heads, size)] if e]
+        if seq_len % size:
+            errs.append(f"trainer.seq_len={seq_len} is not divisible by parallel.sequence="
+                        f"{size}: each rank holds seq_len / sequence positions")  # fmt: skip
+        return errs
+
     def parallelize(
-        self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool
-    ) -> None:
-        """Per block: checkpointing, then compile (so the compiled forward recomputes); the
-        chunked loss's softmax gradient fused too when compiling."""
+        self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool,
+        sequence: SequenceShard | None = None,
+    ) -> None:  # fmt: skip
+        """Per block: Ulysses attention for a sequence group, checkpointing, then compile
+        (so the compiled forward recomputes); the chunked loss's softmax gradient fused too
+        when compiling."""
         assert isinstance(model, Transformer)
         for block in model.layers:
+            if sequence is not None:
+                attn = block.self_attn
+                attn.attend = UlyssesAttention(attn.attend, sequence)
             if activation_checkpointing != "none":
                 checkpoint_activations(block, activation_checkpointing)
             if compile:

@@ -26,7 +26,7 @@ from pretrain.config import RunConfig
 from pretrain.data.build import build_data, check_val_data
 from pretrain.data.source import DataSource
 from pretrain.data.tokenizer import load as load_tokenizer
-from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
+from pretrain.engine.deepspeed import build_engine, build_model, sequence_shard, trainer_clip
 from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import schedule_warnings
 from pretrain.eval.perplexity import build_evaluator
@@ -81,7 +81,7 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     if init_from and resume.path is None:
         load_hf_weights(model, Path(init_from), run.as_dict["model"])
     engine = build_engine(run, model, load_universal=resume.universal)
-    module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim)
+    module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim, sequence_shard())
     state, wandb_run_id = restore(run, module, data, resume)
     loggers = _start_logging(run, state, resume.path is not None, wandb_run_id)
     peak, peak_source = resolve_peak(run.logger.peak_tflops, engine.device, run.precision)
@@ -137,17 +137,22 @@ def restore(
     if resume.path is None:
         return state, None
     layout = (run.world_size, run.deepspeed.zero_stage)
-    resharded = resume.saved_layout != layout
+    saved_sequence = resume.saved_sequence
+    # The data position moves to another number of data ranks when the layout or the
+    # sequence-parallel size changed (the weights and optimizer state do not depend on it).
+    resharded = resume.saved_layout != layout or saved_sequence != run.parallel.sequence
     client_state, rank_states = module.load(resume.path, resharded, resume.universal)
     if not resharded:
         data.load_state_dict(rank_states[0]["data"])
     else:
         step = int(client_state["trainer"]["step"])
-        data.load_resharded_state([r["data"] for r in rank_states], step)
+        # One position per saved data rank: the first rank of each sequence group.
+        data.load_resharded_state([r["data"] for r in rank_states[::saved_sequence]], step)
         log.warning(
-            "resumed %s, saved by %d rank(s) with ZeRO-%d, on %d rank(s) with ZeRO-%d: "
-            "weights, Adam moments and LR schedule carried over exactly%s", resume.path,
-            *resume.saved_layout, *layout,
+            "resumed %s, saved by %d rank(s) with ZeRO-%d (sequence parallel %d), on %d "
+            "rank(s) with ZeRO-%d (sequence parallel %d): weights, Adam moments and LR "
+            "schedule carried over exactly%s", resume.path, *resume.saved_layout,
+            saved_sequence, *layout, run.parallel.sequence,
             " (via DeepSpeed's universal checkpoint)" if resume.universal else "",
         )  # fmt: skip
     state.load_state_dict(client_state["trainer"])

@@ -48,12 +48,23 @@ def log_summary(
     lines = [
         f"run        {run.run_name} -> {run.run_dir}",
         f"world      {run.world_size} rank(s) on {engine.device.type}"
-        f" | ZeRO-{run.deepspeed.zero_stage} | {run.precision} | attention {attn or 'n/a'}"
+        + (
+            f" ({run.parallel.data} data x {sp} sequence: {t.seq_len // sp} tokens of each "
+            "sequence per rank)"
+            if (sp := run.parallel.sequence) > 1
+            else ""
+        )
+        + f" | ZeRO-{run.deepspeed.zero_stage} | {run.precision} | attention {attn or 'n/a'}"
         f" | compile {t.compile}",
         f"model      {n_params:,} parameters"
         + (f" | {flops:.4g} FLOP/token (6N + 12*L*T*d, full attention)" if flops else ""),
         f"batch      {run.tokens_per_step:,} tokens/step = {t.global_batch_size} seqs x {t.seq_len}"
-        f" (micro {t.micro_batch_size} x accum {run.grad_accum} x world {run.world_size})",
+        f" (micro {t.micro_batch_size} x accum {run.grad_accum} x "
+        + (
+            f"world {run.world_size})"
+            if run.parallel.sequence == 1
+            else f"data {run.parallel.data})"
+        ),
         f"schedule   steps {state.step + 1}-{end} of {t.max_steps}"
         f" ({(end - state.step) * run.tokens_per_step:,} tokens to go) | lr {run.optim.lr:g},"
         f" warmup {run.optim.warmup_steps} steps, cosine to {run.optim.min_lr_ratio:g}x"

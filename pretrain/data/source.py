@@ -61,6 +61,10 @@ class DataSource(Protocol):
     """That tokenizer's fingerprint, kept in checkpoints: a resume on data of another
     tokenizer is refused unless `allow_tokenizer_change`."""
     allow_tokenizer_change: bool
+    eos_id: int | None
+    """The token id that ends each document in the stream (models that keep packed
+    documents apart need it: model.document_mask); None when the stream has no documents
+    or their end is unknown."""
 
     def __iter__(self) -> Iterator[torch.Tensor]: ...
 

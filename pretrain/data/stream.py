@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.data.shards import MANIFEST
 from pretrain.data.source import DataContext
-from pretrain.data.tokenizer import check_fits, fingerprint
+from pretrain.data.tokenizer import check_fits, eos_id, fingerprint
 from pretrain.data.tokenizer import load as load_tokenizer
 
 log = logging.getLogger("pretrain")
@@ -72,6 +72,8 @@ class ShardSet:
     manifest: str | None = None
     checksums: dict[str, str] | None = None
     """url -> the CRC-32 of the whole shard file, where the manifest records one."""
+    eos_id: int | None = None
+    """The token that ends each document (the manifest's)."""
 
 
 def find_shards(path: str, split: str = "train") -> ShardSet:
@@ -100,7 +102,7 @@ def find_shards(path: str, split: str = "train") -> ShardSet:
             raise DataError(f"{manifest_path} is unreadable or incomplete ({e}): re-run "
                             "tools/prepare_data.py") from e  # fmt: skip
         return ShardSet(urls, tokens, vocab, manifest.get("tokenizer_sha256"), str(manifest_path),
-                        sums)  # fmt: skip
+                        sums, manifest.get("eos_id"))  # fmt: skip
     if split != "train":  # a glob or URL list has no splits: never evaluate on training data
         raise DataError(
             f"data.path={path} has no {split} split (only a directory with {MANIFEST} has "
@@ -652,6 +654,9 @@ class TokenLoader:
         of another tokenizer is refused."""
         self.allow_tokenizer_change = False
         """data.allow_tokenizer_change: resume on data of another tokenizer (warned about)."""
+        self.eos_id: int | None = None
+        """The token that ends each document: the manifests' (when they agree) or
+        data.tokenizer's; None when unknown."""
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.dataset.chunk = chunk_batches if num_workers > 0 else 1
         self.positions: dict[int, ReaderState] = {}
@@ -818,6 +823,7 @@ def build_loader(
     sets: list[list[Shard]] = []
     fingerprints: dict[str, str] = {}  # tokenizer sha256 -> a source made with it
     checksums: dict[str, str] = {}
+    eos: set[int | None] = set()
     for src, weight in specs:
         if weight <= 0:
             raise DataError(f"data.sources: {src} has weight {weight}; weights must be > 0")
@@ -842,6 +848,7 @@ def build_loader(
         tokens = shard_set.tokens or [None] * len(shard_set.urls)
         sets.append(list(zip(shard_set.urls, tokens, strict=True)))
         checksums.update(shard_set.checksums or {})
+        eos.add(shard_set.eos_id)
     dataset = ShardStream(
         sets, [w for _, w in specs], seq_len, micro_batch_size, seed, rank, world_size, readers,
         vocab_size, epochs, on_corrupt, shuffle_windows, checksums,
@@ -861,6 +868,10 @@ def build_loader(
     one = next(iter(fingerprints)) if len(fingerprints) == 1 else None
     loader.tokenizer_sha256 = one or expected_tokenizer or None  # a glob: data.tokenizer's
     loader.allow_tokenizer_change = allow_tokenizer_change
+    if tokenizer is not None:
+        loader.eos_id = eos_id(load_tokenizer(tokenizer))
+    elif len(eos) == 1:  # every manifest says the same (a glob's shards: unknown)
+        loader.eos_id = eos.pop()
     return loader
 
 

@@ -26,6 +26,7 @@ class SyntheticStream:
     tokenizer: str | None = None
     tokenizer_sha256: str | None = None
     allow_tokenizer_change = False
+    eos_id: int | None = None  # a stream of tokens with no documents
 
     def __init__(
         self,

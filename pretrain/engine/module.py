@@ -12,6 +12,7 @@ from pretrain.checkpoint import manager, reshard
 from pretrain.config.schema import OptimConfig
 from pretrain.engine.deepspeed import UpdateGate, clip_gradients
 from pretrain.engine.optim import keep_kernel_after_load
+from pretrain.model.documents import DocumentSplit, document_ids, positions_in_documents
 from pretrain.model.sequence import SequenceShard
 from pretrain.train.metrics import fp16_metrics, memory_metrics
 
@@ -28,14 +29,16 @@ class DeepSpeedTrainModule:
 
     def __init__(
         self, engine: Any, clip: float | None, optim: OptimConfig,
-        sequence: SequenceShard | None = None,
+        sequence: SequenceShard | None = None, documents: DocumentSplit | None = None,
     ) -> None:  # fmt: skip
         """`clip`: engine.deepspeed.trainer_clip(run), the max gradient norm clipped here
         (0: none) where DeepSpeed does not clip; None where DeepSpeed does. `optim`: this
         run's optimizer settings, whose kernel replaces a loaded checkpoint's. `sequence`:
         this rank's place in its sequence-parallel group, whose ranks get the same
-        micro-batches and each run the model on its slice (model/sequence.py)."""
-        self.engine, self.optim, self.sequence = engine, optim, sequence
+        micro-batches and each run the model on its slice (model/sequence.py). `documents`:
+        the model keeps packed documents apart (model.document_mask, or positions that
+        restart per document); each micro-batch's document ids go with it."""
+        self.engine, self.optim, self.sequence, self.documents = engine, optim, sequence, documents
         # DeepSpeed divides the gradients summed over all ranks by the data-parallel size,
         # except ZeRO-3's reduce-scatter (every bucket, with reduce_scatter on, as
         # deepspeed_config sets it), which divides by all ranks: a sequence group's share
@@ -55,12 +58,17 @@ class DeepSpeedTrainModule:
         of the group's mean), and what it is multiplied by to log it (the group size: the
         mean over all ranks of share x size is the mean over the groups' losses)."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
+        docs = self.documents
+        extra = {} if docs is None else {"documents": document_ids(inputs, docs.eos)}
         s = self.sequence
         if s is None:
-            return self.engine(inputs, targets), 1
+            return self.engine(inputs, targets, **extra), 1
         local = s.slice(targets)
-        positions = s.positions(local.size(1), self.device)
-        mean = self.engine(s.slice(inputs), local, positions=positions)
+        if docs is not None and docs.reset:  # the whole sequence's, then this rank's slice
+            positions = s.slice(positions_in_documents(extra["documents"]))
+        else:
+            positions = s.positions(local.size(1), self.device)
+        mean = self.engine(s.slice(inputs), local, positions=positions, **extra)
         return s.share(mean, targets, local), s.size
 
     def forward_backward(self, batch: torch.Tensor, last: bool) -> torch.Tensor:

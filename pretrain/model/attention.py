@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pretrain.model.documents import cu_seqlens, document_mask
+
 ATTN_IMPLS = ("auto", "flash", "sdpa", "eager")
 
 
@@ -22,6 +24,16 @@ def flash_attn_func():
     try:
         from flash_attn import flash_attn_func as fn
     except Exception:  # ImportError, or a wheel built against another torch/CUDA
+        return None
+    return fn
+
+
+@functools.cache
+def flash_attn_varlen_func():
+    """flash_attn.flash_attn_varlen_func (packed sequences of different lengths), or None."""
+    try:
+        from flash_attn import flash_attn_varlen_func as fn
+    except Exception:
         return None
     return fn
 
@@ -53,36 +65,60 @@ def resolve_impl(requested: str, device: torch.device, dtype: torch.dtype) -> st
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, dropout_p: float = 0.0
-) -> torch.Tensor:
-    """Causal attention with grouped-query support.
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, dropout_p: float = 0.0,
+    documents: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Causal attention with grouped-query support; with `documents` (B, T) ids of the
+    packed documents (model/documents.py), each position attends within its own only.
 
     q: (B, T, H, D); k, v: (B, T, H_kv, D) with H % H_kv == 0. Returns (B, T, H, D).
+    flash: flash-attn's varlen kernel over every (row, document) piece; sdpa and eager: a
+    block-diagonal causal mask (SDPA picks a kernel that takes one).
     """
     impl = resolve_impl(impl, q.device, q.dtype)
     if impl == "flash":
         # flash-attn takes (B, T, H, D) and handles H_kv < H natively.
-        return flash_attn_func()(q, k, v, dropout_p=dropout_p, causal=True)
+        if documents is None:
+            return flash_attn_func()(q, k, v, dropout_p=dropout_p, causal=True)
+        return _flash_documents(q, k, v, documents, dropout_p)
+    mask = None if documents is None else document_mask(documents)  # (B, 1, T, T)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     if impl == "sdpa":
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=k.size(1) != q.size(1)
-        )
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
+            enable_gqa=k.size(1) != q.size(1),
+        )  # fmt: skip
     else:
-        y = eager_attention(q, k, v, dropout_p)
+        y = eager_attention(q, k, v, dropout_p, mask)
     return y.transpose(1, 2)  # (B, T, H, D)
 
 
-def eager_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0
+def _flash_documents(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor, dropout_p: float
 ) -> torch.Tensor:
-    """Reference causal attention written out in full. q: (B, H, T, D); k, v: (B, H_kv, T, D)."""
+    """flash-attn varlen: the B x T tokens as one packed batch of (row, document) pieces."""
+    B, T, H, D = q.shape
+    edges, longest = cu_seqlens(documents)
+    y = flash_attn_varlen_func()(
+        q.reshape(B * T, H, D), k.reshape(B * T, k.size(2), D), v.reshape(B * T, v.size(2), D),
+        edges, edges, longest, longest, dropout_p=dropout_p, causal=True,
+    )  # fmt: skip
+    return y.reshape(B, T, H, D)
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Reference causal attention written out in full. q: (B, H, T, D); k, v: (B, H_kv, T, D);
+    `mask` (B, 1, T, T) bool, True = may attend (default: causal)."""
     groups = q.size(1) // k.size(1)
     k = k.repeat_interleave(groups, dim=1)  # (B, H, T, D)
     v = v.repeat_interleave(groups, dim=1)
     T = q.size(2)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, T)
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
     if dropout_p > 0.0:

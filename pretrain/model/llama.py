@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.model.attention import ATTN_IMPLS, cached_attention, causal_attention
+from pretrain.model.documents import POSITION_MODES, positions_in_documents
 from pretrain.model.loss import LOSS_IMPLS, linear_cross_entropy
 
 
@@ -63,6 +64,13 @@ class LlamaConfig:
     """chunked: the output head and cross-entropy run over loss_chunk_tokens tokens at a time,
     so the whole micro-batch's fp32 logits never exist (pretrain/model/loss.py) | full: the
     plain logits-then-cross-entropy."""
+    document_mask: bool = False
+    """Attend only within each document of a packed window (documents end with EOS, as the
+    shards hold them): the training loop passes each window's document ids
+    (model/documents.py). False: a window is one sequence, documents attend to each other."""
+    document_positions: str = "continue"
+    """continue: RoPE positions run through the window | reset: they restart at each
+    document (with document_mask, each document is then scored exactly as on its own)."""
     loss_chunk_tokens: int = 2048
     """Tokens per chunk of the chunked loss: its transient memory is about 6 bytes x this x
     padded_vocab (1.6 GB at 128K entries), and larger chunks make larger, faster matmuls."""
@@ -106,6 +114,9 @@ class LlamaConfig:
             errs.append(f"model.attn_impl={self.attn_impl!r}: choose one of {ATTN_IMPLS}")
         if self.loss_impl not in LOSS_IMPLS:
             errs.append(f"model.loss_impl={self.loss_impl!r}: choose one of {LOSS_IMPLS}")
+        if self.document_positions not in POSITION_MODES:
+            errs.append(f"model.document_positions={self.document_positions!r}: choose one of "
+                        f"{', '.join(POSITION_MODES)}")  # fmt: skip
         return errs
 
 
@@ -214,7 +225,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: KVCache | None = None, layer: int = 0,
+        cache: KVCache | None = None, layer: int = 0, documents: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
@@ -226,7 +237,7 @@ class Attention(nn.Module):
             y = cached_attention(q, k, v, cache.mask(T))  # (B, T, H, D)
         else:
             dropout_p = self.dropout if self.training else 0.0
-            y = self.attend(q, k, v, self.attn_impl, dropout_p)  # (B, T, H, D)
+            y = self.attend(q, k, v, self.attn_impl, dropout_p, documents)  # (B, T, H, D)
         return self.o_proj(y.reshape(B, T, -1))  # (B, T, d_model)
 
 
@@ -276,9 +287,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: KVCache | None = None, layer: int = 0,
+        cache: KVCache | None = None, layer: int = 0, documents: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, documents)
         x = x + self.resid_dropout(attn)
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
@@ -329,6 +340,7 @@ class Transformer(nn.Module):
     def forward(
         self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
         cache: KVCache | None = None, positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """tokens: (B, T) int. Returns logits (B, T, vocab_size), or the mean cross-entropy
         against targets (B, T) (over all padded_vocab entries; -100 marks a target to skip).
@@ -337,14 +349,26 @@ class Transformer(nn.Module):
         passes a `cache` (the new tokens attend to everything cached, and are added to it)
         and per-row positions, which differ when prompts are left-padded; a rank of a
         sequence-parallel group passes its slice's.
+
+        `documents` (B, T_attended) int, the packed documents' ids (model/documents.py):
+        with `document_mask`, attention stays within each (T_attended: the whole sequence,
+        which a sequence-parallel rank's attention sees too); with `document_positions=
+        reset` and no `positions`, positions restart at each document.
         """
         T = tokens.size(1)
         x = self.embed_dropout(self.embed_tokens(tokens))  # (B, T, d_model)
-        if positions is None:
+        if (
+            positions is None
+            and documents is not None
+            and self.config.document_positions == "reset"
+        ):
+            positions = positions_in_documents(documents)
+        elif positions is None:
             positions = torch.arange(T, device=x.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        masked = documents if self.config.document_mask else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, masked)
         if cache is not None:
             cache.length += T
         if targets is not None:

@@ -22,7 +22,7 @@ from pretrain.checkpoint.export import (
     load_hf_weights,
 )
 from pretrain.checkpoint.resume import ResumePlan, plan_resume
-from pretrain.config import RunConfig
+from pretrain.config import ConfigError, RunConfig
 from pretrain.data.build import build_data, check_val_data
 from pretrain.data.source import DataSource
 from pretrain.data.tokenizer import load as load_tokenizer
@@ -30,6 +30,7 @@ from pretrain.engine.deepspeed import build_engine, build_model, sequence_shard,
 from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import schedule_warnings
 from pretrain.eval.perplexity import build_evaluator
+from pretrain.model.documents import DocumentSplit
 from pretrain.model.family import family_of, model_fields
 from pretrain.train.callbacks import (
     ArtifactCallback,
@@ -75,13 +76,15 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     # and the engine cost anything.
     data = build_data(run)
     check_val_data(run, data)
+    documents = document_split(run, data)
     resume = plan_resume(run, checkpoint.checkpoint_dir(run.run_dir), data)
     model = build_model(run, lambda: build_module(run))
     init_from = run.model.get("init_from")
     if init_from and resume.path is None:
         load_hf_weights(model, Path(init_from), run.as_dict["model"])
     engine = build_engine(run, model, load_universal=resume.universal)
-    module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim, sequence_shard())
+    module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim, sequence_shard(),
+                                  documents)  # fmt: skip
     state, wandb_run_id = restore(run, module, data, resume)
     loggers = _start_logging(run, state, resume.path is not None, wandb_run_id)
     peak, peak_source = resolve_peak(run.logger.peak_tflops, engine.device, run.precision)
@@ -95,6 +98,25 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
         raise Preempted(trainer.stop_signal, state.step)
     log.info("done: %d steps, %s tokens, run dir %s", state.step, f"{state.tokens:,}", run.run_dir)
     return state
+
+
+def document_split(run: RunConfig, data: DataSource) -> DocumentSplit | None:
+    """Where the data's packed documents end, for a model that keeps them apart
+    (model.document_mask, model.document_positions=reset); None when it does not. A
+    ConfigError when the data does not say (data=synthetic has no documents)."""
+    model = run.as_dict["model"]
+    reset = model.get("document_positions") == "reset"
+    if not (model.get("document_mask") or reset):
+        return None
+    if data.eos_id is None:
+        raise ConfigError([
+            "model.document_mask / model.document_positions=reset need data that says which "
+            "token ends a document (data=shards from tools/prepare_data.py, or data=demo); "
+            "this data does not (data=synthetic has no documents; a glob of shards: set "
+            "data.tokenizer): set model.document_mask=false and "
+            "model.document_positions=continue"
+        ])  # fmt: skip
+    return DocumentSplit(data.eos_id, reset)
 
 
 def build_callbacks(

@@ -5,6 +5,8 @@ per-step losses and gradient norms within 1e-5 (fp32, gloo)."""
 
 from __future__ import annotations
 
+import json
+import random
 import shutil
 from pathlib import Path
 
@@ -95,3 +97,33 @@ def test_with_activation_checkpointing_and_compiled_blocks(
     assert_close(
         losses, one_rank[2][0], rel=1e-5 if "trainer.compile=true" not in extra else 1e-4
     )  # fmt: skip  (inductor's kernels round differently)
+
+
+@pytest.fixture(scope="module")
+def packed_documents(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Shards of short documents (3-20 bytes, the byte tokenizer), several per window."""
+    from pretrain.data import shards
+
+    root = tmp_path_factory.mktemp("documents")
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(3, 20)))
+             for _ in range(600)]  # fmt: skip
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    shards.prepare([corpus], "bytes", root / "shards", progress=False)
+    return ["data=shards", f"data.path={root / 'shards'}"]
+
+
+def test_document_masking_splits_over_the_sequence_ranks(
+    tmp_path: Path, packed_documents: list[str]
+) -> None:
+    """The mask is the whole window's: each rank's attention, over the whole sequence after
+    the exchange, applies it; positions restart per document across the ranks' slices."""
+    masked = [*EQUIV, *packed_documents, "model.document_mask=true",
+              "model.document_positions=reset"]  # fmt: skip
+    one = curves(train(tmp_path / "one", masked))
+    two = curves(train(tmp_path / "two", [*masked, "parallel.sequence=2"], nproc=2))
+    assert_close(two[0], one[0], rel=1e-5)
+    assert_close(two[1], one[1], rel=1e-5)
+    unmasked = curves(train(tmp_path / "unmasked", [*EQUIV, *packed_documents]))
+    assert unmasked[0][0] != one[0][0]  # the mask is in the training path

@@ -34,6 +34,7 @@ from pretrain.model.flops import (
 )
 from pretrain.model.llama import LlamaConfig
 from pretrain.model.memory import GPU_MEMORY_GIB, estimate_memory
+from pretrain.model.sequence import kv_heads_error
 
 GIB = 2**30
 
@@ -60,21 +61,35 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
     tokens_per_s = args.mfu * peak * gpus / flops
     steps = math.ceil(args.tokens / run.tokens_per_step)
     hours = steps * run.tokens_per_step / tokens_per_s / 3600
-    memory = {}
-    for stage in (0, 1, 2, 3):
+    sp = run.parallel.sequence
+
+    def memory_at(stage: int, sequence: int) -> dict:
         est = estimate_memory(
             model,
             seq_len=seq_len,
             micro_batch_size=micro,
-            dp=gpus,
+            dp=gpus // sequence,
             zero_stage=stage,
             precision=run.precision,
             activation_checkpointing=run.trainer.activation_checkpointing,
             offload_optimizer=run.deepspeed.offload_optimizer and stage >= 1,
             grad_accum=run.grad_accum,
             reduce_bucket_size=run.deepspeed.reduce_bucket_size,
+            sequence=sequence,
         )
-        memory[stage] = {**asdict(est), "states": est.states, "total": est.total}
+        return {**asdict(est), "states": est.states, "total": est.total}
+
+    memory = {stage: memory_at(stage, sp) for stage in (0, 1, 2, 3)}
+    # What parallel.sequence would give, at the configured ZeRO stage: the sizes that divide
+    # the GPUs, the heads and seq_len (key/value heads divide them or they divide it).
+    stage = run.deepspeed.zero_stage
+    sequence = {
+        n: memory_at(stage, n)["total"]
+        for n in (1, 2, 4, 8, 16, 32, 64)
+        if gpus % n == 0
+        and seq_len % n == 0
+        and not kv_heads_error(model.n_heads, model.n_kv_heads, n)
+    }
     return {
         "params": num_params(model),
         "matmul_params": matmul_params(model),
@@ -99,6 +114,8 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
         "zero_stage": run.deepspeed.zero_stage,
         "gpu_memory_gib": args.gpu_mem_gib or GPU_MEMORY_GIB.get(args.gpu),
         "memory": memory,
+        "sequence_parallel": sp,
+        "by_sequence_parallel": sequence,
     }
 
 
@@ -117,7 +134,9 @@ def report(e: dict, gpu: str) -> str:
         f"time: {e['hours']:,.1f} h on {e['gpus']} GPU(s) = {e['gpu_hours']:,.0f} GPU-hours",
         "",
         f"memory per GPU (GiB) at micro-batch {e['micro_batch_size']}, "
-        f"data-parallel size {e['gpus']}; total = weights + optim + "
+        f"data-parallel size {e['gpus'] // e['sequence_parallel']}"
+        + (f" x sequence parallel {e['sequence_parallel']}" if e["sequence_parallel"] > 1 else "")
+        + "; total = weights + optim + "
         + ("grads + activ." if e["grad_accum"] > 1 else "the larger of grads and activ.")
         + ":",
         f"{'ZeRO':>6} {'weights':>8} {'grads':>8} {'optim':>8} {'activ.':>8} {'total':>8}",
@@ -141,6 +160,12 @@ def report(e: dict, gpu: str) -> str:
     )  # fmt: skip
     if capacity:
         lines.append(f"('fits' leaves 10% of the {capacity:g} GiB for buffers and fragmentation)")
+    lines += ["", f"with parallel.sequence=N (Ulysses; ZeRO-{e['zero_stage']}, seq "
+                  f"{e['seq_len']} / N tokens per GPU):"]  # fmt: skip
+    for n, total in e["by_sequence_parallel"].items():
+        fits = ("  fits" if total / GIB <= 0.9 * capacity else "  too big") if capacity else ""
+        mark = " <- configured" if n == e["sequence_parallel"] else ""
+        lines.append(f"{n:>6} {total / GIB:>8.2f} GiB{fits}{mark}")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from pretrain.model.attention import ATTN_IMPLS, cached_attention, causal_attention
@@ -64,6 +65,10 @@ class LlamaConfig:
     """chunked: the output head and cross-entropy run over loss_chunk_tokens tokens at a time,
     so the whole micro-batch's fp32 logits never exist (pretrain/model/loss.py) | full: the
     plain logits-then-cross-entropy."""
+    mlp_chunk_tokens: int = 0
+    """Tiled MLP for long sequences: the SwiGLU runs over this many tokens at a time, each
+    piece recomputed in backward (one more MLP forward), so its 4 x ffn_hidden-wide
+    intermediates exist for one piece only instead of being kept for every token. 0: off."""
     document_mask: bool = False
     """Attend only within each document of a packed window (documents end with EOS, as the
     shards hold them): the training loop passes each window's document ids
@@ -114,6 +119,8 @@ class LlamaConfig:
             errs.append(f"model.attn_impl={self.attn_impl!r}: choose one of {ATTN_IMPLS}")
         if self.loss_impl not in LOSS_IMPLS:
             errs.append(f"model.loss_impl={self.loss_impl!r}: choose one of {LOSS_IMPLS}")
+        if self.mlp_chunk_tokens < 0:
+            errs.append(f"model.mlp_chunk_tokens={self.mlp_chunk_tokens}: must be >= 0 (0: off)")
         if self.document_positions not in POSITION_MODES:
             errs.append(f"model.document_positions={self.document_positions!r}: choose one of "
                         f"{', '.join(POSITION_MODES)}")  # fmt: skip
@@ -250,9 +257,21 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
         self.down_proj.is_residual_out = True
+        self.chunk_tokens = cfg.mlp_chunk_tokens
+
+    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        n = self.chunk_tokens
+        if n <= 0 or not torch.is_grad_enabled() or x.shape[:-1].numel() <= n:
+            return self._swiglu(x)
+        # Tiled (model.mlp_chunk_tokens): each piece's intermediates are dropped after its
+        # forward and recomputed in backward, which keeps only the input (kept anyway).
+        pieces = x.reshape(-1, x.size(-1)).split(n)
+        out = [torch.utils.checkpoint.checkpoint(self._swiglu, p, use_reentrant=False)
+               for p in pieces]  # fmt: skip
+        return torch.cat(out).view(*x.shape[:-1], -1)
 
 
 class LMHead(nn.Linear):

@@ -19,7 +19,9 @@ w being the compute dtype's width (h = d_model, F = ffn_hidden, kv = n_kv_heads 
     attention output         w * h (the kernel's output, which o_proj reads as a view)
     SwiGLU                   w * 4F (gate, up, silu(gate), their product)
 
-which is Korthikanti et al. 2022's count redone for RMSNorm, GQA and SwiGLU, and which
+(a tiled MLP, model.mlp_chunk_tokens, keeps no SwiGLU intermediates without activation
+checkpointing: it holds one piece's, w * 4F * chunk, while that piece is recomputed), which
+is Korthikanti et al. 2022's count redone for RMSNorm, GQA and SwiGLU, and which
 tests/model/test_memory.py checks against what a real forward pass leaves allocated. The
 final norm keeps 4h + 2wh. With activation checkpointing `full` a block keeps only its
 input (w*h); `selective` keeps its input and the outputs of its matmuls and attention
@@ -33,6 +35,11 @@ of backward. `chunked` keeps the hidden states' gradient (w*h per token) and pea
 during its forward with one chunk's fp32 logits (plus their compute-dtype copy under bf16)
 and the head's weight gradient: w*V*h when one chunk holds the micro-batch, else its fp32
 accumulator (4*V*h) and, under bf16, each chunk's product beside it (w*V*h).
+
+Sequence parallelism (Ulysses, `sequence` ranks per sequence) gives each rank seq_len /
+sequence tokens of every micro-batch: all of the above is per token, so it divides (the
+exchanged q, k, v and attention output are as large as the local ones); ZeRO shards over
+every rank, data and sequence.
 
 The peak is the states plus the larger of activations and gradients: activations peak when
 backward starts, before any gradient exists; gradients are complete at its end, when the
@@ -101,14 +108,25 @@ class MemoryEstimate:
 
 
 def block_bytes_per_token(cfg: LlamaConfig, precision: str, policy: str = "none") -> int:
-    """Bytes one Transformer block keeps for backward per token (module docstring)."""
+    """Bytes one Transformer block keeps for backward per token (module docstring). A tiled
+    MLP (model.mlp_chunk_tokens) keeps none of its own without activation checkpointing;
+    under it, the block's policy decides (selective keeps the MLP's matmul outputs still)."""
     w, h, kv = BYTES[precision], cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+    tiled = cfg.mlp_chunk_tokens > 0
     if policy == "full":
         return w * h
     if policy == "selective":  # input; q, k, v, o, gate, up, down; attention out and its lse
         return w * h + w * (3 * h + 2 * kv + 2 * cfg.ffn_hidden) + w * h + 4 * cfg.n_heads
     norm = 4 * h + 2 * w * h
-    return 2 * norm + w * (h + 2 * kv) + w * h + w * 4 * cfg.ffn_hidden
+    return 2 * norm + w * (h + 2 * kv) + w * h + (0 if tiled else w * 4 * cfg.ffn_hidden)
+
+
+def tiled_mlp_bytes(cfg: LlamaConfig, precision: str, tokens: int) -> int:
+    """What a tiled MLP holds at once, for a micro-batch of `tokens`: one piece's four
+    ffn_hidden-wide intermediates, while it is recomputed (0 untiled)."""
+    if cfg.mlp_chunk_tokens <= 0:
+        return 0
+    return BYTES[precision] * 4 * cfg.ffn_hidden * min(cfg.mlp_chunk_tokens, tokens)
 
 
 def activation_bytes_per_token(
@@ -150,9 +168,13 @@ def estimate_memory(
     offload_optimizer: bool = False,
     grad_accum: int = 1,
     reduce_bucket_size: int = 500_000_000,
+    sequence: int = 1,
 ) -> MemoryEstimate:
     """Bytes per GPU for `dp` data-parallel ranks at ZeRO `zero_stage` (0-3);
-    `reduce_bucket_size`: `deepspeed.reduce_bucket_size` (ZeRO-3 allocates that bucket)."""
+    `reduce_bucket_size`: `deepspeed.reduce_bucket_size` (ZeRO-3 allocates that bucket).
+    `sequence`: parallel.sequence, ranks that split each sequence (Ulysses): each holds
+    seq_len / sequence tokens of the micro-batch's activations, and ZeRO shards over all
+    dp x sequence ranks."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage={zero_stage}: choose 0, 1, 2 or 3")
     n = num_params(cfg)
@@ -160,16 +182,18 @@ def estimate_memory(
     # DeepSpeed's ZeRO optimizers step an fp32 partition of the weights, in fp32 training too.
     master = 4 if precision != "fp32" or zero_stage >= 1 else 0
     weights, grads, optimizer = width * n, width * n, (master + 8) * n
+    shards = dp * sequence  # ZeRO partitions over every rank
     if zero_stage >= 1:
-        optimizer //= dp
+        optimizer //= shards
     if zero_stage >= 2:
-        grads //= dp
+        grads //= shards
     if zero_stage >= 3:
-        weights //= dp
+        weights //= shards
     if offload_optimizer:
         optimizer = 0  # master weights and moments live in host memory
-    tokens = seq_len * micro_batch_size
+    tokens = seq_len * micro_batch_size // sequence  # this rank's share of the micro-batch
     activations = tokens * activation_bytes_per_token(cfg, precision, activation_checkpointing)
+    activations += tiled_mlp_bytes(cfg, precision, tokens)
     activations += loss_bytes(cfg, precision, tokens, cfg.loss_impl, cfg.loss_chunk_tokens)
     zero3 = zero_stage == 3
     buffers = width * reduce_bucket_size if zero3 else 0

@@ -153,3 +153,53 @@ def test_every_checkpointing_policy_gives_the_same_gradients() -> None:
             torch.testing.assert_close(b, a, rtol=0, atol=0)
     with pytest.raises(ValueError, match="policy 'some'"):
         checkpoint_activations(model.layers[0], "some")
+
+
+def test_a_tiled_mlp_keeps_no_intermediates_and_gives_the_same_gradients() -> None:
+    """model.mlp_chunk_tokens: the SwiGLU over 64 tokens at a time, recomputed in backward;
+    what a forward keeps drops by the intermediates (as the estimate says), and the loss
+    and gradients stay the same."""
+    B, T = 4, 128
+    tokens = torch.randint(
+        0, SMALL.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)
+    )
+    kept, grads, losses = {}, {}, {}
+    for chunk in (0, 64):
+        for policy in ("none", "selective"):
+            torch.manual_seed(0)
+            cfg = replace(SMALL, mlp_chunk_tokens=chunk)
+            model = Transformer(cfg)
+            if policy != "none":
+                for block in model.layers:
+                    checkpoint_activations(block, policy)
+            kept[chunk, policy] = kept_after_forward(model, tokens)
+            blocks = SMALL.n_layers * block_bytes_per_token(cfg, "fp32", policy)
+            expected = B * T * (blocks + 4 * 64 + 2 * 4 * 64) + 4 * 64 * B * T + 4 * 512 * 64
+            assert kept[chunk, policy] == pytest.approx(expected, rel=0.12), (chunk, policy)
+            if policy == "none":
+                model.zero_grad()
+                losses[chunk] = model(tokens[:, :-1], tokens[:, 1:])
+                losses[chunk].backward()
+                grads[chunk] = [p.grad for p in model.parameters()]
+    # untiled, each block keeps w * 4F = 3 KB per token of SwiGLU; tiled, none of it
+    assert kept[0, "none"] - kept[64, "none"] == pytest.approx(2 * B * T * 4 * 4 * 192, rel=0.05)
+    # under selective checkpointing the block's policy keeps the MLP's matmul outputs
+    assert kept[64, "selective"] == pytest.approx(kept[0, "selective"], rel=0.05)
+    torch.testing.assert_close(losses[64], losses[0])
+    for a, b in zip(grads[0], grads[64], strict=True):
+        torch.testing.assert_close(b, a)
+
+
+def test_sequence_parallel_ranks_hold_their_share_of_the_tokens() -> None:
+    """parallel.sequence=2 on 4 ranks: half the activations of a micro-batch per rank, ZeRO
+    shards over all 4 ranks (2 data x 2 sequence)."""
+    one = estimate_memory(SMALL, seq_len=128, micro_batch_size=8, dp=4, zero_stage=3)
+    two = estimate_memory(SMALL, seq_len=128, micro_batch_size=8, dp=2, zero_stage=3,
+                          sequence=2)  # fmt: skip
+    per_token = activation_bytes_per_token(SMALL, "bf16")
+    assert two.activations == 4 * 128 * per_token + loss_bytes(SMALL, "bf16", 4 * 128)
+    assert (two.weights, two.grads, two.optimizer) == (one.weights, one.grads, one.optimizer)
+    tiled = estimate_memory(replace(SMALL, mlp_chunk_tokens=256), seq_len=128,
+                            micro_batch_size=8, dp=4, zero_stage=3)  # fmt: skip
+    swiglu = 2 * 4 * 192  # bf16, 4F per token per block
+    assert one.activations - tiled.activations == 8 * 128 * 2 * swiglu - swiglu * 256

@@ -70,3 +70,28 @@ def test_bad_input_is_named(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "trainer.global_batch_size=8 is not divisible" in proc.stderr
     proc, _ = estimate(tmp_path, "--tokens", "1e9", "--gpus-per-node", "1", "model=lstm")
     assert proc.returncode == 2 and "model=llama_*" in proc.stderr
+
+
+def test_which_sequence_parallel_size_fits_a_long_context(tmp_path: Path) -> None:
+    """llama_7b at seq 131072 on 8 H100s, ZeRO-3, no activation checkpointing: one GPU per
+    sequence is far too big; the table names the parallel.sequence sizes that fit, each
+    holding seq / N tokens (activations divide by N; ZeRO still shards over all 8)."""
+    proc, e = estimate(tmp_path, "--tokens", "1e9", "--nodes", "1", "--gpus-per-node", "8",
+                       "--gpu", "H100", "model=llama_7b", "trainer.seq_len=131072",
+                       "model.max_seq_len=131072", "trainer.global_batch_size=8",
+                       "trainer.micro_batch_size=1", "deepspeed.zero_stage=3",
+                       "parallel.sequence=4", "model.mlp_chunk_tokens=8192")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        e["sequence_parallel"] == 4 and "data-parallel size 2 x sequence parallel 4" in proc.stdout
+    )
+    by = {int(n): total for n, total in e["by_sequence_parallel"].items()}
+    assert sorted(by) == [1, 2, 4, 8]  # 8 GPUs; 32 heads and 32 key/value heads divide
+    assert by[4] == e["memory"]["3"]["total"]
+    # The same ZeRO-3 states at every N (sharded over all 8); the activations are per token,
+    # so going from N to 2N saves half of what the step before saved.
+    assert by[1] - by[2] == 2 * (by[2] - by[4]) == 4 * (by[4] - by[8]) > 0
+    lines = proc.stdout.split("with parallel.sequence=N")[1].splitlines()
+    assert any(line.split()[0] == "1" and "too big" in line for line in lines[1:])
+    assert any(line.split()[0] == "8" and "fits" in line for line in lines[1:])
+    assert any("<- configured" in line and line.split()[0] == "4" for line in lines[1:])

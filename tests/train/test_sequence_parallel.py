@@ -87,12 +87,14 @@ def test_sequence_groups_compose_with_data_parallelism(tmp_path: Path) -> None:
 @pytest.mark.parametrize("extra", [["trainer.activation_checkpointing=selective",
                                     "deepspeed.zero_stage=3"],
                                    ["trainer.compile=true",
-                                    "trainer.activation_checkpointing=full"]],
-                         ids=["checkpointing", "compiled"])  # fmt: skip
+                                    "trainer.activation_checkpointing=full"],
+                                   ["model.mlp_chunk_tokens=8", "deepspeed.zero_stage=3"]],
+                         ids=["checkpointing", "compiled", "tiled-mlp"])  # fmt: skip
 def test_with_activation_checkpointing_and_compiled_blocks(
     tmp_path: Path, extra: list[str], one_rank: dict[int, tuple[list, list]]
 ) -> None:
-    """The recompute repeats the exchanges in backward; compiled blocks trace them."""
+    """The recompute repeats the exchanges in backward; compiled blocks trace them; a tiled
+    MLP (8 of a rank's 2 x 16 tokens at a time) recomputes its pieces under ZeRO-3."""
     losses, _ = curves(train(tmp_path, [*EQUIV, "parallel.sequence=2", *extra], nproc=2))
     assert_close(
         losses, one_rank[2][0], rel=1e-5 if "trainer.compile=true" not in extra else 1e-4

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/performance.md in one command, for a GPU box (run from the project root):
 #
-#   bash tools/bench_gpu.sh [tests] [loss] [small] [large] [zero] [accum]  (default: all)
+#   bash tools/bench_gpu.sh [tests] [loss] [small] [large] [zero] [accum] [long]  (default: all)
 #   bash tools/bench_gpu.sh large:4096 zero                    (small/large: one seq length)
 #
 #   tests  the GPU-marked tests (flash == sdpa, bf16/ZeRO training against CPU, compiled blocks
@@ -14,6 +14,9 @@
 #   accum  llama_1b at a pretraining batch (64K tokens a step: 8 micro-batches accumulated),
 #          ZeRO-1 and ZeRO-3 compiled (and ZeRO-3 eager), against plain and transformers at
 #          the same batch; the optimizer step weighs 1/8 as much per token as in `large`
+#   long   llama_1b at seq 16K and 32K with parallel.sequence 1, 2 and 4 (Ulysses, under
+#          torchrun; a size above the GPU count is skipped), untiled and with a tiled MLP:
+#          tokens/s and each rank's peak memory against the estimate
 #
 # Each part writes <part>_*.txt and .json under $OUT (default ./bench-gpu). Without network,
 # install carried wheels first: a ./.whl directory is installed into a temporary site dir.
@@ -36,24 +39,26 @@ if [ -z "$check" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests loss small large zero accum)
+[ ${#parts[@]} -eq 0 ] && parts=(tests loss small large zero accum long)
 
 status=0  # the last failed part's exit code: each part still runs after another fails
 finished() {  # finished NAME CODE: report a part's exit code and remember a failure
   echo "== $1 (exit $2)"; [ "$2" -eq 0 ] || status=$2
 }
 read -r -a extra <<<"${BENCH_ARGS:-}"
-bench() {  # bench NAME [bench_train args...]
-  local name=$1; shift
+bench() {  # bench NAME [bench_train args...]; RANKS=N: N processes under torchrun
+  local name=$1 ranks=${RANKS:-1}; shift
   set -- "$@" ${extra[@]+"${extra[@]}"}
-  if [ -n "$check" ]; then
-    python3 tools/bench_train.py --check "$@" >"$OUT/$name.txt" 2>&1
+  if [ -n "$check" ]; then  # resolved as on N ranks, without starting them
+    WORLD_SIZE=$ranks python3 tools/bench_train.py --check "$@" >"$OUT/$name.txt" 2>&1
     finished "$name" $?; cat "$OUT/$name.txt"; return
   fi
-  timeout "${BENCH_TIMEOUT:-420}" python3 tools/bench_train.py --json "$OUT/$name.json" "$@" \
+  local launch=(python3)
+  [ "$ranks" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node="$ranks")
+  timeout "${BENCH_TIMEOUT:-420}" "${launch[@]}" tools/bench_train.py --json "$OUT/$name.json" "$@" \
     >"$OUT/$name.txt" 2>&1
   finished "$name" $?
-  grep -E "^ *(row|ours|compiled|sel|big|z[0-3]|plain|hf) |ratio|out of" "$OUT/$name.txt"
+  grep -E "^ *(row|ours|compiled|sel|big|tiled|z[0-3]|plain|hf) |ratio|out of" "$OUT/$name.txt"
 }
 
 for spec in "${parts[@]}"; do
@@ -104,7 +109,21 @@ for spec in "${parts[@]}"; do
           trainer.seq_len=$seq trainer.micro_batch_size=$((8192 / seq)) \
           trainer.global_batch_size=$((65536 / seq))
       done ;;
-    *) echo "unknown part $spec: choose tests, loss, small[:SEQ], large[:SEQ], zero, accum[:SEQ]" >&2
+    long)
+      [[ $spec == *:* ]] || seqs=(16384 32768)
+      gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+      for seq in "${seqs[@]}"; do
+        for sp in 1 2 4; do
+          if [ -z "$check" ] && [ "$sp" -gt "$gpus" ]; then
+            echo "== long_${seq}_sp$sp (skipped: $gpus GPU(s))"; continue
+          fi
+          RANKS=$sp bench "long_${seq}_sp$sp" --no-baselines --variant ours: \
+            --variant tiled:model.mlp_chunk_tokens=4096 --steps 4 --warmup 2 model=llama_1b \
+            model.max_seq_len=$seq trainer.seq_len=$seq trainer.micro_batch_size=1 \
+            parallel.sequence=$sp
+        done
+      done ;;
+    *) echo "unknown part $spec: choose tests, loss, small[:SEQ], large[:SEQ], zero, accum[:SEQ], long[:SEQ]" >&2
        exit 2 ;;
   esac
 done

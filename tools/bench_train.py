@@ -31,6 +31,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ from pretrain import dist
 from pretrain.config import compose, resolve
 from pretrain.config.resolve import ConfigError, RunConfig
 from pretrain.data.build import build_data
-from pretrain.engine.deepspeed import build_engine, build_model, trainer_clip
+from pretrain.engine.deepspeed import build_engine, build_model, sequence_shard, trainer_clip
 from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import adamw_kernel, lr_scheduler, param_groups
 from pretrain.model.attention import resolve_impl
@@ -84,14 +85,14 @@ class Row:
 
 
 def estimated_gib(run: RunConfig) -> float:
-    """`pretrain/model/memory.py`'s peak for the row's configuration on one rank, GiB."""
+    """`pretrain/model/memory.py`'s peak for the row's configuration per rank, GiB."""
     t = run.trainer
     estimate = estimate_memory(
         OmegaConf.to_object(run.model), seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
-        dp=1, zero_stage=run.deepspeed.zero_stage, precision=run.precision,
+        dp=run.parallel.data, zero_stage=run.deepspeed.zero_stage, precision=run.precision,
         activation_checkpointing=t.activation_checkpointing, grad_accum=run.grad_accum,
         offload_optimizer=run.deepspeed.offload_optimizer,
-        reduce_bucket_size=run.deepspeed.reduce_bucket_size,
+        reduce_bucket_size=run.deepspeed.reduce_bucket_size, sequence=run.parallel.sequence,
     )  # fmt: skip
     return estimate.total / 2**30
 
@@ -127,7 +128,7 @@ def prepare_ours(run: RunConfig) -> Row:
     dist.seed_everything(run.trainer.seed)
     model = build_model(run, lambda: build_module(run))
     engine = build_engine(run, model)
-    module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim)
+    module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim, sequence_shard())
     trainer = Trainer(module, build_data(run), run.trainer, run.grad_accum, run.tokens_per_step)
     losses: list[float] = []
 
@@ -300,7 +301,7 @@ def resolve_row(name: str, overrides: list[str], gpu: bool | None = None) -> Run
     """The row's checked config (`gpu`: resolve as on a CUDA machine, or not; None: this
     one); a bad override exits 2 naming the row, before any row runs."""
     try:
-        return resolve(compose(overrides), world_size=1, cuda_available=gpu)
+        return resolve(compose(overrides), world_size=WORLD, cuda_available=gpu)
     except ConfigError as e:
         print(f"error: row {name!r}: {e}", file=sys.stderr)
         sys.exit(2)
@@ -324,8 +325,53 @@ def print_check(rows: list[tuple[str, RunConfig]]) -> None:
               f"{r['loss']:>7} {batch:>19} {r['est_mem_gib']:>8.2f}")  # fmt: skip
 
 
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+"""Ranks: 1, or torchrun's, e.g. for parallel.sequence=2 on 2 (every row the same layout;
+rank 0 prints, its own memory)."""
+
+
 def ratio(a: dict, b: dict | None) -> float:
     return a["tokens_per_s"] / b["tokens_per_s"] if b else float("nan")
+
+
+def print_results(results: list[dict], run: RunConfig, args: argparse.Namespace) -> None:
+    """The table (and --json): a row per configuration, with its ratios to plain and hf."""
+    plain, hf = results[-2:] if not args.no_baselines else (None, None)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(
+        f"device: {device} | {run.model._target_.rsplit('.', 1)[-1]} "
+        f"{run.model.n_layers}x{run.model.d_model} | precision {run.precision} | "
+        f"ZeRO-{run.deepspeed.zero_stage} | seq_len {run.trainer.seq_len}"
+        + (
+            f" over {run.parallel.sequence} ranks (parallel.sequence; rank 0's memory)"
+            if run.parallel.sequence > 1
+            else ""
+        )
+        + f" | micro batch "
+        f"{run.trainer.micro_batch_size} | median of {args.steps} steps after {args.warmup}"
+        + (f", in {args.rounds} interleaved rounds" if args.rounds > 1 else "")
+    )
+    print(
+        f"{'row':>10} {'ZeRO':>4} {'attn':>6} {'compile':>7} {'act.ckpt':>9} {'loss':>7} "
+        f"{'tok/s':>12} {'s/step':>8} {'spread':>7} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'peak GiB':>9} {'est GiB':>8} {'/plain':>7} {'/hf':>7}"
+    )
+    for r in results:
+        r["vs_plain"], r["vs_hf"] = ratio(r, plain), ratio(r, hf)
+        zero = str(r["zero"]) if r["variant"] not in ("plain", "hf") else "-"
+        mfu = "-" if math.isnan(r["mfu"]) else f"{r['mfu']:.1%}"  # no peak known (a CPU)
+        print(
+            f"{r['variant']:>10} {zero:>4} {r['attn']:>6} {r['compile']!s:>7} {r['ac']:>9} "
+            f"{r['loss']:>7} {r['tokens_per_s']:>12,.0f} {r['step_time_s']:>8.4f} "
+            f"{r['step_time_spread']:>6.0%} {r['tflops']:>8.2f} {mfu:>6} "
+            f"{r['peak_mem_gib']:>9.2f} {r['est_mem_gib']:>8.2f} {r['vs_plain']:>6.2f}x "
+            f"{r['vs_hf']:>6.2f}x"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            record = {"device": device, "overrides": args.overrides, "steps": args.steps,
+                      "warmup": args.warmup, "results": results}  # fmt: skip
+            json.dump(record, f, indent=2)
 
 
 def main() -> None:
@@ -365,6 +411,8 @@ def main() -> None:
         "logger.wandb.mode=disabled",
         "trainer.global_batch_size=${trainer.micro_batch_size}",
     ]
+    if WORLD > 1 and not args.no_baselines:
+        parser.error("under torchrun, pass --no-baselines (the plain and hf loops are one rank's)")
     gpu = True if args.check else None
     rows: list[tuple[str, RunConfig, Callable[[], Row]]] = []  # (name, config, builder)
     for name, extra in map(parse_variant, args.variant or ["ours:"]):
@@ -376,7 +424,10 @@ def main() -> None:
     if args.check:
         print_check([(name, r) for name, r, _ in rows])
         return
+    if len({r.parallel for _, r, _ in rows}) > 1:  # DeepSpeed keeps one sequence unit
+        parser.error("every row must have the same parallel.sequence (run one bench per size)")
     dist.init(run.device_type)
+    dist.init_parallel(run.parallel)
     cuda = run.device_type == "cuda"
     if args.rounds == 1:
         results = [
@@ -390,35 +441,10 @@ def main() -> None:
     ours = results[0]
     plain, hf = results[-2:] if not args.no_baselines else (None, None)
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(
-        f"device: {device} | {run.model._target_.rsplit('.', 1)[-1]} "
-        f"{run.model.n_layers}x{run.model.d_model} | precision {run.precision} | "
-        f"ZeRO-{run.deepspeed.zero_stage} | seq_len {run.trainer.seq_len} | micro batch "
-        f"{run.trainer.micro_batch_size} | median of {args.steps} steps after {args.warmup}"
-        + (f", in {args.rounds} interleaved rounds" if args.rounds > 1 else "")
-    )
-    print(
-        f"{'row':>10} {'ZeRO':>4} {'attn':>6} {'compile':>7} {'act.ckpt':>9} {'loss':>7} "
-        f"{'tok/s':>12} {'s/step':>8} {'spread':>7} {'TFLOP/s':>8} {'MFU':>6} "
-        f"{'peak GiB':>9} {'est GiB':>8} {'/plain':>7} {'/hf':>7}"
-    )
-    for r in results:
-        r["vs_plain"], r["vs_hf"] = ratio(r, plain), ratio(r, hf)
-        zero = str(r["zero"]) if r["variant"] not in ("plain", "hf") else "-"
-        mfu = "-" if math.isnan(r["mfu"]) else f"{r['mfu']:.1%}"  # no peak known (a CPU)
-        print(
-            f"{r['variant']:>10} {zero:>4} {r['attn']:>6} {r['compile']!s:>7} {r['ac']:>9} "
-            f"{r['loss']:>7} {r['tokens_per_s']:>12,.0f} {r['step_time_s']:>8.4f} "
-            f"{r['step_time_spread']:>6.0%} {r['tflops']:>8.2f} {mfu:>6} "
-            f"{r['peak_mem_gib']:>9.2f} {r['est_mem_gib']:>8.2f} {r['vs_plain']:>6.2f}x "
-            f"{r['vs_hf']:>6.2f}x"
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            record = {"device": device, "overrides": args.overrides, "steps": args.steps,
-                      "warmup": args.warmup, "results": results}  # fmt: skip
-            json.dump(record, f, indent=2)
+    if not dist.is_main():
+        dist.destroy(finished=True)
+        return
+    print_results(results, run, args)
     if hf is not None:
         print(f"ours/plain tokens-per-s ratio: {ratio(ours, plain):.3f}")
         print(f"ours/hf tokens-per-s ratio: {ratio(ours, hf):.3f}")

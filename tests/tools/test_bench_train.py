@@ -18,7 +18,7 @@ import pytest
 from pretrain.model.flops import num_params
 from pretrain.model.llama import LlamaConfig
 from pretrain.model.memory import estimate_memory
-from tests.conftest import REPO, compose_config, subprocess_env
+from tests.conftest import REPO, compose_config, free_port, subprocess_env
 
 WIDER = "model.d_model=256 model.ffn_hidden=768 model.n_heads=8 model.n_kv_heads=8"
 
@@ -187,7 +187,7 @@ def test_the_gpu_script_commands_all_resolve(tmp_path: Path) -> None:
     """BENCH_CHECK=1 runs every bench command line of tools/bench_gpu.sh through
     `bench_train.py --check`, so a config error shows here, not in scarce GPU time
     (llama_125m at seq 4096 once exceeded the preset's max_seq_len)."""
-    parts = ["small", "large", "zero", "accum"]
+    parts = ["small", "large", "zero", "accum", "long:16384"]
     proc = subprocess.run(
         ["bash", "tools/bench_gpu.sh", *parts], cwd=REPO, capture_output=True, text=True,
         env={**subprocess_env(), "PYTHONPATH": str(REPO), "BENCH_CHECK": "1",
@@ -196,9 +196,14 @@ def test_the_gpu_script_commands_all_resolve(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     names = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("== ")]
     assert names == ["small_2048", "small_4096", "large_2048", "large_4096", "zero_4096",
-                     "accum_4096"]  # fmt: skip
+                     "accum_4096", "long_16384_sp1", "long_16384_sp2",
+                     "long_16384_sp4"]  # fmt: skip
     assert proc.stdout.count("(exit 0)") == len(names)
     assert "z1big" in proc.stdout and "4096 x 2 x 8" in proc.stdout  # accum: 64K tokens a step
+    # long: resolved as on 1, 2 and 4 ranks; the estimate falls as the sequence splits
+    long = [float(line.split()[-1]) for line in proc.stdout.splitlines()
+            if line.strip().startswith("ours") and "16384 x 1 x 1" in line]  # fmt: skip
+    assert len(long) == 3 and long[0] > long[1] > long[2]
     assert not list(tmp_path.glob("*.json"))  # nothing ran
     # BENCH_ARGS reach every bench; a part that fails makes the script fail, after the rest ran.
     bad = subprocess.run(
@@ -210,3 +215,30 @@ def test_the_gpu_script_commands_all_resolve(tmp_path: Path) -> None:
     assert bad.returncode == 2, bad.stdout[-3000:]
     assert "== zero_4096 (exit 2)" in bad.stdout and "== small_2048 (exit 2)" in bad.stdout
     assert "Key 'compil' not in 'TrainerConfig'" in bad.stdout
+
+
+def test_sequence_parallel_rows_under_torchrun_hold_half_the_activations(tmp_path: Path) -> None:
+    """The same long-sequence run on 1 rank, and under torchrun on 2 ranks splitting each
+    sequence (parallel.sequence=2): rank 0's measured peak, and the estimate, drop toward
+    half (the activations halve; the small model's states do not)."""
+    args = ["--no-baselines", "--steps", "2", "--warmup", "1", "trainer.device=cpu",
+            "precision=fp32", "trainer.seq_len=4096", "model.max_seq_len=4096",
+            "trainer.micro_batch_size=1", *WIDER.split()]  # fmt: skip
+    env = {**subprocess_env(), "PYTHONPATH": str(REPO)}
+    peaks = {}
+    for sp, launcher in ((1, [sys.executable]),
+                         (2, [sys.executable, "-m", "torch.distributed.run",
+                              "--nproc_per_node=2", "--rdzv-backend=c10d",
+                              f"--rdzv-endpoint=127.0.0.1:{free_port()}"])):  # fmt: skip
+        out = tmp_path / f"sp{sp}.json"
+        proc = subprocess.run(
+            [*launcher, "tools/bench_train.py", *args, f"parallel.sequence={sp}", "--json",
+             str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (row,) = json.loads(out.read_text())["results"]
+        peaks[sp] = row["peak_mem_gib"], row["est_mem_gib"]
+        assert row["tokens_per_s"] == pytest.approx(4096 / row["step_time_s"])
+    (measured1, est1), (measured2, est2) = peaks[1], peaks[2]
+    assert est2 < 0.65 * est1 and measured2 < 0.7 * measured1, peaks
+    assert measured2 == pytest.approx(est2, rel=0.25), peaks

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EQUIV, assert_close, train
+from pretrain.checkpoint import export
+from tests.conftest import EQUIV, assert_close, export_and_compare, train
 
 pytestmark = pytest.mark.multiprocess
 
@@ -55,6 +56,9 @@ def test_a_run_resumes_on_another_sequence_parallel_size(
     saved = tmp_path / "saved"
     train(saved, [*EQUIV, "parallel.sequence=2", "checkpoint.every_steps=3",
                   "trainer.stop_at_step=3"], nproc=2)  # fmt: skip
+    # Export is unchanged: the checkpoint of a sequence-parallel run is a plain one.
+    weights = export.consolidated_state_dict(saved / "checkpoints" / "step_3")
+    export_and_compare(saved, weights, tmp_path / "hf")
     alone = tmp_path / "alone"
     shutil.copytree(saved / "checkpoints", alone / "checkpoints")
     metrics = train(alone, EQUIV)

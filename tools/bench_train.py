@@ -54,7 +54,7 @@ from pretrain.model.flops import flops_per_token, peak_flops
 from pretrain.model.llama import LlamaConfig
 from pretrain.model.llama_family import LLAMA
 from pretrain.model.memory import estimate_memory
-from pretrain.train.run import build_module
+from pretrain.train.run import build_module, document_split
 from pretrain.train.trainer import Trainer
 
 
@@ -128,8 +128,10 @@ def prepare_ours(run: RunConfig) -> Row:
     dist.seed_everything(run.trainer.seed)
     model = build_model(run, lambda: build_module(run))
     engine = build_engine(run, model)
-    module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim, sequence_shard())
-    trainer = Trainer(module, build_data(run), run.trainer, run.grad_accum, run.tokens_per_step)
+    data = build_data(run)
+    module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim, sequence_shard(),
+                                  document_split(run, data))  # fmt: skip
+    trainer = Trainer(module, data, run.trainer, run.grad_accum, run.tokens_per_step)
     losses: list[float] = []
 
     def finish(times: list[float]) -> dict[str, float]:

@@ -73,7 +73,8 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
             precision=run.precision,
             activation_checkpointing=run.trainer.activation_checkpointing,
             offload_optimizer=run.deepspeed.offload_optimizer and stage >= 1,
-            grad_accum=run.grad_accum,
+            # the same global batch over gpus / sequence data ranks
+            grad_accum=max(run.trainer.global_batch_size // (micro * (gpus // sequence)), 1),
             reduce_bucket_size=run.deepspeed.reduce_bucket_size,
             sequence=sequence,
         )

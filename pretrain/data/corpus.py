@@ -7,6 +7,7 @@ the `.py` files of the running interpreter's standard library, caches them under
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -46,8 +47,18 @@ def stdlib_sources(max_bytes: int) -> list[Path]:
 
 
 def build_demo(cache_dir: str | Path, vocab_size: int, max_bytes: int) -> Path:
-    """Tokenizer + shards of the stdlib corpus under `cache_dir` (reused when present)."""
+    """Tokenizer + shards of the stdlib corpus under `cache_dir` (reused when present).
+    Processes that build the same cache at once (the ranks of a sequence group share data
+    rank 0; two jobs on one machine) take turns through a lock file: the first builds, the
+    others then find it built."""
     cache = Path(cache_dir).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _build_demo(cache, vocab_size, max_bytes)
+
+
+def _build_demo(cache: Path, vocab_size: int, max_bytes: int) -> Path:
     manifest = cache / "shards" / shard_writer.MANIFEST
     tokenizer_path = cache / "tokenizer.json"
     if (
@@ -60,7 +71,6 @@ def build_demo(cache_dir: str | Path, vocab_size: int, max_bytes: int) -> Path:
     # hash order mixes them, so every shard holds a bit of everything.
     files = sorted(stdlib_sources(max_bytes), key=lambda p: hashlib.sha1(p.name.encode()).digest())
     log.info("building the demo corpus: %d stdlib files -> %s", len(files), cache)
-    cache.mkdir(parents=True, exist_ok=True)
     texts = list(read_documents(files))
     tokenizers.train_bpe(texts, vocab_size).save(str(tokenizer_path))
     # ~32 shards (about 2 bytes of source per token): each epoch mixes them in a new order.

@@ -86,12 +86,13 @@ class SequenceParallelUnit:
     runtime/sequence_parallel/parallel_state_sp.py, over pretrain.dist's groups).
 
     ZeRO shards over, and reduces gradients over, every rank (the "sequence data parallel"
-    group); DeepSpeed divides the summed gradients by the data-parallel size only, since
-    the ranks of a sequence group hold shares of one loss (model/sequence.py). There is no
-    model (tensor) parallelism: its group is this rank alone, so every rank counts all of
-    its gradients in the norm and nothing is summed over a model-parallel group (aliasing
-    it to the sequence group, as parallel_state_sp does, would skip the gradient
-    partitions of all but one rank of each sequence group in ZeRO-1/2's norm).
+    group), and divides the sums by the data-parallel size (ZeRO-3 by every rank:
+    engine/module.py makes up for it), since the ranks of a sequence group hold shares of
+    one loss (model/sequence.py). There is no model (tensor) parallelism: its group is this
+    rank alone. ZeRO 1-3 ignore a sequence unit's model-parallel group; DeepSpeed's fp16/bf16
+    optimizers, clipping and overflow checks outside ZeRO sum norms over it, where the
+    sequence group (parallel_state_sp's alias) would count the same replicated gradients
+    once per rank.
     """
 
     def __init__(self) -> None:

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pretrain.model.documents import cu_seqlens, document_mask
+from pretrain.model.documents import DocumentLayout
 
 ATTN_IMPLS = ("auto", "flash", "sdpa", "eager")
 
@@ -66,10 +66,10 @@ def resolve_impl(requested: str, device: torch.device, dtype: torch.dtype) -> st
 
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, dropout_p: float = 0.0,
-    documents: torch.Tensor | None = None,
+    documents: DocumentLayout | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Causal attention with grouped-query support; with `documents` (B, T) ids of the
-    packed documents (model/documents.py), each position attends within its own only.
+    """Causal attention with grouped-query support; with `documents`, the packed documents
+    of the window (model/documents.py), each position attends within its own only.
 
     q: (B, T, H, D); k, v: (B, T, H_kv, D) with H % H_kv == 0. Returns (B, T, H, D).
     flash: flash-attn's varlen kernel over every (row, document) piece; sdpa and eager: a
@@ -81,7 +81,7 @@ def causal_attention(
         if documents is None:
             return flash_attn_func()(q, k, v, dropout_p=dropout_p, causal=True)
         return _flash_documents(q, k, v, documents, dropout_p)
-    mask = None if documents is None else document_mask(documents)  # (B, 1, T, T)
+    mask = None if documents is None else documents.mask()  # (B, 1, T, T)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     if impl == "sdpa":
         y = F.scaled_dot_product_attention(
@@ -94,11 +94,12 @@ def causal_attention(
 
 
 def _flash_documents(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor, dropout_p: float
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: DocumentLayout,
+    dropout_p: float,
+) -> torch.Tensor:  # fmt: skip
     """flash-attn varlen: the B x T tokens as one packed batch of (row, document) pieces."""
     B, T, H, D = q.shape
-    edges, longest = cu_seqlens(documents)
+    edges, longest = documents.varlen()
     y = flash_attn_varlen_func()(
         q.reshape(B * T, H, D), k.reshape(B * T, k.size(2), D), v.reshape(B * T, v.size(2), D),
         edges, edges, longest, longest, dropout_p=dropout_p, causal=True,

@@ -4,8 +4,9 @@ that keeps each document to itself (`model.document_mask`, `model.document_posit
 
 A document includes its trailing EOS; the position after an EOS begins the next one. So
 with the mask, the EOS predicts the next document's first token from its own document
-only, as a separately scored document would (that target is kept: it teaches the model
-what starts a document).
+only (that target is kept: it teaches the model what starts a document). With positions
+reset too, each document's own predictions are those of the document scored alone, except
+a document cut by the window's start, whose positions begin at the cut.
 """
 
 from __future__ import annotations
@@ -51,6 +52,29 @@ def document_mask(documents: torch.Tensor) -> torch.Tensor:
     T = documents.size(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
     return (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
+
+
+class DocumentLayout:
+    """A window's document ids as the attention backends take them, each form built on
+    first use and shared by every layer of a forward: the block-diagonal mask (SDPA,
+    eager: B x T x T booleans, 1 GiB per row at T = 32K: long windows want flash-attn) or
+    flash-attn's varlen index (two host syncs, once per forward)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+        """(B, T) document ids of the whole sequence attention sees."""
+        self._mask: torch.Tensor | None = None
+        self._varlen: tuple[torch.Tensor, int] | None = None
+
+    def mask(self) -> torch.Tensor:
+        if self._mask is None:
+            self._mask = document_mask(self.ids)
+        return self._mask
+
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        if self._varlen is None:
+            self._varlen = cu_seqlens(self.ids)
+        return self._varlen
 
 
 def cu_seqlens(documents: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pretrain.model.attention import ATTN_IMPLS, cached_attention, causal_attention
-from pretrain.model.documents import POSITION_MODES, positions_in_documents
+from pretrain.model.documents import POSITION_MODES, DocumentLayout, positions_in_documents
 from pretrain.model.loss import LOSS_IMPLS, linear_cross_entropy
 
 
@@ -75,7 +75,8 @@ class LlamaConfig:
     (model/documents.py). False: a window is one sequence, documents attend to each other."""
     document_positions: str = "continue"
     """continue: RoPE positions run through the window | reset: they restart at each
-    document (with document_mask, each document is then scored exactly as on its own)."""
+    document (with document_mask, a document's predictions are then those it gets alone,
+    but for one cut by the window's start: model/documents.py)."""
     loss_chunk_tokens: int = 2048
     """Tokens per chunk of the chunked loss: its transient memory is about 6 bytes x this x
     padded_vocab (1.6 GB at 128K entries), and larger chunks make larger, faster matmuls."""
@@ -232,7 +233,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: KVCache | None = None, layer: int = 0, documents: torch.Tensor | None = None,
+        cache: KVCache | None = None, layer: int = 0, documents: DocumentLayout | None = None,
     ) -> torch.Tensor:  # fmt: skip
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
@@ -306,7 +307,7 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: KVCache | None = None, layer: int = 0, documents: torch.Tensor | None = None,
+        cache: KVCache | None = None, layer: int = 0, documents: DocumentLayout | None = None,
     ) -> torch.Tensor:  # fmt: skip
         attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, documents)
         x = x + self.resid_dropout(attn)
@@ -385,7 +386,14 @@ class Transformer(nn.Module):
         elif positions is None:
             positions = torch.arange(T, device=x.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        masked = documents if self.config.document_mask else None
+        if documents is not None and cache is not None:
+            raise ValueError("documents= is for training windows; generation (cache=) attends "
+                             "over its cache as given")  # fmt: skip
+        masked = (
+            DocumentLayout(documents)
+            if self.config.document_mask and documents is not None
+            else None
+        )
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, masked)
         if cache is not None:

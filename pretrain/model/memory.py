@@ -38,8 +38,10 @@ accumulator (4*V*h) and, under bf16, each chunk's product beside it (w*V*h).
 
 Sequence parallelism (Ulysses, `sequence` ranks per sequence) gives each rank seq_len /
 sequence tokens of every micro-batch: all of the above is per token, so it divides (the
-exchanged q, k, v and attention output are as large as the local ones); ZeRO shards over
-every rank, data and sequence.
+exchanged q, k, v and attention output are as large as the local ones), and per block it
+adds the attention output exchanged back, which o_proj keeps beside the kernel's (w*h), and,
+with fewer key/value heads than ranks, their repeated copies (w * 2 * head_dim * (sequence
+- n_kv_heads)); ZeRO shards over every rank, data and sequence.
 
 The peak is the states plus the larger of activations and gradients: activations peak when
 backward starts, before any gradient exists; gradients are complete at its end, when the
@@ -121,6 +123,14 @@ def block_bytes_per_token(cfg: LlamaConfig, precision: str, policy: str = "none"
     return 2 * norm + w * (h + 2 * kv) + w * h + (0 if tiled else w * 4 * cfg.ffn_hidden)
 
 
+def sequence_bytes_per_token(cfg: LlamaConfig, precision: str, sequence: int) -> int:
+    """What sequence parallelism adds per token of a rank's slice (module docstring)."""
+    if sequence == 1:
+        return 0
+    repeated = 2 * cfg.head_dim * max(sequence - cfg.n_kv_heads, 0)
+    return cfg.n_layers * BYTES[precision] * (cfg.d_model + repeated)
+
+
 def tiled_mlp_bytes(cfg: LlamaConfig, precision: str, tokens: int) -> int:
     """What a tiled MLP holds at once, for a micro-batch of `tokens`: one piece's four
     ffn_hidden-wide intermediates, while it is recomputed (0 untiled)."""
@@ -193,6 +203,7 @@ def estimate_memory(
         optimizer = 0  # master weights and moments live in host memory
     tokens = seq_len * micro_batch_size // sequence  # this rank's share of the micro-batch
     activations = tokens * activation_bytes_per_token(cfg, precision, activation_checkpointing)
+    activations += tokens * sequence_bytes_per_token(cfg, precision, sequence)
     activations += tiled_mlp_bytes(cfg, precision, tokens)
     activations += loss_bytes(cfg, precision, tokens, cfg.loss_impl, cfg.loss_chunk_tokens)
     zero3 = zero_stage == 3

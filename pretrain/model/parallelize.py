@@ -60,8 +60,9 @@ def _saved_ops() -> frozenset:
     ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
     if flash_attn_func() is not None:  # importing flash-attn >= 2.6 registers its torch ops
         flash = torch.ops.flash_attn
-        if hasattr(flash, "_flash_attn_forward"):
-            ops.add(flash._flash_attn_forward.default)
+        for name in ("_flash_attn_forward", "_flash_attn_varlen_forward"):  # + documents
+            if hasattr(flash, name):
+                ops.add(getattr(flash, name).default)
     return frozenset(ops)
 
 

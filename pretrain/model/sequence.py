@@ -15,8 +15,9 @@ result (DeepSpeed's ALST does the same).
 
 The loss of a group is the token-weighted mean over all its ranks' positions; each rank's
 share is its own tokens' loss sum over the group's token count (`SequenceShard.share`),
-so summing the shares over the group's ranks, as DeepSpeed's gradient reduction does
-(it divides by the data-parallel size only), gives the group's gradient.
+so summing the shares over the group's ranks, as DeepSpeed's gradient reduction does, gives
+the group's gradient (DeepSpeed divides the sums by the data-parallel size; ZeRO-3 by every
+rank, which engine/module.py makes up for).
 """
 
 from __future__ import annotations

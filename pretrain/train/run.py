@@ -83,6 +83,8 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     if init_from and resume.path is None:
         load_hf_weights(model, Path(init_from), run.as_dict["model"])
     engine = build_engine(run, model, load_universal=resume.universal)
+    if dist.sequence_size() > 1:  # the weights are made: each rank of a sequence group its
+        torch.manual_seed(run.trainer.seed + dist.sequence_rank())  # own dropout masks
     module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim, sequence_shard(),
                                   documents)  # fmt: skip
     state, wandb_run_id = restore(run, module, data, resume)

@@ -196,8 +196,16 @@ def test_sequence_parallel_ranks_hold_their_share_of_the_tokens() -> None:
     one = estimate_memory(SMALL, seq_len=128, micro_batch_size=8, dp=4, zero_stage=3)
     two = estimate_memory(SMALL, seq_len=128, micro_batch_size=8, dp=2, zero_stage=3,
                           sequence=2)  # fmt: skip
-    per_token = activation_bytes_per_token(SMALL, "bf16")
+    # per block, o_proj keeps the attention output exchanged back (bf16: 2 x 64 per token)
+    per_token = activation_bytes_per_token(SMALL, "bf16") + 2 * 2 * 64
     assert two.activations == 4 * 128 * per_token + loss_bytes(SMALL, "bf16", 4 * 128)
+    # 4 ranks, 2 key/value heads: each is repeated, 2 more heads of k and v (16 wide) kept
+    four = estimate_memory(SMALL, seq_len=128, micro_batch_size=8, dp=1, zero_stage=3,
+                           sequence=4)  # fmt: skip
+    extra = 2 * 2 * (64 + 2 * 16 * 2)
+    assert four.activations == 2 * 128 * (activation_bytes_per_token(SMALL, "bf16") + extra) + (
+        loss_bytes(SMALL, "bf16", 2 * 128)
+    )
     assert (two.weights, two.grads, two.optimizer) == (one.weights, one.grads, one.optimizer)
     tiled = estimate_memory(replace(SMALL, mlp_chunk_tokens=256), seq_len=128,
                             micro_batch_size=8, dp=4, zero_stage=3)  # fmt: skip

@@ -88,9 +88,10 @@ def test_which_sequence_parallel_size_fits_a_long_context(tmp_path: Path) -> Non
     by = {int(n): total for n, total in e["by_sequence_parallel"].items()}
     assert sorted(by) == [1, 2, 4, 8]  # 8 GPUs; 32 heads and 32 key/value heads divide
     assert by[4] == e["memory"]["3"]["total"]
-    # The same ZeRO-3 states at every N (sharded over all 8); the activations are per token,
-    # so going from N to 2N saves half of what the step before saved.
-    assert by[1] - by[2] == 2 * (by[2] - by[4]) == 4 * (by[4] - by[8]) > 0
+    # The same ZeRO-3 states at every N (sharded over all 8); the activations are per token
+    # (split ranks add the exchanged attention output o_proj keeps), so from N = 2 on, going
+    # to 2N saves half of what the step before saved.
+    assert by[1] > by[2] and by[2] - by[4] == 2 * (by[4] - by[8]) > 0
     lines = proc.stdout.split("with parallel.sequence=N")[1].splitlines()
     assert any(line.split()[0] == "1" and "too big" in line for line in lines[1:])
     assert any(line.split()[0] == "8" and "fits" in line for line in lines[1:])

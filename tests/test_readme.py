@@ -34,6 +34,11 @@ NOT_RUN = {
         "the test suite itself (it would run this test again)",
         ".ci/run, which runs exactly this command on every submission",
     ),
+    "torchrun --nproc_per_node=8 -m pretrain parallel.sequence=4": (
+        "needs 8 GPUs",
+        "tests/train/test_sequence_parallel.py on 2 and 4 CPU ranks (ZeRO 0-3, the document "
+        "mask, the tiled MLP), and the README's 2-rank parallel.sequence line",
+    ),
     "torchrun --nproc_per_node=8": (
         "needs 8 GPUs",
         "tests/train/test_gpu.py (GPU) and, on 2 CPU ranks, the README's torchrun line before it",

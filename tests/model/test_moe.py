@@ -1,0 +1,107 @@
+"""The mixture-of-experts block (pretrain/model/moe.py): routing and experts against a
+token-by-token reference, deterministic ties, and transformers' Qwen3-MoE block and
+load-balancing loss on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.model.moe import MoE, expert_load, load_balancing_loss
+
+H, FFN, E = 32, 16, 8
+
+
+def reference(block: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token, expert by expert: softmax over all experts in fp32, the k largest
+    (lower index first on ties), weights renormalised when asked, the weighted SwiGLUs."""
+    flat = x.reshape(-1, x.size(-1))
+    rows = []
+    for token in flat:
+        dtype = torch.promote_types(token.dtype, torch.float32)  # fp32, or float64 here
+        probs = F.softmax(token.to(dtype) @ block.gate.weight.to(dtype).T, dim=-1)
+        p = probs.tolist()
+        chosen = sorted(range(len(p)), key=lambda e: (-p[e], e))[: block.gate.top_k]
+        weights = [probs[e] for e in chosen]
+        if block.gate.norm_topk_prob:
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        out = torch.zeros_like(token)
+        for e, w in zip(chosen, weights, strict=True):
+            gate, up = (block.experts.gate_up_proj[e] @ token).chunk(2)
+            out = out + w * (block.experts.down_proj[e] @ (F.silu(gate) * up))
+        rows.append(out)
+    return torch.stack(rows).view_as(x)
+
+
+@pytest.mark.parametrize(("top_k", "norm"), [(1, False), (2, False), (2, True), (3, True)])
+def test_the_block_equals_a_token_by_token_reference(top_k: int, norm: bool) -> None:
+    torch.manual_seed(0)
+    block = MoE(H, FFN, E, top_k, norm_topk_prob=norm, std=0.3)  # spread routing
+    x = torch.randn(3, 11, H, requires_grad=True)
+    ours = block(x)
+    ref = reference(block, x)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-6)
+    # and the same gradients, to the router, the experts and the input (in float64, where
+    # per-token and batched sums agree far below the check)
+    block, x = block.double(), x.detach().double().requires_grad_()
+    grads = torch.autograd.grad(block(x).square().sum(), [x, *block.parameters()])
+    ref_grads = torch.autograd.grad(reference(block, x).square().sum(), [x, *block.parameters()])
+    for ours_g, ref_g in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(ours_g, ref_g, rtol=1e-7, atol=1e-10)
+    probs, experts = block.routing
+    assert experts.shape == (33, top_k) and probs.shape == (33, E)
+    assert expert_load(experts, E).sum().item() == pytest.approx(1.0)
+
+
+def test_ties_go_to_the_lower_expert_every_time() -> None:
+    """Experts 5 and 2 route identically (equal router rows): every token's probabilities
+    for them are equal, and the choice is expert 2 on every run."""
+    torch.manual_seed(0)
+    block = MoE(H, FFN, E, top_k=1, std=0.3)
+    with torch.no_grad():
+        block.gate.weight[:] = 0.0
+        block.gate.weight[2] = block.gate.weight[5] = torch.randn(H)
+    x = torch.randn(40, H)
+    x = x * torch.sign(x @ block.gate.weight[2])[:, None]  # experts 2 and 5 lead for all
+    picks = [block.gate(x)[1] for _ in range(3)]
+    assert all(torch.equal(p, picks[0]) for p in picks)
+    assert picks[0].flatten().tolist() == [2] * 40
+    torch.testing.assert_close(block(x), reference(block, x))
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_qwen3_moe_block_on_the_same_weights(norm: bool) -> None:
+    """transformers' Qwen3MoeSparseMoeBlock, given our weights (the same fused layout),
+    computes the same outputs, and its load-balancing loss equals ours."""
+    modeling = pytest.importorskip("transformers.models.qwen3_moe.modeling_qwen3_moe")
+    config = modeling.Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=FFN, num_experts=E,
+                                     num_experts_per_tok=2, norm_topk_prob=norm)  # fmt: skip
+    torch.manual_seed(0)
+    ours = MoE(H, FFN, E, top_k=2, norm_topk_prob=norm, std=0.3)
+    hf = modeling.Qwen3MoeSparseMoeBlock(config)
+    hf.load_state_dict(ours.state_dict())  # gate.weight, experts.gate_up_proj, .down_proj
+    x = torch.randn(2, 9, H)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-6)
+        routings, logits = [ours.routing], [F.linear(x.reshape(-1, H), ours.gate.weight)]
+        y = torch.randn(3, 5, H)
+        ours(y)
+        routings.append(ours.routing)
+        logits.append(F.linear(y.reshape(-1, H), ours.gate.weight))
+        hf_aux = modeling.load_balancing_loss_func(tuple(logits), E, 2)
+    torch.testing.assert_close(load_balancing_loss(routings), hf_aux)
+
+
+def test_an_even_load_costs_top_k_and_a_collapsed_one_more() -> None:
+    n = 64
+    even = torch.arange(n * 2).remainder(E).view(n, 2)  # every expert equally often
+    uniform = torch.full((n, E), 1 / E)
+    assert load_balancing_loss([(uniform, even)]).item() == pytest.approx(2.0)
+    collapsed = torch.zeros(n, 2, dtype=torch.long)
+    collapsed[:, 1] = 1
+    peaked = torch.zeros(n, E)
+    peaked[:, 0], peaked[:, 1] = 0.6, 0.4
+    assert load_balancing_loss([(peaked, collapsed)]).item() == pytest.approx(E * (0.6 + 0.4))
+    assert expert_load(collapsed, E).tolist()[:3] == [0.5, 0.5, 0.0]

@@ -50,7 +50,8 @@ from pretrain.engine.deepspeed import build_engine, build_model, sequence_shard,
 from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import adamw_kernel, lr_scheduler, param_groups
 from pretrain.model.attention import resolve_impl
-from pretrain.model.flops import flops_per_token, peak_flops
+from pretrain.model.family import family_of, model_fields
+from pretrain.model.flops import peak_flops
 from pretrain.model.llama import LlamaConfig
 from pretrain.model.llama_family import LLAMA
 from pretrain.model.memory import estimate_memory
@@ -103,7 +104,9 @@ def figures(run: RunConfig, times: list[float], final_loss: float) -> dict[str, 
     step_time = statistics.median(times)
     tokens_per_s = run.tokens_per_step / step_time
     cfg: LlamaConfig = OmegaConf.to_object(run.model)  # the Llama schema is a LlamaConfig
-    model_flops = flops_per_token(cfg, run.trainer.seq_len) * tokens_per_s  # the logged MFU's
+    model = run.as_dict["model"]  # the family's count, as the logged MFU's (MoE: active)
+    count = family_of(model).flops_per_token(model_fields(model), run.trainer.seq_len)
+    model_flops = (count or 0.0) * tokens_per_s
     peak = peak_flops(torch.cuda.get_device_name(), run.precision) if cuda else None
     t = run.trainer
     return {

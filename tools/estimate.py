@@ -34,6 +34,7 @@ from pretrain.model.flops import (
 )
 from pretrain.model.llama import LlamaConfig
 from pretrain.model.memory import GPU_MEMORY_GIB, estimate_memory
+from pretrain.model.moe_model import MoEConfig
 from pretrain.model.sequence import kv_heads_error
 
 GIB = 2**30
@@ -45,8 +46,9 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
     # The run's own resolve(): same presets, derived accumulation and batch checks.
     run = resolve(compose(overrides), world_size=gpus, cuda_available=True)
     model = OmegaConf.to_object(run.model)
-    if not isinstance(model, LlamaConfig):
-        raise ValueError("tools/estimate.py sizes Llama models: choose a model=llama_* preset")
+    if not isinstance(model, LlamaConfig) or isinstance(model, MoEConfig):
+        raise ValueError("tools/estimate.py sizes Llama models: choose a model=llama_* preset "
+                         "(mixture-of-experts models are not sized yet)")  # fmt: skip
     seq_len, micro = run.trainer.seq_len, run.trainer.micro_batch_size
     flops = flops_per_token(model, seq_len, causal=args.attention_flops == "causal")
     peak = peak_flops(args.gpu, run.precision)  # the table bench_train.py uses, by GPU name

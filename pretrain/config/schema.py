@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from pretrain.model.llama import LlamaConfig
+from pretrain.model.moe_model import MoEConfig
 
 
 @dataclass
@@ -26,6 +27,15 @@ class LlamaModelSchema(LlamaConfig):
     """A Hugging Face Llama directory (config.json + *.safetensors) to start from instead of
     random weights (continued pretraining); its shape must equal this model's. Ignored when
     resuming from a checkpoint of this run."""
+
+
+@dataclass
+class MoEModelSchema(MoEConfig):
+    """model=moe_tiny: the sparse Llama (model/moe_model.py)."""
+
+    _target_: str = "pretrain.model.moe_model.MoETransformer"
+    init_from: str | None = None
+    """Not available yet for this family (no Hugging Face counterpart)."""
 
 
 @dataclass
@@ -365,6 +375,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="model", name="llama_schema", node=LlamaModelSchema)
+    cs.store(group="model", name="moe_schema", node=MoEModelSchema)
     cs.store(group="model", name="lstm_schema", node=LSTMModelSchema)
     cs.store(group="model", name="transformer_encoder_schema", node=TransformerEncoderModelSchema)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataSchema)

@@ -176,8 +176,9 @@ def families() -> dict[str, ModelFamily]:
     """Every family, by its `_target_`."""
     from pretrain.model.baselines import ENCODER, LSTM
     from pretrain.model.llama_family import LLAMA
+    from pretrain.model.moe_family import MOE
 
-    return {f.target: f for f in (LLAMA, LSTM, ENCODER)}
+    return {f.target: f for f in (LLAMA, MOE, LSTM, ENCODER)}
 
 
 def family_of(section: Mapping[str, Any]) -> ModelFamily:

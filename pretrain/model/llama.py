@@ -295,14 +295,16 @@ class LMHead(nn.Linear):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)). `mlp`: the
+    feed-forward module (default: the SwiGLU `MLP`; a mixture-of-experts family passes its
+    own, model/moe_model.py)."""
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp if mlp is not None else MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -328,12 +330,16 @@ class Transformer(nn.Module):
             raise ValueError("invalid model config:\n  " + "\n  ".join(errs))
         self.embed_tokens = nn.Embedding(cfg.padded_vocab, cfg.d_model)
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, self.feed_forward(i)) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = LMHead(cfg)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
+
+    def feed_forward(self, layer: int) -> nn.Module | None:
+        """Block `layer`'s feed-forward module; None: the SwiGLU MLP (a subclass chooses)."""
+        return None
 
     @property
     def max_seq_len(self) -> int:

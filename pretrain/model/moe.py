@@ -54,12 +54,17 @@ class Experts(nn.Module):
     """E SwiGLU experts of hidden width I, fused: gate_up_proj (E, 2I, H), down_proj
     (E, H, I)."""
 
-    def __init__(self, d_model: int, ffn_hidden: int, n_experts: int, std: float = 0.02) -> None:
+    def __init__(
+        self, d_model: int, ffn_hidden: int, n_experts: int, std: float = 0.02,
+        down_std: float | None = None,
+    ) -> None:  # fmt: skip
+        """Normal init, std (down_proj: down_std, default std), here in the constructor:
+        under ZeRO-3's zero.Init a module's parameters are sharded once it is built."""
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * ffn_hidden, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, ffn_hidden))
         nn.init.normal_(self.gate_up_proj, std=std)
-        nn.init.normal_(self.down_proj, std=std)
+        nn.init.normal_(self.down_proj, std=std if down_std is None else down_std)
 
     @property
     def n_experts(self) -> int:
@@ -97,11 +102,11 @@ class MoE(nn.Module):
 
     def __init__(
         self, d_model: int, ffn_hidden: int, n_experts: int, top_k: int,
-        norm_topk_prob: bool = False, std: float = 0.02,
+        norm_topk_prob: bool = False, std: float = 0.02, down_std: float | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.gate = Router(d_model, n_experts, top_k, norm_topk_prob)
-        self.experts = Experts(d_model, ffn_hidden, n_experts, std)
+        self.experts = Experts(d_model, ffn_hidden, n_experts, std, down_std)
         self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pretrain.model.llama_family import LLAMA
 from pretrain.model.moe import MoE, expert_load, load_balancing_loss
+from pretrain.model.moe_family import MOE
+from pretrain.model.moe_model import MoEConfig, MoETransformer, active_matmul_params
 
 H, FFN, E = 32, 16, 8
 
@@ -105,3 +108,46 @@ def test_an_even_load_costs_top_k_and_a_collapsed_one_more() -> None:
     peaked[:, 0], peaked[:, 1] = 0.6, 0.4
     assert load_balancing_loss([(peaked, collapsed)]).item() == pytest.approx(E * (0.6 + 0.4))
     assert expert_load(collapsed, E).tolist()[:3] == [0.5, 0.5, 0.0]
+
+
+def _tiny(**kw: object) -> MoEConfig:
+    base = dict(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=101,
+                n_experts=E, top_k=2, moe_ffn_hidden=FFN, aux_loss_coef=0.01)  # fmt: skip
+    return MoEConfig(**{**base, **kw})
+
+
+def test_the_sparse_llama_adds_the_weighted_aux_loss_of_its_sparse_blocks() -> None:
+    torch.manual_seed(0)
+    model = MoETransformer(_tiny(moe_every=2))  # block 1 sparse, 0 and 2 dense
+    assert [isinstance(b.mlp, MoE) for b in model.layers] == [False, True, False]
+    tokens = torch.randint(0, 101, (2, 17))
+    total = model(tokens[:, :-1], tokens[:, 1:])
+    routing = model.moe_blocks()[0].routing
+    assert model.aux_loss == load_balancing_loss([routing])
+    plain = MoETransformer(_tiny(moe_every=2, aux_loss_coef=0.0))
+    plain.load_state_dict(model.state_dict())
+    lm = plain(tokens[:, :-1], tokens[:, 1:])
+    torch.testing.assert_close(total, lm + 0.01 * model.aux_loss)
+    total.backward()  # the router learns from the aux loss too
+    assert model.moe_blocks()[0].gate.weight.grad.abs().sum() > 0
+
+
+def test_flops_count_the_active_experts_only() -> None:
+    """MFU's weights: every dense matmul, the router, top_k of E experts, the head."""
+    cfg = _tiny(moe_every=1)
+    model = MoETransformer(cfg)
+    matmul = sum(p.numel() for n, p in model.named_parameters()
+                 if p.dim() >= 2 and n != "embed_tokens.weight")  # fmt: skip
+    experts = sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel()
+                  for b in model.moe_blocks())  # fmt: skip
+    assert active_matmul_params(cfg) == matmul - experts + experts * cfg.top_k // cfg.n_experts
+    assert MOE.flops_per_token(vars(cfg), 64) < LLAMA.flops_per_token(
+        {**vars(cfg), "ffn_hidden": cfg.n_experts * FFN}, 64
+    )  # a dense model as wide as all the experts costs more
+
+
+def test_bad_moe_settings_are_named() -> None:
+    errors = _tiny(top_k=9, moe_every=0, aux_loss_coef=-1.0).errors()
+    assert any("model.top_k=9 exceeds model.n_experts=8" in e for e in errors)
+    assert any("model.moe_every=0: must be >= 1" in e for e in errors)
+    assert any("model.aux_loss_coef=-1.0" in e for e in errors)

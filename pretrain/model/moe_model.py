@@ -1,0 +1,105 @@
+"""A sparse Llama: Transformer blocks whose feed-forward is a top-k routed set of SwiGLU
+experts (model/moe.py), as Qwen3-MoE and OLMoE build them (issue 23, in progress: one
+process and data parallelism under ZeRO; expert parallelism, q/k norms, the logged load and
+the Hugging Face export are to come).
+
+Block i is sparse when (i + 1) % moe_every == 0 (transformers' `decoder_sparse_step`),
+dense otherwise. With targets, `forward` returns the language-model loss plus
+`aux_loss_coef` times the load-balancing loss over every sparse block (`aux_loss` keeps
+the latter for the logs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pretrain.model.llama import LlamaConfig, Transformer
+from pretrain.model.moe import MoE, load_balancing_loss
+
+
+@dataclass
+class MoEConfig(LlamaConfig):
+    """A Llama config with sparse feed-forward blocks (`ffn_hidden` sizes the dense ones)."""
+
+    n_experts: int = 8
+    """Experts per sparse block (transformers: num_experts)."""
+    top_k: int = 2
+    """Experts each token is sent to (num_experts_per_tok)."""
+    moe_ffn_hidden: int = 128
+    """Each expert's SwiGLU width (moe_intermediate_size)."""
+    norm_topk_prob: bool = False
+    """Renormalise the k routing weights to sum to 1 (Qwen3-MoE's and OLMoE's option)."""
+    moe_every: int = 1
+    """Block i is sparse when (i + 1) % moe_every == 0 (decoder_sparse_step); 1: all."""
+    aux_loss_coef: float = 0.001
+    """Weight of the load-balancing loss in the training loss (router_aux_loss_coef)."""
+
+    def errors(self) -> list[str]:
+        errs = super().errors()
+        for key in ("n_experts", "top_k", "moe_ffn_hidden", "moe_every"):
+            if getattr(self, key) < 1:
+                errs.append(f"model.{key}={getattr(self, key)}: must be >= 1")
+        if self.top_k > self.n_experts >= 1:
+            errs.append(f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}: "
+                        "a token can go to at most every expert")  # fmt: skip
+        if self.aux_loss_coef < 0:
+            errs.append(f"model.aux_loss_coef={self.aux_loss_coef}: must be >= 0 (0: off)")
+        return errs
+
+    def is_sparse(self, layer: int) -> bool:
+        return (layer + 1) % self.moe_every == 0
+
+
+class MoETransformer(Transformer):
+    """The Llama Transformer with `MoE` feed-forward blocks where `MoEConfig.is_sparse`."""
+
+    config: MoEConfig
+
+    def __init__(self, config: MoEConfig | None = None, **fields: object) -> None:
+        super().__init__(config if config is not None else MoEConfig(**fields))
+        self.aux_loss: torch.Tensor | None = None
+        """The load-balancing loss of the last forward with targets."""
+
+    def feed_forward(self, layer: int) -> nn.Module | None:
+        cfg = self.config
+        if not cfg.is_sparse(layer):
+            return None
+        # Residual outputs scaled as the dense down_proj is (Transformer._init_weights).
+        return MoE(cfg.d_model, cfg.moe_ffn_hidden, cfg.n_experts, cfg.top_k,
+                   cfg.norm_topk_prob, cfg.init_std,
+                   down_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))  # fmt: skip
+
+    def moe_blocks(self) -> list[MoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                **kwargs: object) -> torch.Tensor:  # fmt: skip
+        out = super().forward(tokens, targets, **kwargs)
+        if targets is None:
+            return out
+        blocks = self.moe_blocks()
+        if not blocks:
+            return out
+        self.aux_loss = load_balancing_loss([b.routing for b in blocks])
+        return out + self.config.aux_loss_coef * self.aux_loss
+
+
+def active_matmul_params(cfg: MoEConfig) -> int:
+    """Weights a token goes through: every dense projection, the router, and top_k of each
+    sparse block's experts (what MFU counts, not the total), plus the output head."""
+    h = cfg.d_model
+    attn = h * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    sparse = sum(cfg.is_sparse(i) for i in range(cfg.n_layers))
+    dense = cfg.n_layers - sparse
+    per_sparse = cfg.n_experts * h + cfg.top_k * 3 * h * cfg.moe_ffn_hidden
+    return (cfg.n_layers * attn + dense * 3 * h * cfg.ffn_hidden + sparse * per_sparse
+            + cfg.padded_vocab * h)  # fmt: skip
+
+
+def moe_flops_per_token(cfg: MoEConfig, seq_len: int) -> int:
+    """Training FLOPs per token (model/flops.py's convention) over the active weights."""
+    return 6 * active_matmul_params(cfg) + 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim

@@ -3,6 +3,7 @@ to know about DeepSpeed lives here, so the loop imports nothing from it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ class DeepSpeedTrainModule:
     def __init__(
         self, engine: Any, clip: float | None, optim: OptimConfig,
         sequence: SequenceShard | None = None, documents: DocumentSplit | None = None,
+        model_metrics: Callable[[], dict[str, float]] | None = None,
     ) -> None:  # fmt: skip
         """`clip`: engine.deepspeed.trainer_clip(run), the max gradient norm clipped here
         (0: none) where DeepSpeed does not clip; None where DeepSpeed does. `optim`: this
@@ -37,7 +39,9 @@ class DeepSpeedTrainModule:
         this rank's place in its sequence-parallel group, whose ranks get the same
         micro-batches and each run the model on its slice (model/sequence.py). `documents`:
         the model keeps packed documents apart (model.document_mask, or positions that
-        restart per document); each micro-batch's document ids go with it."""
+        restart per document); each micro-batch's document ids go with it. `model_metrics`:
+        the model family's figures of the step (`ModelFamily.step_metrics`)."""
+        self._model_metrics = model_metrics or dict
         self.engine, self.optim, self.sequence, self.documents = engine, optim, sequence, documents
         # DeepSpeed divides the gradients summed over all ranks by the data-parallel size,
         # except ZeRO-3's reduce-scatter (every bucket, with reduce_scatter on, as
@@ -99,7 +103,8 @@ class DeepSpeedTrainModule:
             self.engine.train()
 
     def metrics(self) -> dict[str, float]:
-        return {**memory_metrics(self.device), **fp16_metrics(self.engine)}
+        return {**memory_metrics(self.device), **fp16_metrics(self.engine),
+                **self._model_metrics()}  # fmt: skip
 
     def save(
         self, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],

@@ -115,6 +115,11 @@ class ModelFamily(Protocol):
         the family has no count."""
         ...
 
+    def step_metrics(self, model: nn.Module) -> dict[str, float]:
+        """Figures the model adds to each step's record (e.g. a router's load), gathered
+        over the step's micro-batches on this rank and reset by the call; {} for none."""
+        ...
+
 
 class PlainFamily:
     """A model class as a family with nothing beyond the loop's basics: built from its
@@ -163,6 +168,9 @@ class PlainFamily:
 
     def flops_per_token(self, fields: Mapping[str, Any], seq_len: int) -> float | None:
         return None
+
+    def step_metrics(self, model: nn.Module) -> dict[str, float]:
+        return {}
 
 
 GENERIC_SHAPE_KEYS = (

@@ -178,5 +178,8 @@ class LlamaFamily:
     def flops_per_token(self, fields: Mapping[str, Any], seq_len: int) -> float | None:
         return flops_per_token(llama_config(fields), seq_len)
 
+    def step_metrics(self, model: nn.Module) -> dict[str, float]:
+        return {}
+
 
 LLAMA = LlamaFamily()

@@ -108,12 +108,25 @@ class MoE(nn.Module):
         self.gate = Router(d_model, n_experts, top_k, norm_topk_prob)
         self.experts = Experts(d_model, ffn_hidden, n_experts, std, down_std)
         self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.routed = torch.zeros(n_experts)
+        """Slots routed to each expert by training forwards since `take_load` (on the
+        device of the last forward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
         weights, experts, probs = self.gate(flat)
         self.routing = probs, experts
+        if self.training:
+            counts = torch.bincount(experts.reshape(-1), minlength=probs.size(1)).float()
+            self.routed = self.routed.to(counts.device) + counts
         return self.experts(flat, weights, experts).view_as(x)
+
+    def take_load(self) -> torch.Tensor:
+        """(E,) each expert's fraction of the slots routed since the last call (zeros when
+        none were), and start counting afresh."""
+        load = self.routed / self.routed.sum().clamp(min=1)
+        self.routed = torch.zeros_like(self.routed)
+        return load
 
 
 def expert_load(experts: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -34,5 +34,9 @@ class MoEFamily(LlamaFamily):
     def flops_per_token(self, fields: Mapping[str, Any], seq_len: int) -> float | None:
         return moe_flops_per_token(moe_config(fields), seq_len)
 
+    def step_metrics(self, model: nn.Module) -> dict[str, float]:
+        assert isinstance(model, MoETransformer)
+        return model.moe_metrics()
+
 
 MOE = MoEFamily()

@@ -63,6 +63,7 @@ class MoETransformer(Transformer):
         super().__init__(config if config is not None else MoEConfig(**fields))
         self.aux_loss: torch.Tensor | None = None
         """The load-balancing loss of the last forward with targets."""
+        self._aux: list[torch.Tensor] = []  # training forwards' aux losses since moe_metrics
 
     def feed_forward(self, layer: int) -> nn.Module | None:
         cfg = self.config
@@ -85,7 +86,31 @@ class MoETransformer(Transformer):
         if not blocks:
             return out
         self.aux_loss = load_balancing_loss([b.routing for b in blocks])
+        if self.training:
+            self._aux.append(self.aux_loss.detach())
         return out + self.config.aux_loss_coef * self.aux_loss
+
+    def moe_metrics(self) -> dict[str, float]:
+        """Since the last call (a step's micro-batches on this rank): the mean load-balancing
+        loss (`moe_aux_loss`, before its coefficient; k for an even load) and each sparse
+        block's least and most loaded expert, as fractions of its routed slots
+        (`moe_load_min/<block>`, `moe_load_max/<block>`; 1/n_experts each when even, and
+        the max near 1 when the router collapsed onto one expert), with the extremes over
+        the blocks (`moe_load_min`, `moe_load_max`)."""
+        figures: dict[str, float] = {}
+        if self._aux:
+            figures["moe_aux_loss"] = float(torch.stack(self._aux).mean())
+            self._aux = []
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, MoE):
+                load = layer.mlp.take_load()
+                figures[f"moe_load_min/{i}"] = float(load.min())
+                figures[f"moe_load_max/{i}"] = float(load.max())
+        mins = [v for k, v in figures.items() if k.startswith("moe_load_min/")]
+        maxs = [v for k, v in figures.items() if k.startswith("moe_load_max/")]
+        if mins:
+            figures["moe_load_min"], figures["moe_load_max"] = min(mins), max(maxs)
+        return figures
 
 
 def active_matmul_params(cfg: MoEConfig) -> int:

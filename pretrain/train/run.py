@@ -85,8 +85,9 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     engine = build_engine(run, model, load_universal=resume.universal)
     if dist.sequence_size() > 1:  # the weights are made: each rank of a sequence group its
         torch.manual_seed(run.trainer.seed + dist.sequence_rank())  # own dropout masks
+    family = family_of(run.model)
     module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim, sequence_shard(),
-                                  documents)  # fmt: skip
+                                  documents, lambda: family.step_metrics(model))  # fmt: skip
     state, wandb_run_id = restore(run, module, data, resume)
     loggers = _start_logging(run, state, resume.path is not None, wandb_run_id)
     peak, peak_source = resolve_peak(run.logger.peak_tflops, engine.device, run.precision)

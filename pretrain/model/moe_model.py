@@ -4,9 +4,10 @@ process and data parallelism under ZeRO; expert parallelism, q/k norms, the logg
 the Hugging Face export are to come).
 
 Block i is sparse when (i + 1) % moe_every == 0 (transformers' `decoder_sparse_step`),
-dense otherwise. With targets, `forward` returns the language-model loss plus
+dense otherwise. With targets, in training, `forward` returns the language-model loss plus
 `aux_loss_coef` times the load-balancing loss over every sparse block (`aux_loss` keeps
-the latter for the logs).
+the latter for the logs); in eval mode, the language-model loss alone (val_loss and
+perplexity compare with dense models).
 """
 
 from __future__ import annotations
@@ -80,11 +81,9 @@ class MoETransformer(Transformer):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 **kwargs: object) -> torch.Tensor:  # fmt: skip
         out = super().forward(tokens, targets, **kwargs)
-        if targets is None:
-            return out
         blocks = self.moe_blocks()
-        if not blocks:
-            return out
+        if targets is None or not blocks or not self.training:
+            return out  # evaluation scores the language model alone
         self.aux_loss = load_balancing_loss([b.routing for b in blocks])
         if self.training:
             self._aux.append(self.aux_loss.detach())

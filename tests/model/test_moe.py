@@ -130,6 +130,8 @@ def test_the_sparse_llama_adds_the_weighted_aux_loss_of_its_sparse_blocks() -> N
     torch.testing.assert_close(total, lm + 0.01 * model.aux_loss)
     total.backward()  # the router learns from the aux loss too
     assert model.moe_blocks()[0].gate.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # evaluation scores the language model alone
+        torch.testing.assert_close(model.eval()(tokens[:, :-1], tokens[:, 1:]), lm)
 
 
 def test_flops_count_the_active_experts_only() -> None:

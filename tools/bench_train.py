@@ -340,7 +340,8 @@ def ratio(a: dict, b: dict | None) -> float:
 
 
 def print_results(results: list[dict], run: RunConfig, args: argparse.Namespace) -> None:
-    """The table (and --json): a row per configuration, with its ratios to plain and hf."""
+    """The table (and --json): a row per configuration, with its ratios to plain and hf,
+    then the first row's ratios (the last lines)."""
     plain, hf = results[-2:] if not args.no_baselines else (None, None)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(
@@ -377,6 +378,9 @@ def print_results(results: list[dict], run: RunConfig, args: argparse.Namespace)
             record = {"device": device, "overrides": args.overrides, "steps": args.steps,
                       "warmup": args.warmup, "results": results}  # fmt: skip
             json.dump(record, f, indent=2)
+    if hf is not None:
+        print(f"ours/plain tokens-per-s ratio: {ratio(results[0], plain):.3f}")
+        print(f"ours/hf tokens-per-s ratio: {ratio(results[0], hf):.3f}")
 
 
 def main() -> None:
@@ -443,16 +447,9 @@ def main() -> None:
         built = [prepare() for _, _, prepare in rows]
         timed = bench_interleaved(built, args.steps, args.warmup, args.rounds, cuda)
         results = [{"variant": name, **t} for (name, _, _), t in zip(rows, timed, strict=True)]
-    ours = results[0]
-    plain, hf = results[-2:] if not args.no_baselines else (None, None)
 
-    if not dist.is_main():
-        dist.destroy(finished=True)
-        return
-    print_results(results, run, args)
-    if hf is not None:
-        print(f"ours/plain tokens-per-s ratio: {ratio(ours, plain):.3f}")
-        print(f"ours/hf tokens-per-s ratio: {ratio(ours, hf):.3f}")
+    if dist.is_main():
+        print_results(results, run, args)
     dist.destroy(finished=True)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 from torch import nn
 
 from pretrain import dist
@@ -96,8 +97,6 @@ class SequenceParallelUnit:
     """
 
     def __init__(self) -> None:
-        import torch.distributed as tdist
-
         self._alone = tdist.new_group([dist.rank()], use_local_synchronization=True)
         self._world = tdist.group.WORLD
 

@@ -75,19 +75,20 @@ class Experts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
-                ) -> torch.Tensor:  # fmt: skip
-        """x (N, H); weights, experts (N, k) from the router -> (N, H): each token's weighted
-        sum of its experts' outputs."""
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """x (N, H); weights, experts (N, k) from the router, counts (E,) the slots each
+        expert got -> (N, H): each token's weighted sum of its experts' outputs."""
         k = experts.size(1)
         flat = experts.reshape(-1)  # (N k,): slot j is token j // k's (j % k)-th choice
         order = torch.sort(flat, stable=True).indices  # slots grouped by expert, in order
         tokens = order // k
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         grouped = x[tokens]  # (N k, H): each expert's tokens contiguous
         out = torch.empty_like(grouped)
         start = 0
-        for e, n in enumerate(counts):  # the CPU fallback of a grouped matmul
+        for e, n in enumerate(counts.tolist()):  # the CPU fallback of a grouped matmul
             if n:
                 out[start : start + n] = self.expert(e, grouped[start : start + n])
             start += n
@@ -97,8 +98,8 @@ class Experts(nn.Module):
 
 class MoE(nn.Module):
     """The MoE feed-forward block: (B, T, H) -> (B, T, H). The routing of its last forward
-    (`routing`: every expert's probability (N, E) and the chosen experts (N, k)) stays for
-    the load-balancing loss and the expert-load logs."""
+    (`routing`: every expert's probability (N, E) and the slots each expert got (E,)) stays
+    for the load-balancing loss; training forwards add up `routed` for the load logs."""
 
     def __init__(
         self, d_model: int, ffn_hidden: int, n_experts: int, top_k: int,
@@ -108,6 +109,7 @@ class MoE(nn.Module):
         self.gate = Router(d_model, n_experts, top_k, norm_topk_prob)
         self.experts = Experts(d_model, ffn_hidden, n_experts, std, down_std)
         self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.n_experts = n_experts
         self.routed = torch.zeros(n_experts)
         """Slots routed to each expert by training forwards since `take_load` (on the
         device of the last forward)."""
@@ -115,11 +117,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
         weights, experts, probs = self.gate(flat)
-        self.routing = probs, experts
+        counts = torch.bincount(experts.reshape(-1), minlength=self.n_experts)
+        self.routing = probs, counts
         if self.training:
-            counts = torch.bincount(experts.reshape(-1), minlength=probs.size(1)).float()
             self.routed = self.routed.to(counts.device) + counts
-        return self.experts(flat, weights, experts).view_as(x)
+        return self.experts(flat, weights, experts, counts).view_as(x)
 
     def take_load(self) -> torch.Tensor:
         """(E,) each expert's fraction of the slots routed since the last call (zeros when
@@ -129,21 +131,14 @@ class MoE(nn.Module):
         return load
 
 
-def expert_load(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """(E,) each expert's fraction of the routed slots (N x k of them): 1/E each when even;
-    a collapsed router shows as one near 1."""
-    counts = torch.bincount(experts.reshape(-1), minlength=n_experts).float()
-    return counts / max(experts.numel(), 1)
-
-
 def load_balancing_loss(routings: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The Switch Transformer's auxiliary loss over every MoE layer's routing (probs (N, E),
-    experts (N, k)), as transformers' `load_balancing_loss_func` computes it, so a
+    slots per expert (E,)), as transformers' `load_balancing_loss_func` computes it, so a
     `router_aux_loss_coef` carries over: E x sum_e f_e x P_e, where f_e is the number of
     slots that went to expert e per token and P_e its mean probability, both pooled over
     the layers (a gradient flows through P only). k for an even load."""
     n_experts = routings[0][0].size(1)
-    counts = sum(torch.bincount(e.reshape(-1), minlength=n_experts).float() for _, e in routings)
+    counts = sum(c.float() for _, c in routings)
     probs = sum(p.sum(dim=0) for p, _ in routings)
     rows = sum(p.size(0) for p, _ in routings)
     return n_experts * ((counts / rows) * (probs / rows)).sum()

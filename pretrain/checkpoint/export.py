@@ -242,29 +242,43 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, A
     import deepspeed
     from safetensors import safe_open
 
-    found: set[str] = set()
-    for f in files:  # one tensor at a time: never the whole model in memory twice
+    # Each parameter's parts (HF tensor, file, index), so each is gathered and set once.
+    parts: dict[str, list[tuple[str, Path, tuple[int | slice, ...]]]] = {}
+    for f in files:
         with safe_open(str(f), framework="pt") as weights:
             for hf_name in weights.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                targets = [n for n in hf.our_names(hf_name, fields) if n in params]
-                if not targets:
-                    continue
-                tensor = weights.get_tensor(hf_name)
-                for target in targets:
-                    _set_param(params[target], tensor, deepspeed)
-                    found.add(target)
-    missing = sorted(set(params) - found)
+                for target, index in hf.our_parts(hf_name, fields):
+                    if target in params:
+                        parts.setdefault(target, []).append((hf_name, f, index))
+    missing = sorted(set(params) - set(parts))
     if missing:
         raise ValueError(f"model.init_from={hf_dir} lacks weights for {missing[:5]}")
-    log.info("initialised the model from %s (%d tensors)", hf_dir, len(found))
+    for target, pieces in parts.items():  # one parameter and one HF tensor at a time
+        try:
+            _set_param(params[target], pieces, deepspeed, safe_open)
+        except ValueError as e:
+            raise ValueError(f"model.init_from={hf_dir}: {target}: {e}") from None
+    log.info("initialised the model from %s (%d tensors)", hf_dir,
+             sum(len(p) for p in parts.values()))  # fmt: skip
 
 
-def _set_param(param: torch.nn.Parameter, value: torch.Tensor, deepspeed: Any) -> None:
-    """Set a parameter, also when ZeRO-3 shards it (gathered, set, re-sharded). A vocabulary
-    table may have fewer rows than ours (model.vocab_multiple's padding keeps its init)."""
+def _set_param(
+    param: torch.nn.Parameter, pieces: list[tuple[str, Path, tuple[int | slice, ...]]],
+    deepspeed: Any, safe_open: Any,
+) -> None:  # fmt: skip
+    """Set a parameter from its HF tensors (name, file, the index of the part each sets),
+    also when ZeRO-3 shards it (gathered once, set, re-sharded). A vocabulary table may
+    have fewer rows than ours (model.vocab_multiple's padding keeps its init)."""
     shape = tuple(getattr(param, "ds_shape", param.shape))
-    rows_fit = value.dim() == 2 and value.shape[1:] == shape[1:] and value.shape[0] <= shape[0]
-    if tuple(value.shape) != shape and not rows_fit:
-        raise ValueError(f"shape {tuple(value.shape)} where the model has {shape}")
     with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
-        param[: value.shape[0]].copy_(value.to(param.dtype))  # every rank: ZeRO 0-2 hold all
+        for hf_name, file, index in pieces:  # every rank sets: ZeRO 0-2 hold all of it
+            with safe_open(str(file), framework="pt") as weights:
+                value = weights.get_tensor(hf_name)
+            part = param[index] if index else param
+            want = tuple(part.shape) if index else shape
+            rows_fit = (not index and value.dim() == 2 and value.shape[1:] == want[1:]
+                        and value.shape[0] <= want[0])  # fmt: skip
+            if tuple(value.shape) != want and not rows_fit:
+                raise ValueError(f"{hf_name} has shape {tuple(value.shape)} where the model "
+                                 f"has {want}")  # fmt: skip
+            part[: value.shape[0]].copy_(value.to(param.dtype))

@@ -239,7 +239,7 @@ def _check_model(
     elif init_from and not (Path(init_from) / "config.json").is_file():
         errors.append(
             f"model.init_from={init_from}: no config.json there; give a Hugging Face "
-            f"{family.hf.model_type} directory (tools/export_hf.py writes one)"
+            f"{' or '.join(family.hf.model_types)} directory (tools/export_hf.py writes one)"
         )
     _check_compiled_block(family.target, family.block, trainer, ds, errors)
     max_seq_len = model.get("max_seq_len")

@@ -31,11 +31,13 @@ class LlamaModelSchema(LlamaConfig):
 
 @dataclass
 class MoEModelSchema(MoEConfig):
-    """model=moe_tiny: the sparse Llama (model/moe_model.py)."""
+    """model=moe_tiny|moe_1b|olmoe_1b_7b|qwen3_30b_a3b: the sparse Llama
+    (model/moe_model.py)."""
 
     _target_: str = "pretrain.model.moe_model.MoETransformer"
     init_from: str | None = None
-    """Not available yet for this family (no Hugging Face counterpart)."""
+    """A Hugging Face Qwen3-MoE, OLMoE or Mixtral directory to start from (its shape must
+    equal this model's, model.qk_norm choosing the family: model/moe_hf.py)."""
 
 
 @dataclass

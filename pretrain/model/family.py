@@ -30,8 +30,8 @@ class HFAdapter(Protocol):
     """Our model <-> a transformers `*ForCausalLM` directory (export, model.init_from,
     evaluation of any HF checkpoint of the architecture)."""
 
-    model_type: str
-    """transformers' `model_type` (config.json), e.g. llama."""
+    model_types: tuple[str, ...]
+    """The transformers `model_type`s (config.json) it reads and writes, e.g. (llama,)."""
 
     def config(self, fields: Mapping[str, Any], dtype: str, special_ids: dict[str, int]
                ) -> dict[str, Any]:  # fmt: skip
@@ -54,8 +54,11 @@ class HFAdapter(Protocol):
         key, with both values); [] when they fit."""
         ...
 
-    def our_names(self, hf_name: str, fields: Mapping[str, Any]) -> list[str]:
-        """The parameters of ours that HF tensor `hf_name` sets ([] for none)."""
+    def our_parts(self, hf_name: str, fields: Mapping[str, Any]
+                  ) -> list[tuple[str, tuple[int | slice, ...]]]:  # fmt: skip
+        """What HF tensor `hf_name` sets: each (our parameter, the index of the part of it;
+        () for all of it, e.g. (e, slice(0, I)) for expert e's gate in a fused tensor); []
+        for nothing."""
         ...
 
 
@@ -213,11 +216,12 @@ def family_of(section: Mapping[str, Any]) -> ModelFamily:
 def family_of_hf(config: Mapping[str, Any]) -> ModelFamily:
     """The family whose HFAdapter reads a transformers config.json of this `model_type`."""
     for family in families().values():
-        if family.hf is not None and family.hf.model_type == config.get("model_type"):
+        if family.hf is not None and config.get("model_type") in family.hf.model_types:
             return family
+    readable = [t for f in families().values() if f.hf is not None for t in f.hf.model_types]
     raise ValueError(
-        f"model_type {config.get('model_type')!r}: only Llama models load here (no model "
-        "family of this framework reads it)"
+        f"model_type {config.get('model_type')!r}: no model family of this framework reads it "
+        f"(these do: {', '.join(readable)})"
     )
 
 

@@ -34,7 +34,10 @@ class LlamaConfig:
     d_model: int = 64
     """Width of the residual stream."""
     n_heads: int = 4
-    """Number of query heads; head_dim = d_model / n_heads."""
+    """Number of query heads."""
+    head_dim: int | None = None
+    """Width of each attention head; None: d_model / n_heads. Qwen3-style models set it
+    apart (e.g. 128 with d_model 2048 and 32 heads: q_proj is then wider than d_model)."""
     n_kv_heads: int | None = None
     """Number of key/value heads (GQA); None means n_heads (plain multi-head attention)."""
     ffn_hidden: int | None = None
@@ -49,6 +52,10 @@ class LlamaConfig:
     padding."""
     max_seq_len: int = 2048
     """Longest sequence the model is meant for (exported as max_position_embeddings)."""
+    qk_norm: str = "none"
+    """RMSNorm on the queries and keys before RoPE (QK-norm, for stable attention logits):
+    none | head: over each head's head_dim, shared by the heads (Qwen3, Qwen3-MoE) | full:
+    over all heads of the q (and of the k) projection at once (OLMo 2, OLMoE)."""
     rope_theta: float = 10000.0
     """RoPE base frequency (Llama 2: 1e4, Llama 3: 5e5)."""
     norm_eps: float = 1e-5
@@ -86,10 +93,8 @@ class LlamaConfig:
             self.n_kv_heads = self.n_heads
         if self.ffn_hidden is None:
             self.ffn_hidden = 256 * math.ceil(int(8 * self.d_model / 3) / 256)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        if self.head_dim is None and self.n_heads >= 1:
+            self.head_dim = self.d_model // self.n_heads
 
     @property
     def padded_vocab(self) -> int:
@@ -103,12 +108,17 @@ class LlamaConfig:
                     "vocab_multiple", "loss_chunk_tokens"):  # fmt: skip
             if getattr(self, key) < 1:
                 errs.append(f"model.{key}={getattr(self, key)}: must be >= 1")
-        if self.n_heads >= 1 and self.d_model % self.n_heads:
+        derived = self.head_dim == self.d_model // max(self.n_heads, 1)
+        if self.n_heads >= 1 and derived and self.d_model % self.n_heads:
             errs.append(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+                ": pick n_heads dividing d_model, or set model.head_dim"
             )
-        elif self.n_heads >= 1 and self.head_dim % 2:
-            errs.append(f"head_dim={self.head_dim} (d_model / n_heads) must be even for RoPE")
+        elif self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            errs.append(f"model.head_dim={self.head_dim} (default d_model / n_heads) must be "
+                        "even and >= 2 for RoPE")  # fmt: skip
+        if self.qk_norm not in QK_NORMS:
+            errs.append(f"model.qk_norm={self.qk_norm!r}: choose one of {', '.join(QK_NORMS)}")
         if self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads:
             errs.append(
                 f"model.n_heads={self.n_heads} is not a multiple of "
@@ -126,6 +136,9 @@ class LlamaConfig:
             errs.append(f"model.document_positions={self.document_positions!r}: choose one of "
                         f"{', '.join(POSITION_MODES)}")  # fmt: skip
         return errs
+
+
+QK_NORMS = ("none", "head", "full")
 
 
 def pad_vocab(vocab_size: int, multiple: int) -> int:
@@ -218,7 +231,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE."""
+    """Grouped-query self-attention with RoPE, and QK-norm as `LlamaConfig.qk_norm` says
+    (`q_norm`, `k_norm`: transformers' names in Qwen3 and OLMoE)."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -230,14 +244,34 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.o_proj.is_residual_out = True
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            q_width, k_width = (
+                (cfg.head_dim, cfg.head_dim)
+                if cfg.qk_norm == "head"
+                else (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+            )
+            self.q_norm = RMSNorm(q_width, cfg.norm_eps)
+            self.k_norm = RMSNorm(k_width, cfg.norm_eps)
+
+    def _qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected (and QK-normed) queries (B, T, H, D) and keys (B, T, H_kv, D)."""
+        B, T, _ = x.shape
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         cache: KVCache | None = None, layer: int = 0, documents: DocumentLayout | None = None,
     ) -> torch.Tensor:  # fmt: skip
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
+        q, k = self._qk(x)  # (B, T, H, D), (B, T, H_kv, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # generation: attend over everything cached so far

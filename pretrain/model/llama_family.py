@@ -27,11 +27,15 @@ class LlamaHF:
     """transformers' LlamaForCausalLM (no RoPE scaling): what vLLM, lm-eval and
     transformers read."""
 
-    model_type = "llama"
+    model_types = ("llama",)
 
     def config(self, fields: Mapping[str, Any], dtype: str, special_ids: dict[str, int]
                ) -> dict[str, Any]:  # fmt: skip
         cfg = llama_config(fields)
+        if cfg.qk_norm != "none":
+            raise ValueError(f"model.qk_norm={cfg.qk_norm}: transformers' LlamaForCausalLM has "
+                             "no QK-norm, so this model has no Llama export (the MoE family "
+                             "exports QK-norm as Qwen3-MoE or OLMoE)")  # fmt: skip
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -85,6 +89,7 @@ class LlamaHF:
             "d_model": config["hidden_size"],
             "n_heads": heads,
             "n_kv_heads": config.get("num_key_value_heads") or heads,
+            "head_dim": config.get("head_dim") or config["hidden_size"] // heads,
             "ffn_hidden": config["intermediate_size"],
             "vocab_size": config["vocab_size"],
             "vocab_multiple": 1,  # the tables exactly as they are
@@ -116,11 +121,12 @@ class LlamaHF:
             diff.append(f"RoPE scaling {rope.get('rope_type')!r}: not supported")
         return diff
 
-    def our_names(self, hf_name: str, fields: Mapping[str, Any]) -> list[str]:
+    def our_parts(self, hf_name: str, fields: Mapping[str, Any]
+                  ) -> list[tuple[str, tuple[int | slice, ...]]]:  # fmt: skip
         name = hf_name.removeprefix("model.")
         if fields.get("tie_embeddings") and name == "embed_tokens.weight":
-            return [name, "lm_head.weight"]
-        return [name]
+            return [(name, ()), ("lm_head.weight", ())]
+        return [(name, ())]
 
 
 class LlamaFamily:
@@ -129,7 +135,7 @@ class LlamaFamily:
     target = "pretrain.model.llama.Transformer"
     shape_keys = (
         "_target_", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
-        "tie_embeddings", "rope_theta", "norm_eps", "max_seq_len",
+        "tie_embeddings", "rope_theta", "norm_eps", "max_seq_len", "head_dim", "qk_norm",
     )  # fmt: skip
     hf = LlamaHF()
     block = "Block"

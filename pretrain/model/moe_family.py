@@ -1,6 +1,6 @@
 """The sparse Llama (model/moe_model.py) as a `ModelFamily`: built, checked, parallelized and
-costed like the Llama family, with active-parameter FLOPs. No Hugging Face counterpart yet
-(issue 23: the Qwen3-MoE/OLMoE export comes next)."""
+costed like the Llama family, with active-parameter FLOPs, and exported as transformers'
+Qwen3-MoE, OLMoE or Mixtral (model/moe_hf.py)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,16 @@ from typing import Any
 from torch import nn
 
 from pretrain.model.llama_family import LlamaFamily
-from pretrain.model.moe_model import MoEConfig, MoETransformer, moe_flops_per_token
-
-
-def moe_config(fields: Mapping[str, Any]) -> MoEConfig:
-    """The MoEConfig of a model section (keys that are not its fields are left out)."""
-    return MoEConfig(**{k: v for k, v in fields.items() if k in MoEConfig.__dataclass_fields__})
+from pretrain.model.moe_hf import MoEHF
+from pretrain.model.moe_model import MoETransformer, moe_config, moe_flops_per_token
 
 
 class MoEFamily(LlamaFamily):
-    """model=moe_tiny."""
+    """model=moe_tiny | moe_1b | olmoe_1b_7b | qwen3_30b_a3b."""
 
     target = "pretrain.model.moe_model.MoETransformer"
     shape_keys = (*LlamaFamily.shape_keys, "n_experts", "moe_ffn_hidden", "moe_every")
-    hf = None
+    hf = MoEHF()
 
     def build(self, fields: Mapping[str, Any]) -> nn.Module:
         return MoETransformer(moe_config(fields))

@@ -1,7 +1,6 @@
 """A sparse Llama: Transformer blocks whose feed-forward is a top-k routed set of SwiGLU
-experts (model/moe.py), as Qwen3-MoE and OLMoE build them (issue 23, in progress: one
-process and data parallelism under ZeRO; expert parallelism, q/k norms, the logged load and
-the Hugging Face export are to come).
+experts (model/moe.py), as Qwen3-MoE, OLMoE and Mixtral build them (their QK-norm is
+`LlamaConfig.qk_norm`; the export: model/moe_hf.py).
 
 Block i is sparse when (i + 1) % moe_every == 0 (transformers' `decoder_sparse_step`),
 dense otherwise. With targets, in training, `forward` returns the language-model loss plus
@@ -13,7 +12,9 @@ perplexity compare with dense models).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +54,11 @@ class MoEConfig(LlamaConfig):
 
     def is_sparse(self, layer: int) -> bool:
         return (layer + 1) % self.moe_every == 0
+
+
+def moe_config(fields: Mapping[str, Any]) -> MoEConfig:
+    """The MoEConfig of a model section (keys that are not its fields are left out)."""
+    return MoEConfig(**{k: v for k, v in fields.items() if k in MoEConfig.__dataclass_fields__})
 
 
 class MoETransformer(Transformer):

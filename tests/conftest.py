@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from pretrain.checkpoint import export, manager
 from pretrain.config import compose
-from pretrain.model.llama import Transformer
+from pretrain.model.family import family_of, model_fields
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -146,7 +146,7 @@ def export_and_compare(run_dir: Path, weights: dict, out: Path) -> object:
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     model = manager.read_client_state(export.find_checkpoint(run_dir))["config"]["model"]
-    ours = Transformer(**{k: v for k, v in model.items() if k not in ("_target_", "init_from")})
+    ours = family_of(model).build(model_fields(model))
     ours.load_state_dict(weights)
     tokens = torch.randint(0, model["vocab_size"], (2, 17))
     with torch.no_grad():

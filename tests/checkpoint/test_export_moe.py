@@ -138,5 +138,5 @@ def test_llama_with_its_own_head_dim_exports_and_qk_norm_is_refused(tmp_path: Pa
     tokens = torch.randint(0, 200, (1, 9))
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max() < 1e-5
-    with pytest.raises(ValueError, match="model.qk_norm=head: transformers' LlamaForCausalLM"):
+    with pytest.raises(ValueError, match=r"model\.qk_norm=head: transformers' LlamaForCausalLM"):
         LLAMA.hf.config({**vars(cfg), "qk_norm": "head"}, "float32", {})

@@ -8,7 +8,8 @@ The positional arguments are the Hydra overrides a training run would get, so pr
 batch geometry and their checks are the same as `python -m pretrain`'s. Pure arithmetic:
 no GPU, no model is built. Memory per GPU is printed for every ZeRO stage (the configured
 one marked), from `pretrain/model/memory.py`; FLOPs per token from
-`pretrain/model/flops.py` (6 x matmul parameters + attention over the full T x T scores,
+`pretrain/model/flops.py` (6 x matmul parameters, a mixture-of-experts model's active ones,
++ attention over the full T x T scores,
 the convention of our logged MFU and of published figures; --attention-flops causal halves
 the attention term).
 """
@@ -46,9 +47,9 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
     # The run's own resolve(): same presets, derived accumulation and batch checks.
     run = resolve(compose(overrides), world_size=gpus, cuda_available=True)
     model = OmegaConf.to_object(run.model)
-    if not isinstance(model, LlamaConfig) or isinstance(model, MoEConfig):
-        raise ValueError("tools/estimate.py sizes Llama models: choose a model=llama_* preset "
-                         "(mixture-of-experts models are not sized yet)")  # fmt: skip
+    if not isinstance(model, LlamaConfig):
+        raise ValueError("tools/estimate.py sizes Llama-style models: choose a model=llama_* "
+                         "or a mixture-of-experts preset (moe_*, olmoe_1b_7b, ...)")  # fmt: skip
     seq_len, micro = run.trainer.seq_len, run.trainer.micro_batch_size
     flops = flops_per_token(model, seq_len, causal=args.attention_flops == "causal")
     peak = peak_flops(args.gpu, run.precision)  # the table bench_train.py uses, by GPU name
@@ -96,6 +97,7 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
     return {
         "params": num_params(model),
         "matmul_params": matmul_params(model),
+        "sparse": isinstance(model, MoEConfig),
         "flops_per_token": flops,
         "attention_flops": args.attention_flops,
         "precision": run.precision,
@@ -124,7 +126,8 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
 
 def report(e: dict, gpu: str) -> str:
     lines = [
-        f"parameters: {e['params']:,} ({e['matmul_params']:,} in matmuls)",
+        f"parameters: {e['params']:,} ({e['matmul_params']:,} in matmuls"
+        + (", the top-k experts a token goes through)" if e["sparse"] else ")"),
         f"FLOPs per token: {e['flops_per_token'] / 1e9:.2f} G at seq {e['seq_len']} "
         f"(6N + {e['attention_flops']} attention), {e['total_flops']:.3g} for the whole run",
         f"batch: {e['global_batch_size']:,} sequences = {e['tokens_per_step']:,} tokens/step "

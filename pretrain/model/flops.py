@@ -6,7 +6,10 @@ convention of Megatron-LM and nanoGPT MFU figures:
     6 * N_matmul + 12 * n_layers * seq_len * n_heads * head_dim
 
 N_matmul counts every weight that takes part in a matrix multiply (all projections and the
-output head, tied or not) and leaves out the embedding lookup and the norm gains. The
+output head, tied or not) and leaves out the embedding lookup and the norm gains. In a
+mixture-of-experts model it counts the weights a token goes through: the router and top_k
+of each sparse block's experts, not all of them (active parameters, as MoE papers report
+MFU); `num_params` counts every expert. The
 second term is attention's QK^T and AV products, forward (x1) plus backward (x2), counted
 over the full T x T score matrix; `causal=True` halves it to the work a causal kernel does.
 """
@@ -14,27 +17,50 @@ over the full T x T score matrix; `causal=True` halves it to the work a causal k
 from __future__ import annotations
 
 from pretrain.model.llama import LlamaConfig
+from pretrain.model.moe_model import MoEConfig
 
 
-def layer_params(cfg: LlamaConfig) -> int:
-    """Parameters of one Transformer block."""
-    attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)  # q, o, k, v
-    mlp = 3 * cfg.d_model * cfg.ffn_hidden  # gate, up, down
-    norms = 2 * cfg.d_model
-    return attn + mlp + norms
+def attention_params(cfg: LlamaConfig) -> int:
+    """q, k, v and o projections of one block."""
+    return cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+
+
+def norm_params(cfg: LlamaConfig) -> int:
+    """Gains of one block: its two RMSNorms and any QK-norms."""
+    qk = {"none": 0, "head": 2 * cfg.head_dim,
+          "full": (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim}[cfg.qk_norm]  # fmt: skip
+    return 2 * cfg.d_model + qk
+
+
+def ffn_params(cfg: LlamaConfig, layer: int, active: bool = False) -> int:
+    """Feed-forward weights of block `layer`: the SwiGLU's, or a sparse block's router and
+    experts (`active`: the top_k experts a token goes through)."""
+    if not isinstance(cfg, MoEConfig) or not cfg.is_sparse(layer):
+        return 3 * cfg.d_model * cfg.ffn_hidden  # gate, up, down
+    experts = cfg.top_k if active else cfg.n_experts
+    return cfg.n_experts * cfg.d_model + experts * 3 * cfg.d_model * cfg.moe_ffn_hidden
+
+
+def layer_params(cfg: LlamaConfig, layer: int = 0) -> int:
+    """Parameters of Transformer block `layer`."""
+    return attention_params(cfg) + ffn_params(cfg, layer) + norm_params(cfg)
 
 
 def num_params(cfg: LlamaConfig) -> int:
-    """Trainable parameters of `Transformer(cfg)`, counting a tied embedding once."""
+    """Trainable parameters of the model of `cfg`, counting a tied embedding once and every
+    expert."""
     embed = cfg.padded_vocab * cfg.d_model
     head = 0 if cfg.tie_embeddings else embed
-    return embed + cfg.n_layers * layer_params(cfg) + cfg.d_model + head
+    blocks = sum(layer_params(cfg, i) for i in range(cfg.n_layers))
+    return embed + blocks + cfg.d_model + head
 
 
 def matmul_params(cfg: LlamaConfig) -> int:
-    """Weights that enter a matmul each token: all projections plus the output head."""
-    per_layer = layer_params(cfg) - 2 * cfg.d_model
-    return cfg.n_layers * per_layer + cfg.padded_vocab * cfg.d_model  # the head computes them all
+    """Weights that enter a matmul each token: all projections (top_k experts of a sparse
+    block, and its router) plus the output head."""
+    blocks = sum(attention_params(cfg) + ffn_params(cfg, i, active=True)
+                 for i in range(cfg.n_layers))  # fmt: skip
+    return blocks + cfg.padded_vocab * cfg.d_model  # the head computes them all
 
 
 def flops_per_token(cfg: LlamaConfig, seq_len: int, causal: bool = False) -> int:

@@ -1,6 +1,8 @@
 """Memory per GPU of a training run, by ZeRO stage: pure arithmetic on the config.
 
-The model states follow the ZeRO paper (Rajbhandari et al. 2020, section 3.1) as DeepSpeed
+Parameters are every weight, all experts of a mixture-of-experts model included (each rank
+holds them all until expert parallelism exists). The model states follow the ZeRO paper
+(Rajbhandari et al. 2020, section 3.1) as DeepSpeed
 implements mixed precision: the model's own weights in the compute dtype (2 bytes for
 bf16/fp16), their gradients in the same dtype, and the optimizer's share, which for AdamW is
 an fp32 master copy (4 bytes; absent in fp32 training at ZeRO-0 only: DeepSpeed's ZeRO
@@ -18,6 +20,9 @@ w being the compute dtype's width (h = d_model, F = ffn_hidden, kv = n_kv_heads 
     q, k, v after RoPE       w * (h + 2 kv)
     attention output         w * h (the kernel's output, which o_proj reads as a view)
     SwiGLU                   w * 4F (gate, up, silu(gate), their product)
+    or a sparse block's      4E + k * (w * (2h + 4I) + 16) (+ 4h under bf16): router
+      experts (MoE)          probabilities, per slot the expert's input, SwiGLU and weighted
+                             output (`ffn_bytes_per_token`; I = moe_ffn_hidden, k = top_k)
 
 (a tiled MLP, model.mlp_chunk_tokens, keeps no SwiGLU intermediates without activation
 checkpointing: it holds one piece's, w * 4F * chunk, while that piece is recomputed), which
@@ -67,6 +72,7 @@ from dataclasses import dataclass
 
 from pretrain.model.flops import num_params
 from pretrain.model.llama import LlamaConfig
+from pretrain.model.moe_model import MoEConfig
 
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -109,18 +115,39 @@ class MemoryEstimate:
         return self.states + max(self.grads, self.activations)
 
 
-def block_bytes_per_token(cfg: LlamaConfig, precision: str, policy: str = "none") -> int:
-    """Bytes one Transformer block keeps for backward per token (module docstring). A tiled
-    MLP (model.mlp_chunk_tokens) keeps none of its own without activation checkpointing;
-    under it, the block's policy decides (selective keeps the MLP's matmul outputs still)."""
+def block_bytes_per_token(
+    cfg: LlamaConfig, precision: str, policy: str = "none", layer: int = 0
+) -> int:  # fmt: skip
+    """Bytes Transformer block `layer` keeps for backward per token (module docstring). A
+    tiled MLP (model.mlp_chunk_tokens) keeps none of its own without activation
+    checkpointing; under it, the block's policy decides (selective keeps the MLP's matmul
+    outputs still)."""
     w, h, kv = BYTES[precision], cfg.d_model, cfg.n_kv_heads * cfg.head_dim
-    tiled = cfg.mlp_chunk_tokens > 0
+    ffn = ffn_bytes_per_token(cfg, precision, policy, layer)
     if policy == "full":
         return w * h
-    if policy == "selective":  # input; q, k, v, o, gate, up, down; attention out and its lse
-        return w * h + w * (3 * h + 2 * kv + 2 * cfg.ffn_hidden) + w * h + 4 * cfg.n_heads
+    if policy == "selective":  # input; q, k, v, o; attention out and its lse; the ffn's
+        return w * h + w * (2 * h + 2 * kv) + w * h + 4 * cfg.n_heads + ffn
     norm = 4 * h + 2 * w * h
-    return 2 * norm + w * (h + 2 * kv) + w * h + (0 if tiled else w * 4 * cfg.ffn_hidden)
+    return 2 * norm + w * (h + 2 * kv) + w * h + ffn
+
+
+def ffn_bytes_per_token(cfg: LlamaConfig, precision: str, policy: str, layer: int) -> int:
+    """What block `layer`'s feed-forward keeps per token, without checkpointing or under
+    `selective` (its matmul outputs). A SwiGLU: 4F (2F + h selective; 0 tiled). A sparse
+    block (k = top_k, I = moe_ffn_hidden, E = n_experts): the router's fp32 probabilities
+    (4E) and, under bf16, the fp32 copy of its input (4h); per slot, the expert's gathered
+    input and weighted output (2wh), its SwiGLU (4wI) and two int64 indices (16); selective:
+    the router logits and, per slot, the expert's matmul outputs, w(2I + h)."""
+    w, h = BYTES[precision], cfg.d_model
+    if not isinstance(cfg, MoEConfig) or not cfg.is_sparse(layer):
+        if policy == "selective":
+            return w * (2 * cfg.ffn_hidden + h)
+        return 0 if cfg.mlp_chunk_tokens > 0 else w * 4 * cfg.ffn_hidden
+    k, i, e = cfg.top_k, cfg.moe_ffn_hidden, cfg.n_experts
+    if policy == "selective":
+        return 4 * e + k * w * (2 * i + h)
+    return 4 * e + (4 * h if w < 4 else 0) + k * (w * (2 * h + 4 * i) + 16)
 
 
 def sequence_bytes_per_token(cfg: LlamaConfig, precision: str, sequence: int) -> int:
@@ -146,9 +173,12 @@ def activation_bytes_per_token(
     recomputed under activation checkpointing; the loss is `loss_bytes`."""
     w, h = BYTES[precision], cfg.d_model
     policy = activation_checkpointing
-    recompute = 0 if policy == "none" else block_bytes_per_token(cfg, precision)
+    layers = range(cfg.n_layers)
+    recompute = 0 if policy == "none" else max(block_bytes_per_token(cfg, precision, "none", i)
+                                               for i in layers)  # fmt: skip
     final_norm = 4 * h + 2 * w * h
-    return cfg.n_layers * block_bytes_per_token(cfg, precision, policy) + recompute + final_norm
+    blocks = sum(block_bytes_per_token(cfg, precision, policy, i) for i in layers)
+    return blocks + recompute + final_norm
 
 
 def loss_bytes(

@@ -43,7 +43,7 @@ class Router(nn.Module):
         probs = F.softmax(F.linear(x.to(dtype), self.weight.to(dtype)), dim=-1)
         # A stable descending sort: equal probabilities keep the lower expert first.
         order = torch.sort(probs, dim=-1, descending=True, stable=True).indices
-        experts = order[:, : self.top_k]
+        experts = order[:, : self.top_k].contiguous()  # not a view keeping all E of order
         weights = probs.gather(1, experts)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -9,9 +9,10 @@ from typing import Any
 
 from torch import nn
 
+from pretrain.model.flops import flops_per_token
 from pretrain.model.llama_family import LlamaFamily
 from pretrain.model.moe_hf import MoEHF
-from pretrain.model.moe_model import MoETransformer, moe_config, moe_flops_per_token
+from pretrain.model.moe_model import MoETransformer, moe_config
 
 
 class MoEFamily(LlamaFamily):
@@ -28,7 +29,7 @@ class MoEFamily(LlamaFamily):
         return moe_config(fields).errors()
 
     def flops_per_token(self, fields: Mapping[str, Any], seq_len: int) -> float | None:
-        return moe_flops_per_token(moe_config(fields), seq_len)
+        return flops_per_token(moe_config(fields), seq_len)
 
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
         assert isinstance(model, MoETransformer)

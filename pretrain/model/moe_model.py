@@ -116,20 +116,3 @@ class MoETransformer(Transformer):
         if mins:
             figures["moe_load_min"], figures["moe_load_max"] = min(mins), max(maxs)
         return figures
-
-
-def active_matmul_params(cfg: MoEConfig) -> int:
-    """Weights a token goes through: every dense projection, the router, and top_k of each
-    sparse block's experts (what MFU counts, not the total), plus the output head."""
-    h = cfg.d_model
-    attn = h * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    sparse = sum(cfg.is_sparse(i) for i in range(cfg.n_layers))
-    dense = cfg.n_layers - sparse
-    per_sparse = cfg.n_experts * h + cfg.top_k * 3 * h * cfg.moe_ffn_hidden
-    return (cfg.n_layers * attn + dense * 3 * h * cfg.ffn_hidden + sparse * per_sparse
-            + cfg.padded_vocab * h)  # fmt: skip
-
-
-def moe_flops_per_token(cfg: MoEConfig, seq_len: int) -> int:
-    """Training FLOPs per token (model/flops.py's convention) over the active weights."""
-    return 6 * active_matmul_params(cfg) + 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim

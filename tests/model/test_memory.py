@@ -211,3 +211,34 @@ def test_sequence_parallel_ranks_hold_their_share_of_the_tokens() -> None:
                             micro_batch_size=8, dp=4, zero_stage=3)  # fmt: skip
     swiglu = 2 * 4 * 192  # bf16, 4F per token per block
     assert one.activations - tiled.activations == 8 * 128 * 2 * swiglu - swiglu * 256
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_sparse_block_estimate_matches_what_a_forward_pass_keeps(precision: str) -> None:
+    """A mixture-of-experts model (a dense block, then a sparse one: router, top-2 of 8
+    experts) under every checkpointing policy, against what the allocator holds."""
+    from pretrain.model.moe_model import MoEConfig, MoETransformer
+
+    cfg = MoEConfig(**{**vars(SMALL), "n_experts": 8, "top_k": 2, "moe_ffn_hidden": 48,
+                       "moe_every": 2})  # fmt: skip
+    B, T = 4, 128
+    tokens = torch.randint(
+        0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)
+    )
+    w, h, V = BYTES[precision], cfg.d_model, cfg.padded_vocab
+    dense = block_bytes_per_token(cfg, precision, "none", layer=0)
+    assert dense == block_bytes_per_token(SMALL, precision)  # block 0 is a plain SwiGLU one
+    assert block_bytes_per_token(cfg, precision, "none", layer=1) != dense
+    for policy in ("none", "full", "selective"):
+        torch.manual_seed(0)
+        model = MoETransformer(cfg).to(DTYPES[precision])
+        if policy != "none":
+            for block in model.layers:
+                checkpoint_activations(block, policy)
+        kept = kept_after_forward(model, tokens)
+        blocks = sum(block_bytes_per_token(cfg, precision, policy, i) for i in (0, 1))
+        expected = B * T * (blocks + 4 * h + 2 * w * h) + w * h * B * T + w * V * h
+        assert kept == pytest.approx(expected, rel=0.12), policy
+    # The states count every expert: 8 of them where the dense block has one SwiGLU.
+    est = estimate_memory(cfg, seq_len=T, micro_batch_size=B, dp=1, zero_stage=0)
+    assert est.weights == 2 * sum(p.numel() for p in model.parameters())  # bf16

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pretrain.model.flops import matmul_params, num_params
 from pretrain.model.llama_family import LLAMA
 from pretrain.model.moe import MoE, load_balancing_loss
 from pretrain.model.moe_family import MOE
-from pretrain.model.moe_model import MoEConfig, MoETransformer, active_matmul_params
+from pretrain.model.moe_model import MoEConfig, MoETransformer, moe_config
 
 H, FFN, E = 32, 16, 8
 
@@ -136,13 +137,14 @@ def test_the_sparse_llama_adds_the_weighted_aux_loss_of_its_sparse_blocks() -> N
 
 def test_flops_count_the_active_experts_only() -> None:
     """MFU's weights: every dense matmul, the router, top_k of E experts, the head."""
-    cfg = _tiny(moe_every=1)
+    cfg = _tiny(moe_every=2, qk_norm="full")  # blocks 0 and 2 dense
     model = MoETransformer(cfg)
     matmul = sum(p.numel() for n, p in model.named_parameters()
                  if p.dim() >= 2 and n != "embed_tokens.weight")  # fmt: skip
     experts = sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel()
                   for b in model.moe_blocks())  # fmt: skip
-    assert active_matmul_params(cfg) == matmul - experts + experts * cfg.top_k // cfg.n_experts
+    assert matmul_params(cfg) == matmul - experts + experts * cfg.top_k // cfg.n_experts
+    assert num_params(cfg) == sum(p.numel() for p in model.parameters())  # every expert
     assert MOE.flops_per_token(vars(cfg), 64) < LLAMA.flops_per_token(
         {**vars(cfg), "ffn_hidden": cfg.n_experts * FFN}, 64
     )  # a dense model as wide as all the experts costs more
@@ -153,3 +155,40 @@ def test_bad_moe_settings_are_named() -> None:
     assert any("model.top_k=9 exceeds model.n_experts=8" in e for e in errors)
     assert any("model.moe_every=0: must be >= 1" in e for e in errors)
     assert any("model.aux_loss_coef=-1.0" in e for e in errors)
+
+
+MOE_PRESETS = ("moe_tiny", "moe_1b", "olmoe_1b_7b", "qwen3_30b_a3b")
+
+
+def _moe_preset(name: str) -> MoEConfig:
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_config
+
+    return moe_config(vars(OmegaConf.to_object(compose_config([f"model={name}"]).model)))
+
+
+@pytest.mark.parametrize("preset", MOE_PRESETS)
+def test_moe_presets_count_their_parameters_as_transformers_builds_them(preset: str) -> None:
+    """Our count equals our module's and transformers' model of the exported config.json
+    (on the meta device: no memory, even for 30B)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = _moe_preset(preset)
+    with torch.device("meta"):
+        ours = MoETransformer(cfg)
+        config = transformers.AutoConfig.for_model(**MOE.hf.config(vars(cfg), "float32", {}))
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in ours.parameters()) == num_params(cfg)
+    assert sum(p.numel() for p in hf.parameters()) == num_params(cfg)  # vocab_size % 128 == 0
+
+
+@pytest.mark.parametrize(
+    ("preset", "total", "active"),
+    [
+        ("olmoe_1b_7b", 6_919_161_856, 1_178_861_568),  # OLMoE-1B-7B: 6.9B, "1B" active
+        ("qwen3_30b_a3b", 30_532_122_624, 3_041_656_832),  # Qwen3-30B-A3B: 30.5B, "3B" active
+    ],
+)
+def test_moe_presets_have_their_published_sizes(preset: str, total: int, active: int) -> None:
+    cfg = _moe_preset(preset)
+    assert num_params(cfg) == total and matmul_params(cfg) == active

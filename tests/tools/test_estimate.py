@@ -72,6 +72,22 @@ def test_bad_input_is_named(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "model=llama_*" in proc.stderr
 
 
+def test_a_mixture_of_experts_model_is_sized_by_its_active_weights(tmp_path: Path) -> None:
+    """OLMoE-1B-7B on 8 H100s: FLOPs from the 1.18B weights a token goes through, memory
+    from all 6.9B (every rank holds every expert: no expert parallelism yet)."""
+    proc, e = estimate(tmp_path, "--tokens", "1e11", "--gpus-per-node", "8", "--gpu", "H100",
+                       "model=olmoe_1b_7b", "trainer.seq_len=4096",
+                       "trainer.global_batch_tokens=4194304", "trainer.micro_batch_size=1",
+                       "deepspeed.zero_stage=3")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    n, active = 6_919_161_856, 1_178_861_568
+    assert (e["params"], e["matmul_params"]) == (n, active)
+    assert e["flops_per_token"] == 6 * active + 12 * 16 * 4096 * 2048
+    assert "the top-k experts a token goes through" in proc.stdout
+    z3 = e["memory"]["3"]
+    assert (z3["weights"], z3["optimizer"]) == (2 * n // 8, 12 * n // 8)
+
+
 def test_which_sequence_parallel_size_fits_a_long_context(tmp_path: Path) -> None:
     """llama_7b at seq 131072 on 8 H100s, ZeRO-3, no activation checkpointing: one GPU per
     sequence is far too big; the table names the parallel.sequence sizes that fit, each

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,28 @@ def start(args: list[str], output: Path, nproc: int = 1) -> subprocess.Popen:
             command(args, nproc), cwd=REPO, env=subprocess_env(), stdout=out,
             stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int) -> None:
+    """Wait until `proc` itself has logged `step` (not a killed predecessor's records)."""
+    started = time.time()
+    deadline = time.monotonic() + 120
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            fresh = metrics.stat().st_mtime > started
+            lines = metrics.read_text().splitlines()
+        except FileNotFoundError:
+            fresh, lines = False, []
+        if fresh and lines and json.loads(lines[-1])["step"] >= step:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run did not reach step {step} (exit {proc.poll()})")
+
+
+def newest_checkpoint(run_dir: Path) -> int | None:
+    ckpts = manager.complete_checkpoints(run_dir / "checkpoints")
+    return int(ckpts[-1].name.removeprefix("step_")) if ckpts else None
 
 
 def train(

@@ -132,6 +132,19 @@ def _ds_version() -> str:
     return deepspeed.__version__
 
 
+def restore_buffers(module: torch.nn.Module, universal: Path) -> None:
+    """The module's persistent buffers (e.g. a router's balancing bias), from the converted
+    model states: DeepSpeed's universal load sets the parameters and skips the module's
+    state dict, buffers included."""
+    saved = torch.load(universal / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=False)  # fmt: skip
+    names = set(saved.get("buffer_names") or [])
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in names:
+                buffer.copy_(saved["module"][name])
+
+
 def restore_hyperparameters(engine: Any, before: list[dict[str, Any]]) -> None:
     """After a universal load: this run's optimizer settings, and the schedule's current LR.
 
@@ -170,6 +183,7 @@ def load(engine: Any, path: Path, universal: bool) -> tuple[dict[str, Any], list
             before = hyperparameters(engine)
             engine.load_checkpoint(str(path), tag=UNIVERSAL, **kwargs)
             restore_hyperparameters(engine, before)
+            restore_buffers(engine.module, path / UNIVERSAL)
         else:
             engine.load_checkpoint(str(path.parent), tag=path.name, **kwargs)
         client_state = manager.read_client_state(path)

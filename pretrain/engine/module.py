@@ -32,6 +32,7 @@ class DeepSpeedTrainModule:
         self, engine: Any, clip: float | None, optim: OptimConfig,
         sequence: SequenceShard | None = None, documents: DocumentSplit | None = None,
         model_metrics: Callable[[], dict[str, float]] | None = None,
+        after_step: Callable[[bool], None] | None = None,
     ) -> None:  # fmt: skip
         """`clip`: engine.deepspeed.trainer_clip(run), the max gradient norm clipped here
         (0: none) where DeepSpeed does not clip; None where DeepSpeed does. `optim`: this
@@ -40,8 +41,10 @@ class DeepSpeedTrainModule:
         micro-batches and each run the model on its slice (model/sequence.py). `documents`:
         the model keeps packed documents apart (model.document_mask, or positions that
         restart per document); each micro-batch's document ids go with it. `model_metrics`:
-        the model family's figures of the step (`ModelFamily.step_metrics`)."""
+        the model family's figures of the step (`ModelFamily.step_metrics`); `after_step`:
+        its update after each optimizer step (`ModelFamily.after_step`)."""
         self._model_metrics = model_metrics or dict
+        self._after_step = after_step
         self.engine, self.optim, self.sequence, self.documents = engine, optim, sequence, documents
         # DeepSpeed divides the gradients summed over all ranks by the data-parallel size,
         # except ZeRO-3's reduce-scatter (every bucket, with reduce_scatter on, as
@@ -89,6 +92,8 @@ class DeepSpeedTrainModule:
             norm = clip_gradients(self._params, self._clip)
         self.engine.step()
         self._gate.skip = False
+        if self._after_step is not None:
+            self._after_step(not skip)
         if norm is None:  # DeepSpeed's, where it clipped (None before its first: 0)
             norm = float(self.engine.get_global_grad_norm() or 0.0)
         return norm

@@ -123,6 +123,12 @@ class ModelFamily(Protocol):
         over the step's micro-batches on this rank and reset by the call; {} for none."""
         ...
 
+    def after_step(self, model: nn.Module, stepped: bool) -> None:
+        """What the model does after each optimizer step, on every rank (collectives
+        allowed), outside autograd: e.g. a router's bias balancing. `stepped` false: the
+        update was skipped."""
+        ...
+
 
 class PlainFamily:
     """A model class as a family with nothing beyond the loop's basics: built from its
@@ -174,6 +180,9 @@ class PlainFamily:
 
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
         return {}
+
+    def after_step(self, model: nn.Module, stepped: bool) -> None:
+        return None
 
 
 GENERIC_SHAPE_KEYS = (

@@ -187,5 +187,8 @@ class LlamaFamily:
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
         return {}
 
+    def after_step(self, model: nn.Module, stepped: bool) -> None:
+        return None
+
 
 LLAMA = LlamaFamily()

@@ -12,7 +12,7 @@ from torch import nn
 from pretrain.model.flops import flops_per_token
 from pretrain.model.llama_family import LlamaFamily
 from pretrain.model.moe_hf import MoEHF
-from pretrain.model.moe_model import MoETransformer, moe_config
+from pretrain.model.moe_model import MoETransformer, moe_config, update_router_bias
 
 
 class MoEFamily(LlamaFamily):
@@ -34,6 +34,10 @@ class MoEFamily(LlamaFamily):
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
         assert isinstance(model, MoETransformer)
         return model.moe_metrics()
+
+    def after_step(self, model: nn.Module, stepped: bool) -> None:
+        assert isinstance(model, MoETransformer)
+        update_router_bias(model, stepped)
 
 
 MOE = MoEFamily()

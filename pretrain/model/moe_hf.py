@@ -53,6 +53,11 @@ def architecture_errors(cfg: MoEConfig) -> list[str]:
     """Why no transformers family holds a model of `cfg` ([] when one does)."""
     model_type = ARCHITECTURES[cfg.qk_norm][0]
     errs = []
+    if cfg.router_bias_rate > 0:
+        errs.append(f"model.router_bias_rate={cfg.router_bias_rate}: the routers learned a "
+                    f"bias that transformers' {model_type} has no place for (its experts "
+                    "would be chosen differently); train with model.router_bias_rate=0 to "
+                    "export")  # fmt: skip
     if model_type in ("olmoe", "mixtral") and cfg.moe_every != 1:
         errs.append(f"model.moe_every={cfg.moe_every}: {model_type} makes every block "
                     "sparse (set 1, or model.qk_norm=head for Qwen3-MoE, which has dense "

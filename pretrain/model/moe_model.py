@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pretrain.model.llama import LlamaConfig, Transformer
-from pretrain.model.moe import MoE, load_balancing_loss
+from pretrain.model.moe import EXPERT_IMPLS, MoE, load_balancing_loss
 
 
 @dataclass
@@ -39,6 +40,22 @@ class MoEConfig(LlamaConfig):
     """Block i is sparse when (i + 1) % moe_every == 0 (decoder_sparse_step); 1: all."""
     aux_loss_coef: float = 0.001
     """Weight of the load-balancing loss in the training loss (router_aux_loss_coef)."""
+    router_bias_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): each sparse block's router adds a
+    per-expert bias to the scores it picks the top k by (not to the weights), and after every
+    optimizer step the bias moves by this much, up for the experts that got fewer than the
+    mean slots over the step (all ranks' tokens), down for the others (DeepSeek-V3: 0.001;
+    usually with a small or zero aux_loss_coef). 0: off. The transformers families route
+    without such a bias, so a model trained with it has no Hugging Face export."""
+    capacity_factor: float = 0.0
+    """0: no token is dropped (as the Hugging Face families compute). > 0: in training, each
+    expert takes at most ceil(capacity_factor x tokens x top_k / n_experts) of a
+    micro-batch's slots on a rank, first choices before second ones, earlier tokens first;
+    a dropped slot adds nothing (the token keeps its residual). Evaluation never drops."""
+    experts_impl: str = "auto"
+    """auto | grouped_mm | loop: how the experts run over their tokens (model/moe.py
+    `Experts`): grouped_mm is torch's grouped matmul (CPU; CUDA bf16 on Hopper or later),
+    loop one matmul per expert; auto takes grouped_mm where it runs."""
 
     def errors(self) -> list[str]:
         errs = super().errors()
@@ -48,12 +65,33 @@ class MoEConfig(LlamaConfig):
         if self.top_k > self.n_experts >= 1:
             errs.append(f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}: "
                         "a token can go to at most every expert")  # fmt: skip
-        if self.aux_loss_coef < 0:
-            errs.append(f"model.aux_loss_coef={self.aux_loss_coef}: must be >= 0 (0: off)")
+        for key in ("aux_loss_coef", "router_bias_rate", "capacity_factor"):
+            if getattr(self, key) < 0:
+                errs.append(f"model.{key}={getattr(self, key)}: must be >= 0 (0: off)")
+        if self.experts_impl not in EXPERT_IMPLS:
+            errs.append(f"model.experts_impl={self.experts_impl!r}: choose one of "
+                        f"{', '.join(EXPERT_IMPLS)}")  # fmt: skip
         return errs
 
     def is_sparse(self, layer: int) -> bool:
         return (layer + 1) % self.moe_every == 0
+
+
+def update_router_bias(model: MoETransformer, stepped: bool) -> None:
+    """After an optimizer step, on every rank (a collective): each sparse block's router bias
+    moves towards an even load of the step's slots, summed over all ranks (so every rank
+    holds the same bias). `stepped` false (a skipped update): the slots are dropped."""
+    rate = model.config.router_bias_rate
+    blocks = model.moe_blocks()
+    if rate <= 0 or not blocks:
+        return
+    slots = torch.stack([b.take_step_slots().float() for b in blocks])  # (blocks, E)
+    if not stepped:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(slots)
+    for block, s in zip(blocks, slots, strict=True):
+        block.gate.update_bias(s, rate)
 
 
 def moe_config(fields: Mapping[str, Any]) -> MoEConfig:
@@ -79,7 +117,9 @@ class MoETransformer(Transformer):
         # Residual outputs scaled as the dense down_proj is (Transformer._init_weights).
         return MoE(cfg.d_model, cfg.moe_ffn_hidden, cfg.n_experts, cfg.top_k,
                    cfg.norm_topk_prob, cfg.init_std,
-                   down_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))  # fmt: skip
+                   down_std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
+                   capacity_factor=cfg.capacity_factor, router_bias=cfg.router_bias_rate > 0,
+                   impl=cfg.experts_impl)  # fmt: skip
 
     def moe_blocks(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
@@ -101,16 +141,21 @@ class MoETransformer(Transformer):
         block's least and most loaded expert, as fractions of its routed slots
         (`moe_load_min/<block>`, `moe_load_max/<block>`; 1/n_experts each when even, and
         the max near 1 when the router collapsed onto one expert), with the extremes over
-        the blocks (`moe_load_min`, `moe_load_max`)."""
+        the blocks (`moe_load_min`, `moe_load_max`); with a capacity, the mean fraction of
+        slots dropped (`moe_dropped`)."""
         figures: dict[str, float] = {}
         if self._aux:
             figures["moe_aux_loss"] = float(torch.stack(self._aux).mean())
             self._aux = []
+        dropped = []
         for i, layer in enumerate(self.layers):
             if isinstance(layer.mlp, MoE):
-                load = layer.mlp.take_load()
+                load, drop = layer.mlp.take_load()
                 figures[f"moe_load_min/{i}"] = float(load.min())
                 figures[f"moe_load_max/{i}"] = float(load.max())
+                dropped.append(drop)
+        if self.config.capacity_factor > 0 and dropped:
+            figures["moe_dropped"] = sum(dropped) / len(dropped)
         mins = [v for k, v in figures.items() if k.startswith("moe_load_min/")]
         maxs = [v for k, v in figures.items() if k.startswith("moe_load_max/")]
         if mins:

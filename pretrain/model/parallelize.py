@@ -52,9 +52,10 @@ def checkpoint_activations(block: nn.Module, policy: str = "full") -> None:
 
 @functools.cache
 def _saved_ops() -> frozenset:
-    """The operators whose outputs selective checkpointing keeps: matmuls and attention."""
+    """The operators whose outputs selective checkpointing keeps: matmuls (the experts'
+    grouped ones too) and attention."""
     aten = torch.ops.aten
-    names = ["mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+    names = ["mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu"]  # fmt: skip
     ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}

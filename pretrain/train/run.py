@@ -87,7 +87,8 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
         torch.manual_seed(run.trainer.seed + dist.sequence_rank())  # own dropout masks
     family = family_of(run.model)
     module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim, sequence_shard(),
-                                  documents, lambda: family.step_metrics(model))  # fmt: skip
+                                  documents, lambda: family.step_metrics(model),
+                                  lambda stepped: family.after_step(model, stepped))  # fmt: skip
     state, wandb_run_id = restore(run, module, data, resume)
     loggers = _start_logging(run, state, resume.path is not None, wandb_run_id)
     peak, peak_source = resolve_peak(run.logger.peak_tflops, engine.device, run.precision)

@@ -6,7 +6,6 @@ uninterrupted run ends: the same losses at every step, bit for bit (fp32, CPU).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -29,10 +28,12 @@ from tests.conftest import (
     TINY,
     curve,
     export_and_compare,
+    newest_checkpoint,
     read_metrics,
     start,
     subprocess_env,
     train,
+    wait_for_step,
 )
 
 pytestmark = pytest.mark.multiprocess
@@ -57,28 +58,6 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return export.consolidated_state_dict(run_dir / "checkpoints" / "step_30")
 
 
-def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int) -> None:
-    """Wait until `proc` itself has logged `step` (not a killed predecessor's records)."""
-    started = time.time()
-    deadline = time.monotonic() + 120
-    metrics = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            fresh = metrics.stat().st_mtime > started
-            lines = metrics.read_text().splitlines()
-        except FileNotFoundError:
-            fresh, lines = False, []
-        if fresh and lines and json.loads(lines[-1])["step"] >= step:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"the run did not reach step {step} (exit {proc.poll()})")
-
-
-def _newest(run_dir: Path) -> int | None:
-    ckpts = manager.complete_checkpoints(run_dir / "checkpoints")
-    return int(ckpts[-1].name.removeprefix("step_")) if ckpts else None
-
-
 def test_sigterm_saves_that_step_exits_75_and_resume_continues(
     tmp_path: Path, straight: list, straight_dir: Path
 ) -> None:
@@ -86,12 +65,12 @@ def test_sigterm_saves_that_step_exits_75_and_resume_continues(
     checkpoints too: every 6 ms is every step."""
     timed = [*RUN, "checkpoint.every_minutes=0.0001", "checkpoint.keep_last=2"]
     proc = start([*TINY, f"run_dir={tmp_path}", *timed], tmp_path / "out.log")
-    _wait_for_step(tmp_path, proc, 3)
+    wait_for_step(tmp_path, proc, 3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == EXIT_PREEMPTED, (tmp_path / "out.log").read_text()[-3000:]
     stopped_at = read_metrics(tmp_path)[-1]["step"]
     assert 3 <= stopped_at < 30
-    assert _newest(tmp_path) == stopped_at  # saved at the step it stopped after
+    assert newest_checkpoint(tmp_path) == stopped_at  # saved at the step it stopped after
     kept = [p.name for p in manager.complete_checkpoints(tmp_path / "checkpoints")]
     assert kept == [f"step_{stopped_at - 1}", f"step_{stopped_at}"]  # the clock saved too
     assert "checkpoint saved; run the same command to resume" in (tmp_path / "out.log").read_text()
@@ -133,14 +112,14 @@ def test_a_stop_signal_to_every_process_spares_the_data_workers(tmp_path: Path) 
                                 env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     try:
-        _wait_for_step(tmp_path / "run", proc, 3)
+        wait_for_step(tmp_path / "run", proc, 3)
         os.killpg(proc.pid, signal.SIGTERM)
         code = proc.wait(timeout=120)
     finally:
         proc.kill()
     log = (tmp_path / "out.log").read_text()
     assert code == EXIT_PREEMPTED, log[-3000:]
-    assert _newest(tmp_path / "run") == read_metrics(tmp_path / "run")[-1]["step"]
+    assert newest_checkpoint(tmp_path / "run") == read_metrics(tmp_path / "run")[-1]["step"]
     assert log.count("SIGTERM received") == 1, log[-3000:]  # the training process's alone
 
 
@@ -148,7 +127,7 @@ def test_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Pat
     """SIGUSR1 to rank 1 of 2 (ZeRO-2); then the resumed run is bit-exact."""
     proc = start([*TINY, f"run_dir={tmp_path}", *RUN, "deepspeed.zero_stage=2"],
                  tmp_path / "out.log", nproc=2)  # fmt: skip
-    _wait_for_step(tmp_path, proc, 3)
+    wait_for_step(tmp_path, proc, 3)
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(workers) == 2
     subprocess.run(["kill", "-USR1", workers[-1]], check=True)  # one rank only
@@ -196,16 +175,16 @@ def test_kill_9_at_random_moments_then_the_run_finishes_as_if_never_killed(
     args = [*TINY, f"run_dir={tmp_path}", *RUN, "checkpoint.every_steps=1"]
     rng = random.Random(4)
     for trial in range(3):
-        before = _newest(tmp_path)
+        before = newest_checkpoint(tmp_path)
         proc = start(args, tmp_path / f"kill{trial}.log")
-        _wait_for_step(tmp_path, proc, (before or 0) + 1)
+        wait_for_step(tmp_path, proc, (before or 0) + 1)
         time.sleep(rng.uniform(0.0, 0.6))
         proc.kill()
         proc.wait(timeout=60)
         out = (tmp_path / f"kill{trial}.log").read_text()
         if before is not None:  # the restart resumed from the newest complete checkpoint
             assert f"resumed from {tmp_path / 'checkpoints' / f'step_{before}'} " in out
-        assert _newest(tmp_path) is not None
+        assert newest_checkpoint(tmp_path) is not None
         for ckpt in manager.complete_checkpoints(tmp_path / "checkpoints"):
             assert manager.read_client_state(ckpt)["trainer"]["step"] == int(ckpt.name[5:])
     assert curve(train(tmp_path, [*RUN, "checkpoint.every_steps=1"])) == straight

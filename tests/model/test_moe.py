@@ -4,13 +4,15 @@ load-balancing loss on the same weights."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pretrain.model.flops import matmul_params, num_params
 from pretrain.model.llama_family import LLAMA
-from pretrain.model.moe import MoE, load_balancing_loss
+from pretrain.model.moe import MoE, drop_over_capacity, load_balancing_loss
 from pretrain.model.moe_family import MOE
 from pretrain.model.moe_model import MoEConfig, MoETransformer, moe_config
 
@@ -39,16 +41,28 @@ def reference(block: MoE, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).view_as(x)
 
 
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
 @pytest.mark.parametrize(("top_k", "norm"), [(1, False), (2, False), (2, True), (3, True)])
-def test_the_block_equals_a_token_by_token_reference(top_k: int, norm: bool) -> None:
+def test_the_block_equals_a_token_by_token_reference(top_k: int, norm: bool, impl: str) -> None:
+    """Both ways of running the experts: one matmul per expert, and torch's grouped matmul
+    (one kernel over all of them; on CPU here)."""
     torch.manual_seed(0)
-    block = MoE(H, FFN, E, top_k, norm_topk_prob=norm, std=0.3)  # spread routing
+    block = MoE(H, FFN, E, top_k, norm_topk_prob=norm, std=0.3, impl=impl)  # spread routing
     x = torch.randn(3, 11, H, requires_grad=True)
     ours = block(x)
     ref = reference(block, x)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-6)
-    # and the same gradients, to the router, the experts and the input (in float64, where
-    # per-token and batched sums agree far below the check)
+    # and the same gradients, to the router, the experts and the input: in float64 (where
+    # per-token and batched sums agree far below the check) against the reference; the
+    # grouped matmul, which takes no float64, against the loop in float32.
+    inputs = [x, *block.parameters()]
+    grads = torch.autograd.grad(ours.square().sum(), inputs)
+    if impl == "grouped_mm":
+        block.experts.impl = "loop"
+        loop_grads = torch.autograd.grad(block(x).square().sum(), inputs)
+        for ours_g, loop_g in zip(grads, loop_grads, strict=True):
+            torch.testing.assert_close(ours_g, loop_g, rtol=1e-5, atol=1e-6)
+        return
     block, x = block.double(), x.detach().double().requires_grad_()
     grads = torch.autograd.grad(block(x).square().sum(), [x, *block.parameters()])
     ref_grads = torch.autograd.grad(reference(block, x).square().sum(), [x, *block.parameters()])
@@ -56,8 +70,9 @@ def test_the_block_equals_a_token_by_token_reference(top_k: int, norm: bool) -> 
         torch.testing.assert_close(ours_g, ref_g, rtol=1e-7, atol=1e-10)
     probs, counts = block.routing
     assert probs.shape == (33, E) and counts.shape == (E,) and counts.sum() == 33 * top_k
-    load = block.take_load()  # the training forwards' slots, as fractions; then afresh
-    assert load.sum().item() == pytest.approx(1.0) and block.take_load().sum() == 0
+    load, dropped = block.take_load()  # the training forwards' slots, as fractions; afresh
+    assert load.sum().item() == pytest.approx(1.0) and dropped == 0.0
+    assert block.take_load()[0].sum() == 0
 
 
 def test_ties_go_to_the_lower_expert_every_time() -> None:
@@ -192,3 +207,58 @@ def test_moe_presets_count_their_parameters_as_transformers_builds_them(preset: 
 def test_moe_presets_have_their_published_sizes(preset: str, total: int, active: int) -> None:
     cfg = _moe_preset(preset)
     assert num_params(cfg) == total and matmul_params(cfg) == active
+
+
+def test_capacity_drops_the_lowest_priority_slots_in_training_only() -> None:
+    """Each expert keeps `capacity` slots: every token's first choice before any second one,
+    earlier tokens first; a dropped slot adds nothing; evaluation drops none."""
+    torch.manual_seed(0)
+    block = MoE(H, FFN, 4, top_k=2, std=0.5, capacity_factor=0.5)  # capacity 0.5 x 2N / 4
+    x = torch.randn(1, 24, H)
+    weights, experts, _ = block.gate(x[0])
+    capacity = math.ceil(0.5 * 48 / 4)  # 6 of each expert's slots
+    taken = {e: 0 for e in range(4)}
+    keep = torch.zeros_like(experts, dtype=torch.bool)
+    for choice in range(2):  # the reference: priority by choice, then by token
+        for token in range(24):
+            e = int(experts[token, choice])
+            if taken[e] < capacity:
+                keep[token, choice], taken[e] = True, taken[e] + 1
+    counts = torch.bincount(experts.flatten(), minlength=4)
+    dropped, kept = drop_over_capacity(experts, counts, capacity)
+    assert torch.equal(dropped == 4, ~keep) and kept.tolist() == [taken[e] for e in range(4)]
+    assert (~keep).any()  # this routing does overflow
+    out = block.train()(x)
+    expected = torch.zeros(24, H)
+    for token in range(24):
+        for choice in range(2):
+            if keep[token, choice]:
+                e = int(experts[token, choice])
+                expected[token] += (
+                    weights[token, choice] * block.experts.expert(e, x[0, token : token + 1])[0]
+                )
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+    _, dropped_share = block.take_load()
+    assert dropped_share == pytest.approx(float((~keep).sum()) / 48)
+    with torch.no_grad():  # evaluation: no capacity
+        block.eval()
+        torch.testing.assert_close(block(x), reference(block, x), rtol=1e-5, atol=2e-6)
+
+
+def test_the_router_bias_picks_the_experts_but_not_their_weights() -> None:
+    torch.manual_seed(0)
+    block = MoE(H, FFN, E, top_k=2, std=0.3, router_bias=True)
+    assert block.gate.bias.dtype == torch.float32 and not block.gate.bias.requires_grad
+    x = torch.randn(40, H)
+    _, before, probs = block.gate(x)
+    block.gate.bias[5] = 10.0  # expert 5 is everyone's first choice now
+    weights, experts, probs2 = block.gate(x)
+    assert torch.equal(probs, probs2) and (experts[:, 0] == 5).all()
+    assert torch.equal(experts[:, 1], before[:, 0].where(before[:, 0] != 5, before[:, 1]))
+    torch.testing.assert_close(weights, probs.gather(1, experts))  # unbiased weights
+    # DeepSeek-V3's update: +rate below the mean load, -rate above it, 0 at it.
+    block.gate.bias.zero_()
+    block.gate.update_bias(torch.tensor([4, 0, 2, 2, 2, 2, 2, 2]), rate=0.01)
+    assert block.gate.bias.tolist() == pytest.approx([-0.01, 0.01, 0, 0, 0, 0, 0, 0])
+    assert "gate.bias" in block.state_dict()  # checkpointed with the model
+    assert "gate.bias" not in MoE(H, FFN, E, top_k=2).state_dict()  # only when asked for

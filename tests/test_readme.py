@@ -39,6 +39,12 @@ NOT_RUN = {
         "tests/train/test_sequence_parallel.py on 2 and 4 CPU ranks (ZeRO 0-3, the document "
         "mask, the tiled MLP), and the README's 2-rank parallel.sequence line",
     ),
+    "torchrun --nproc_per_node=8 -m pretrain model=olmoe_1b_7b": (
+        "needs 8 GPUs",
+        "tests/train/test_moe_training.py (ZeRO-1 and ZeRO-3 on 2 CPU ranks equal 1, resume, "
+        "kill -9) and tests/tools/test_moe_tools.py (export, evaluation), with the README's "
+        "moe_tiny demo line",
+    ),
     "torchrun --nproc_per_node=8": (
         "needs 8 GPUs",
         "tests/train/test_gpu.py (GPU) and, on 2 CPU ranks, the README's torchrun line before it",
@@ -146,6 +152,10 @@ CHECKS: dict[str, Callable[[Path, str], None]] = {
     "python tools/export_hf.py runs/demo hf/demo": lambda cwd, out: (
         json.loads((cwd / "hf/demo/config.json").read_text())["architectures"]
         == ["LlamaForCausalLM"]
+    ),
+    "python tools/export_hf.py runs/demo_moe hf/demo_moe": lambda cwd, out: (
+        json.loads((cwd / "hf/demo_moe/config.json").read_text())["architectures"]
+        == ["Qwen3MoeForCausalLM"]
     ),
     'python -c "import transformers': lambda cwd, out: out.strip().startswith("def"),
     "python tools/plot_metrics.py": lambda cwd, out: (cwd / "curves.png").stat().st_size > 0,

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.model.expert_parallel import ExpertExchange, ExpertShard
+
 
 class Router(nn.Module):
     """Token -> (its k routing weights, its k experts, every expert's probability).
@@ -99,21 +101,27 @@ class Experts(nn.Module):
 
     def __init__(
         self, d_model: int, ffn_hidden: int, n_experts: int, std: float = 0.02,
-        down_std: float | None = None, impl: str = "auto",
+        down_std: float | None = None, impl: str = "auto", shard: ExpertShard | None = None,
     ) -> None:  # fmt: skip
         """Normal init, std (down_proj: down_std, default std), here in the constructor:
-        under ZeRO-3's zero.Init a module's parameters are sharded once it is built."""
+        under ZeRO-3's zero.Init a module's parameters are sharded once it is built. With
+        `shard` (expert parallelism) it holds only its group rank's experts, initialised as
+        those experts of the whole set would be (the same draws as one rank's)."""
         super().__init__()
         if impl not in EXPERT_IMPLS:
             raise ValueError(f"model.experts_impl={impl!r}: choose one of {EXPERT_IMPLS}")
-        self.impl = impl
-        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * ffn_hidden, d_model))
-        self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, ffn_hidden))
-        nn.init.normal_(self.gate_up_proj, std=std)
-        nn.init.normal_(self.down_proj, std=std if down_std is None else down_std)
+        self.impl, self.shard = impl, shard
+        local = range(n_experts) if shard is None else shard.local_experts(n_experts)
+        gate_up = torch.empty(n_experts, 2 * ffn_hidden, d_model)
+        down = torch.empty(n_experts, d_model, ffn_hidden)
+        nn.init.normal_(gate_up, std=std)
+        nn.init.normal_(down, std=std if down_std is None else down_std)
+        self.gate_up_proj = nn.Parameter(gate_up[local.start : local.stop].clone())
+        self.down_proj = nn.Parameter(down[local.start : local.stop].clone())
 
     @property
     def n_experts(self) -> int:
+        """The experts this module holds (with a shard, its rank's share)."""
         return self.gate_up_proj.size(0)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +161,12 @@ class Experts(nn.Module):
         if kept is not None:
             order = order[:kept]  # the dropped slots sort last
         tokens = order // k
-        out = self._grouped(x[tokens], counts)  # each expert's tokens contiguous
+        rows = x[tokens]  # each expert's tokens contiguous
+        if self.shard is None:
+            out = self._grouped(rows, counts)
+        else:  # to the ranks that hold the experts, and back
+            exchange = ExpertExchange(self.shard)
+            out = exchange.combine(self._grouped(*exchange.dispatch(rows, counts)))
         scale = weights.reshape(-1)[order].to(out.dtype)[:, None]
         return torch.zeros_like(x).index_add_(0, tokens, out * scale)
 
@@ -185,16 +198,18 @@ class MoE(nn.Module):
     ceil(capacity_factor x slots / E) of a micro-batch's slots (`drop_over_capacity`); a
     dropped slot adds nothing (its token keeps the residual). Evaluation never drops, as
     the Hugging Face families compute. `router_bias`: auxiliary-loss-free balancing (the
-    router's `bias`)."""
+    router's `bias`). `shard`: expert parallelism, this rank's place in its group (it holds
+    and runs E / N of the experts; model/expert_parallel.py)."""
 
     def __init__(
         self, d_model: int, ffn_hidden: int, n_experts: int, top_k: int,
         norm_topk_prob: bool = False, std: float = 0.02, down_std: float | None = None,
         capacity_factor: float = 0.0, router_bias: bool = False, impl: str = "auto",
+        shard: ExpertShard | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.gate = Router(d_model, n_experts, top_k, norm_topk_prob, router_bias)
-        self.experts = Experts(d_model, ffn_hidden, n_experts, std, down_std, impl)
+        self.experts = Experts(d_model, ffn_hidden, n_experts, std, down_std, impl, shard)
         self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n_experts, self.capacity_factor = n_experts, capacity_factor
         self.routed = torch.zeros(n_experts)

@@ -129,7 +129,7 @@ def figures(run: RunConfig, times: list[float], final_loss: float) -> dict[str, 
 def prepare_ours(run: RunConfig) -> Row:
     """Our trainer's optimizer step under DeepSpeed."""
     dist.seed_everything(run.trainer.seed)
-    model = build_model(run, lambda: build_module(run))
+    model = build_model(run, lambda expert: build_module(run, expert))
     engine = build_engine(run, model)
     data = build_data(run)
     module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim, sequence_shard(),

@@ -80,6 +80,7 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
             grad_accum=max(run.trainer.global_batch_size // (micro * (gpus // sequence)), 1),
             reduce_bucket_size=run.deepspeed.reduce_bucket_size,
             sequence=sequence,
+            expert=run.parallel.expert,
         )
         return {**asdict(est), "states": est.states, "total": est.total}
 
@@ -120,6 +121,7 @@ def estimate(overrides: list[str], args: argparse.Namespace) -> dict:
         "gpu_memory_gib": args.gpu_mem_gib or GPU_MEMORY_GIB.get(args.gpu),
         "memory": memory,
         "sequence_parallel": sp,
+        "expert_parallel": run.parallel.expert,
         "by_sequence_parallel": sequence,
     }
 
@@ -142,6 +144,11 @@ def report(e: dict, gpu: str) -> str:
         f"memory per GPU (GiB) at micro-batch {e['micro_batch_size']}, "
         f"data-parallel size {e['gpus'] // e['sequence_parallel']}"
         + (f" x sequence parallel {e['sequence_parallel']}" if e["sequence_parallel"] > 1 else "")
+        + (
+            f", experts split over {e['expert_parallel']} (parallel.expert)"
+            if e["expert_parallel"] > 1
+            else ""
+        )
         + "; total = weights + optim + "
         + ("grads + activ." if e["grad_accum"] > 1 else "the larger of grads and activ.")
         + ":",

@@ -47,9 +47,22 @@ def find_checkpoint(run_or_ckpt: Path) -> Path:
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """The full fp32 weights of checkpoint `ckpt`, for any ZeRO stage and world size, on CPU
-    (loaded as data only: `manager.safe_loading`)."""
+    (loaded as data only: `manager.safe_loading`); an expert-parallel run's experts from
+    the ranks that saved them (`full_experts`)."""
     with manager.safe_loading(ckpt):
-        return _consolidated(ckpt)
+        derived = manager.read_client_state(ckpt)["config"]["derived"]
+        expert = int(derived.get("parallel", {}).get("expert", 1))
+        return _expert_parallel(ckpt, expert) if expert > 1 else _consolidated(ckpt)
+
+
+def _expert_parallel(ckpt: Path, size: int) -> dict[str, torch.Tensor]:
+    """The weights of an expert-parallel checkpoint saved with `size` ranks per expert
+    group (engine/expert_groups.py `ExpertCheckpoint`): rank 0's dense weights, and each
+    expert parameter's shards from the first group's ranks, in expert order."""
+    ranks = [torch.load(ckpt / f"rank_{r}.pt", map_location="cpu", weights_only=True)
+             for r in range(size)]  # fmt: skip
+    experts = {name: torch.cat([r["experts"][name] for r in ranks]) for name in ranks[0]["experts"]}
+    return {**ranks[0]["dense"], **experts}
 
 
 def _consolidated(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -44,6 +44,28 @@ def saved_sequence(config: dict[str, Any]) -> int:
     return int(config["derived"].get("parallel", {}).get("sequence", 1))
 
 
+def check_expert_layout(
+    config: dict[str, Any], saved: tuple[int, int], now: tuple[int, int], expert: int,
+    path: Path,
+) -> None:  # fmt: skip
+    """Refuse resuming an expert-parallel checkpoint, or resuming into expert parallelism, in
+    another layout: DeepSpeed's universal conversion does not know our experts' optimizer
+    state (engine/expert_groups.py). The weights alone carry over, through an export."""
+    old = int(config["derived"].get("parallel", {}).get("expert", 1))
+    if (old, saved) == (expert, now) or (old == 1 and expert == 1):
+        return
+    from pretrain.config import ConfigError
+
+    raise ConfigError([
+        f"{path} was saved by {saved[0]} ranks at ZeRO-{saved[1]} with parallel.expert={old}; "
+        f"this run has {now[0]} ranks at ZeRO-{now[1]} with parallel.expert={expert}. An "
+        "expert-parallel run resumes in its own layout only (its experts' optimizer state "
+        f"does not reshard yet): resume with {saved[0]} ranks, deepspeed.zero_stage="
+        f"{saved[1]} and parallel.expert={old}, or start a new run from its weights "
+        "(tools/export_hf.py, then model.init_from=<that dir>)"
+    ])  # fmt: skip
+
+
 def needs_universal(saved: tuple[int, int], now: tuple[int, int], path: Path) -> bool:
     """Whether resuming `path` (saved with layout `saved`) in layout `now` needs conversion;
     raises when the change cannot be done."""

@@ -42,6 +42,7 @@ def plan_resume(run: RunConfig, ckpt_dir: Path, data: DataSource) -> ResumePlan:
     check_same_tokenizer(path, client.get("data_tokenizer_sha256"), data.tokenizer_sha256,
                          data.allow_tokenizer_change)  # fmt: skip
     saved_layout = reshard.saved_layout(client["config"])
+    reshard.check_expert_layout(client["config"], saved_layout, layout, run.parallel.expert, path)
     universal = reshard.needs_universal(saved_layout, layout, path)
     if universal:
         reshard.convert(path)

@@ -1,9 +1,11 @@
 """How the ranks of a run are arranged: one size per parallel dimension.
 
-Data parallelism (DeepSpeed's, with ZeRO sharding over every rank) and sequence parallelism
+Data parallelism (DeepSpeed's, with ZeRO sharding over every rank), sequence parallelism
 (`parallel.sequence`: DeepSpeed-Ulysses, groups of consecutive ranks that split each
-sequence) exist; tensor and expert parallelism are the room the next dimensions take, each
-1 until then. `resolve()` derives and checks the sizes; `pretrain.dist` builds the process
+sequence) and expert parallelism (`parallel.expert`: groups of consecutive data ranks that
+split a mixture-of-experts model's experts, within the data dimension) exist; tensor
+parallelism is the room the next dimension takes, 1 until then. `resolve()` derives and
+checks the sizes; `pretrain.dist` builds the process
 groups once from them; code that means "the ranks that split the batch" asks for the data
 dimension (`dist.data_rank()`, `dist.data_size()`, `run.parallel.data`), never the world
 size.
@@ -25,14 +27,15 @@ class ParallelDims:
     tensor: int = 1
     """Ranks that split each weight matrix (not built yet: 1)."""
     expert: int = 1
-    """Ranks that split the experts of a mixture-of-experts layer, within the data ranks (not
-    built yet: 1)."""
+    """Ranks that split the experts of a mixture-of-experts layer, within the data ranks
+    (consecutive data ranks; not a factor of the world size)."""
 
     @classmethod
-    def for_world(cls, world_size: int, sequence: int = 1) -> ParallelDims:
+    def for_world(cls, world_size: int, sequence: int = 1, expert: int = 1) -> ParallelDims:
         """`sequence` ranks per sequence, the rest on the data dimension (data = world /
-        sequence, at least 1: `errors` says when sequence does not divide the world)."""
-        return cls(data=max(world_size // max(sequence, 1), 1), sequence=sequence)
+        sequence, at least 1: `errors` says when sequence does not divide the world), and
+        `expert` of the data ranks per expert group."""
+        return cls(data=max(world_size // max(sequence, 1), 1), sequence=sequence, expert=expert)
 
     @property
     def world_size(self) -> int:
@@ -52,7 +55,12 @@ class ParallelDims:
                 f"{self.tensor} = {self.world_size} ranks, but the run has {world_size}"
             )
         if not out and self.data % self.expert:
-            out.append(f"parallel.expert={self.expert} must divide parallel.data={self.data}")
+            out.append(f"parallel.expert={self.expert} must divide the data-parallel size "
+                       f"{self.data}: run a multiple of it")  # fmt: skip
+        if not out and self.expert > 1 and self.sequence > 1:
+            out.append(f"parallel.expert={self.expert} with parallel.sequence={self.sequence}: "
+                       "not supported yet (DeepSpeed's expert groups take consecutive ranks, "
+                       "which a sequence group holds); use one of them")  # fmt: skip
         return out
 
     def as_dict(self) -> dict[str, int]:

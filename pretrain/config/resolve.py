@@ -106,7 +106,8 @@ def resolve(cfg: DictConfig, world_size: int, cuda_available: bool | None = None
     checkpoint: CheckpointConfig = _section(cfg, "checkpoint")
     model = OmegaConf.to_container(cfg.model, resolve=True)
     device_type, precision = _device_and_precision(trainer, cfg.precision, cuda_available, errors)
-    parallel = ParallelDims.for_world(world_size, int(cfg.parallel.sequence))
+    parallel = ParallelDims.for_world(world_size, int(cfg.parallel.sequence),
+                                      int(cfg.parallel.expert))  # fmt: skip
     errors.extend(parallel.errors(world_size))
     grad_accum = _batch_geometry(trainer, parallel, errors)
     _check_model(model, trainer, ds, parallel, errors)
@@ -232,8 +233,14 @@ def _check_model(
     if parallel.sequence > 1:
         errors.extend(family.sequence_errors(model_fields(model), parallel.sequence,
                                              trainer.seq_len))  # fmt: skip
+    if parallel.expert > 1:
+        errors.extend(family.expert_errors(model_fields(model), parallel.expert))
     init_from = model.get("init_from")
-    if init_from and family.hf is None:
+    if init_from and parallel.expert > 1:
+        errors.append(f"model.init_from={init_from} with parallel.expert={parallel.expert}: "
+                      "not supported yet (each rank would need its own experts' share of "
+                      "the directory); initialise with parallel.expert=1")  # fmt: skip
+    elif init_from and family.hf is None:
         errors.append(f"model.init_from={init_from}: {model['_target_']} has no Hugging Face "
                       "counterpart to initialise from")  # fmt: skip
     elif init_from and not (Path(init_from) / "config.json").is_file():

@@ -200,6 +200,12 @@ class ParallelConfig:
     """DeepSpeed-Ulysses sequence parallelism: groups of this many ranks split each sequence
     (seq_len / sequence tokens each) and exchange attention heads around attention; the
     data-parallel size is the world size / sequence. 1: off."""
+    expert: int = 1
+    """Expert parallelism for mixture-of-experts models: groups of this many consecutive
+    data-parallel ranks each hold n_experts / expert of every sparse block's experts, and
+    send each token to the rank holding its experts and back (all-to-all). The other
+    weights stay under ZeRO over all ranks; the experts under ZeRO over the ranks holding
+    the same ones. 1: every rank holds every expert."""
 
 
 @dataclass

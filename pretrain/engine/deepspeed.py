@@ -23,7 +23,15 @@ from torch import nn
 from pretrain import dist
 from pretrain.config.resolve import ConfigError, RunConfig, deepspeed_config
 from pretrain.config.schema import DeepSpeedConfig
+from pretrain.engine.expert_groups import (
+    expert_norm_sq,
+    expert_shard,
+    is_expert_param,
+    moe_engine,
+    split_param_groups,
+)
 from pretrain.engine.optim import build_optimizer, lr_scheduler
+from pretrain.model.expert_parallel import ExpertShard
 from pretrain.model.family import family_of
 from pretrain.model.sequence import SequenceShard
 
@@ -59,15 +67,19 @@ def _import_deepspeed(device_type: str) -> Any:
     return deepspeed
 
 
-def build_model(run: RunConfig, factory: Callable[[], nn.Module]) -> nn.Module:
-    """Call `factory` under `deepspeed.zero.Init` for ZeRO-3, so no rank ever holds all weights."""
+def build_model(
+    run: RunConfig, factory: Callable[[ExpertShard | None], nn.Module]
+) -> nn.Module:  # fmt: skip
+    """Call `factory` under `deepspeed.zero.Init` for ZeRO-3, so no rank ever holds all
+    weights; with parallel.expert, with this rank's place in DeepSpeed's expert groups."""
     deepspeed = _import_deepspeed(run.device_type)
     if run.deepspeed.zero_stage == 3:
         ctx = deepspeed.zero.Init(config_dict_or_path=deepspeed_config(run))
     else:
         ctx = contextlib.nullcontext()
+    expert = expert_shard(run.parallel.expert, run.deepspeed.zero_stage)
     with ctx:
-        model = factory()
+        model = factory(expert)
     family_of(run.model).parallelize(
         model, run.trainer.activation_checkpointing, run.trainer.compile,
         zero3=run.deepspeed.zero_stage == 3, sequence=sequence_shard(),
@@ -152,19 +164,21 @@ def build_engine(run: RunConfig, model: nn.Module, load_universal: bool = False)
     deepspeed = _import_deepspeed(run.device_type)
     if run.deepspeed.zero_stage == 3:
         check_leaf_modules(model, run.deepspeed.stage3_leaf_modules)
-    optimizer = build_optimizer(model, run.optim)
+    stage = run.deepspeed.zero_stage
+    optimizer = build_optimizer(model, run.optim, lambda g: split_param_groups(g, stage))
     config = deepspeed_config(run)
     if trainer_clip(run) is not None:
         config["gradient_clipping"] = 0.0  # the trainer clips (trainer_clip)
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lambda opt: lr_scheduler(opt, run.optim, run.trainer.max_steps),
-        config=config,
-        mpu=SequenceParallelUnit() if run.parallel.sequence > 1 else None,
-    )
+    with moe_engine(model, stage, int(run.model.get("n_experts", 0))):
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: lr_scheduler(opt, run.optim, run.trainer.max_steps),
+            config=config,
+            mpu=SequenceParallelUnit() if run.parallel.sequence > 1 else None,
+        )
     if run.world_size == 1 and run.deepspeed.zero_stage == 0:
         # Alone, the gradient all-reduce averages over one rank, yet DeepSpeed still flattens
         # every gradient into buckets and back each step (4% of a 125M model's CPU step).
@@ -213,7 +227,16 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+    experts = [p for p in params if is_expert_param(p)]
+    if not experts:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+    # Expert parallelism: each rank holds some experts' gradients; the norm sums them all.
+    dense = [p.grad for p in params if not is_expert_param(p)]
+    norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in dense]))
+            ** 2 + expert_norm_sq(experts)).sqrt()  # fmt: skip
+    if max_norm > 0:
+        torch._foreach_mul_([p.grad for p in params], (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return float(norm)
 
 
 class UpdateGate:

@@ -12,6 +12,7 @@ import torch
 from pretrain.checkpoint import manager, reshard
 from pretrain.config.schema import OptimConfig
 from pretrain.engine.deepspeed import UpdateGate, clip_gradients
+from pretrain.engine.expert_groups import ExpertCheckpoint
 from pretrain.engine.optim import keep_kernel_after_load
 from pretrain.model.documents import DocumentSplit, document_ids, positions_in_documents
 from pretrain.model.sequence import SequenceShard
@@ -56,6 +57,7 @@ class DeepSpeedTrainModule:
         self._clip = clip
         self._params = list(engine.module.parameters()) if clip is not None else []
         self._gate = UpdateGate(engine.client_optimizer)
+        self._experts = ExpertCheckpoint(engine.module, engine.zero_optimization_stage())
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -115,6 +117,7 @@ class DeepSpeedTrainModule:
         self, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
         files: dict[str, str],
     ) -> Path:  # fmt: skip
+        rank_state = {**rank_state, **self._experts.state()}
         return manager.save(self.engine, ckpt_dir, step, client_state, rank_state, files)
 
     def load(
@@ -125,5 +128,6 @@ class DeepSpeedTrainModule:
         else:
             client_state, rank_state = manager.load(self.engine, path)
             rank_states = [rank_state]
+            self._experts.restore(path)
         keep_kernel_after_load(self.engine.client_optimizer, self.optim)
         return client_state, rank_states

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -88,8 +89,11 @@ def adamw_kernel(impl: str) -> dict[str, bool]:
     return {"fused": impl == "fused", "foreach": impl == "foreach"}
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, split: Callable[[list[dict]], list[dict]] | None = None
+) -> torch.optim.Optimizer:  # fmt: skip
     """torch's AdamW with the optim.impl kernel, or DeepSpeedCPUAdam (optim.impl=cpu_adam).
+    `split`: rearranges the parameter groups (the engine's, e.g. experts apart).
 
     With optimizer state offloaded (ZeRO-Offload), DeepSpeed steps this optimizer on the CPU
     copies. torch's fused AdamW needs no compiler and no JIT build, and stepped 124M fp32
@@ -98,6 +102,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     (about 2 minutes there).
     """
     groups = param_groups(model, cfg.weight_decay)
+    if split is not None:
+        groups = split(groups)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.impl == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -18,7 +18,7 @@ issue 23's next step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,9 @@ class ExpertShard:
     """The group's process group (its ranks hold consecutive experts, in rank order)."""
     size: int
     rank: int
+    param_attrs: dict[str, Any] = field(default_factory=dict)
+    """Attributes set on each expert parameter as it is made, before ZeRO-3's zero.Init
+    partitions it: the engine's marks (DeepSpeed's expert groups, engine/deepspeed.py)."""
 
     def local_experts(self, n_experts: int) -> range:
         """The global indices of the experts this rank holds."""

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from pretrain.model.expert_parallel import ExpertShard
 from pretrain.model.sequence import SequenceShard
 
 log = logging.getLogger("pretrain")
@@ -76,10 +77,13 @@ class ModelFamily(Protocol):
     """Class name of its repeated unit, the one `parallelize` compiles and ZeRO-3 must gather
     whole (deepspeed.stage3_leaf_modules) when compiled; None: it has none."""
 
-    def build(self, fields: Mapping[str, Any]) -> nn.Module:
+    def build(self, fields: Mapping[str, Any], expert: ExpertShard | None = None) -> nn.Module:
         """A model with fresh weights, from its config section (without `_target_` or
         `init_from`). Its `forward(tokens, targets)` returns the mean next-token loss over
-        `table_rows` logits; without targets, the logits of the real vocabulary."""
+        `table_rows` logits; without targets, the logits of the real vocabulary. `expert`:
+        this rank's place in its expert-parallel group (parallel.expert > 1, which only a
+        family whose `expert_errors` allows it gets): the model holds and runs its share of
+        the experts (model/expert_parallel.py)."""
         ...
 
     def errors(self, fields: Mapping[str, Any]) -> list[str]:
@@ -99,6 +103,11 @@ class ModelFamily(Protocol):
         """Why a model of `fields` cannot train with sequences of `seq_len` split over
         `size` ranks (parallel.sequence > 1), each naming its key and the fix; [] when it
         can."""
+        ...
+
+    def expert_errors(self, fields: Mapping[str, Any], size: int) -> list[str]:
+        """Why a model of `fields` cannot split its experts over `size` ranks
+        (parallel.expert > 1), each naming its key and the fix; [] when it can."""
         ...
 
     def parallelize(
@@ -143,7 +152,8 @@ class PlainFamily:
         self.target = target
         self.shape_keys = ("_target_", *shape_keys)
 
-    def build(self, fields: Mapping[str, Any]) -> nn.Module:
+    def build(self, fields: Mapping[str, Any], expert: ExpertShard | None = None) -> nn.Module:
+        assert expert is None, "expert_errors refuses expert parallelism"
         module, _, name = self.target.rpartition(".")
         return getattr(importlib.import_module(module), name)(**fields)
 
@@ -164,6 +174,9 @@ class PlainFamily:
             "the Llama family splits attention over ranks); use parallel.sequence=1"
         ]
 
+    def expert_errors(self, fields: Mapping[str, Any], size: int) -> list[str]:
+        return [no_experts_error(self.target, size)]
+
     def parallelize(
         self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool,
         sequence: SequenceShard | None = None,
@@ -183,6 +196,11 @@ class PlainFamily:
 
     def after_step(self, model: nn.Module, stepped: bool) -> None:
         return None
+
+
+def no_experts_error(target: str, size: int) -> str:
+    return (f"parallel.expert={size}: {target} has no experts to split (a mixture-of-experts "
+            "model has: model=moe_tiny, moe_1b, ...); use parallel.expert=1")  # fmt: skip
 
 
 GENERIC_SHAPE_KEYS = (

@@ -41,6 +41,14 @@ def ffn_params(cfg: LlamaConfig, layer: int, active: bool = False) -> int:
     return cfg.n_experts * cfg.d_model + experts * 3 * cfg.d_model * cfg.moe_ffn_hidden
 
 
+def expert_params(cfg: LlamaConfig) -> int:
+    """The experts' weights (every sparse block's, all of them; 0 for a dense model)."""
+    if not isinstance(cfg, MoEConfig):
+        return 0
+    sparse = sum(cfg.is_sparse(i) for i in range(cfg.n_layers))
+    return sparse * cfg.n_experts * 3 * cfg.d_model * cfg.moe_ffn_hidden
+
+
 def layer_params(cfg: LlamaConfig, layer: int = 0) -> int:
     """Parameters of Transformer block `layer`."""
     return attention_params(cfg) + ffn_params(cfg, layer) + norm_params(cfg)

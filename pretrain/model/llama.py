@@ -369,7 +369,14 @@ class Transformer(nn.Module):
         self.lm_head = LMHead(cfg)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.apply(self._init_weights)
+        # Module by module (the projections and tables; what `_init_weights` sets), in the
+        # order `self.apply` would visit them: under ZeRO-3's zero.Init each `apply` gathers
+        # the module's parameters, and a module whose parameters another family initialises
+        # itself (a mixture-of-experts block's experts, sharded over a group of their own)
+        # is never gathered here.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.apply(self._init_weights)
 
     def feed_forward(self, layer: int) -> nn.Module | None:
         """Block `layer`'s feed-forward module; None: the SwiGLU MLP (a subclass chooses)."""

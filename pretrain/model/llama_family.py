@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.model.expert_parallel import ExpertShard
+from pretrain.model.family import no_experts_error
 from pretrain.model.flops import flops_per_token
 from pretrain.model.llama import LlamaConfig, Transformer, pad_vocab
 from pretrain.model.parallelize import checkpoint_activations, compile_block
@@ -140,7 +142,8 @@ class LlamaFamily:
     hf = LlamaHF()
     block = "Block"
 
-    def build(self, fields: Mapping[str, Any]) -> nn.Module:
+    def build(self, fields: Mapping[str, Any], expert: ExpertShard | None = None) -> nn.Module:
+        assert expert is None, "expert_errors refuses expert parallelism"
         return Transformer(llama_config(fields))
 
     def errors(self, fields: Mapping[str, Any]) -> list[str]:
@@ -161,6 +164,9 @@ class LlamaFamily:
             errs.append(f"trainer.seq_len={seq_len} is not divisible by parallel.sequence="
                         f"{size}: each rank holds seq_len / sequence positions")  # fmt: skip
         return errs
+
+    def expert_errors(self, fields: Mapping[str, Any], size: int) -> list[str]:
+        return [no_experts_error(self.target, size)]
 
     def parallelize(
         self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool,

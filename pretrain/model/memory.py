@@ -1,7 +1,8 @@
 """Memory per GPU of a training run, by ZeRO stage: pure arithmetic on the config.
 
-Parameters are every weight, all experts of a mixture-of-experts model included (each rank
-holds them all until expert parallelism exists). The model states follow the ZeRO paper
+Parameters are every weight, all experts of a mixture-of-experts model included; with
+expert parallelism (`expert` ranks per group) a rank holds 1/expert of the experts, which
+ZeRO shards over the ranks holding the same ones. The model states follow the ZeRO paper
 (Rajbhandari et al. 2020, section 3.1) as DeepSpeed
 implements mixed precision: the model's own weights in the compute dtype (2 bytes for
 bf16/fp16), their gradients in the same dtype, and the optimizer's share, which for AdamW is
@@ -70,7 +71,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.model.flops import num_params
+from pretrain.model.flops import expert_params, num_params
 from pretrain.model.llama import LlamaConfig
 from pretrain.model.moe_model import MoEConfig
 
@@ -209,26 +210,35 @@ def estimate_memory(
     grad_accum: int = 1,
     reduce_bucket_size: int = 500_000_000,
     sequence: int = 1,
+    expert: int = 1,
 ) -> MemoryEstimate:
     """Bytes per GPU for `dp` data-parallel ranks at ZeRO `zero_stage` (0-3);
     `reduce_bucket_size`: `deepspeed.reduce_bucket_size` (ZeRO-3 allocates that bucket).
     `sequence`: parallel.sequence, ranks that split each sequence (Ulysses): each holds
     seq_len / sequence tokens of the micro-batch's activations, and ZeRO shards over all
-    dp x sequence ranks."""
+    dp x sequence ranks. `expert`: parallel.expert, ranks that split the experts: each holds
+    1 / expert of them, sharded over dp / expert ranks (activations are unchanged: a rank
+    runs as many expert slots as it sends)."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage={zero_stage}: choose 0, 1, 2 or 3")
-    n = num_params(cfg)
+    # Dense weights are held by every rank and sharded over all of them; with expert
+    # parallelism each rank holds 1/expert of the experts, sharded over the ranks holding
+    # the same ones (all ranks / expert): held / shards weighs each part per rank.
+    n_expert = expert_params(cfg)
+    n_dense = num_params(cfg) - n_expert
+    ranks = dp * sequence  # ZeRO partitions over every rank
+
+    def per_rank(sharded: bool) -> float:
+        if not sharded:
+            return n_dense + n_expert / expert
+        return n_dense / ranks + n_expert / expert / (ranks // expert)
+
     width = BYTES[precision]
     # DeepSpeed's ZeRO optimizers step an fp32 partition of the weights, in fp32 training too.
     master = 4 if precision != "fp32" or zero_stage >= 1 else 0
-    weights, grads, optimizer = width * n, width * n, (master + 8) * n
-    shards = dp * sequence  # ZeRO partitions over every rank
-    if zero_stage >= 1:
-        optimizer //= shards
-    if zero_stage >= 2:
-        grads //= shards
-    if zero_stage >= 3:
-        weights //= shards
+    weights = int(width * per_rank(zero_stage >= 3))
+    grads = int(width * per_rank(zero_stage >= 2))
+    optimizer = int((master + 8) * per_rank(zero_stage >= 1))
     if offload_optimizer:
         optimizer = 0  # master weights and moments live in host memory
     tokens = seq_len * micro_batch_size // sequence  # this rank's share of the micro-batch

@@ -118,6 +118,9 @@ class Experts(nn.Module):
         nn.init.normal_(down, std=std if down_std is None else down_std)
         self.gate_up_proj = nn.Parameter(gate_up[local.start : local.stop].clone())
         self.down_proj = nn.Parameter(down[local.start : local.stop].clone())
+        for p in (self.gate_up_proj, self.down_proj):
+            for key, value in ({} if shard is None else shard.param_attrs).items():
+                setattr(p, key, value)
 
     @property
     def n_experts(self) -> int:

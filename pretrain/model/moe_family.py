@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from pretrain.model.expert_parallel import ExpertShard, expert_parallel_errors
 from pretrain.model.flops import flops_per_token
 from pretrain.model.llama_family import LlamaFamily
 from pretrain.model.moe_hf import MoEHF
@@ -22,8 +23,11 @@ class MoEFamily(LlamaFamily):
     shape_keys = (*LlamaFamily.shape_keys, "n_experts", "moe_ffn_hidden", "moe_every")
     hf = MoEHF()
 
-    def build(self, fields: Mapping[str, Any]) -> nn.Module:
-        return MoETransformer(moe_config(fields))
+    def build(self, fields: Mapping[str, Any], expert: ExpertShard | None = None) -> nn.Module:
+        return MoETransformer(moe_config(fields), expert=expert)
+
+    def expert_errors(self, fields: Mapping[str, Any], size: int) -> list[str]:
+        return expert_parallel_errors(moe_config(fields).n_experts, size)
 
     def errors(self, fields: Mapping[str, Any]) -> list[str]:
         return moe_config(fields).errors()

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pretrain.model.expert_parallel import ExpertShard
 from pretrain.model.llama import LlamaConfig, Transformer
 from pretrain.model.moe import EXPERT_IMPLS, MoE, load_balancing_loss
 
@@ -104,7 +105,13 @@ class MoETransformer(Transformer):
 
     config: MoEConfig
 
-    def __init__(self, config: MoEConfig | None = None, **fields: object) -> None:
+    def __init__(
+        self, config: MoEConfig | None = None, expert: ExpertShard | None = None,
+        **fields: object,
+    ) -> None:  # fmt: skip
+        """`expert`: this rank's place in its expert-parallel group (each sparse block then
+        holds and runs its share of the experts)."""
+        self._expert_shard = expert  # read by feed_forward, which the base __init__ calls
         super().__init__(config if config is not None else MoEConfig(**fields))
         self.aux_loss: torch.Tensor | None = None
         """The load-balancing loss of the last forward with targets."""
@@ -119,7 +126,7 @@ class MoETransformer(Transformer):
                    cfg.norm_topk_prob, cfg.init_std,
                    down_std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
                    capacity_factor=cfg.capacity_factor, router_bias=cfg.router_bias_rate > 0,
-                   impl=cfg.experts_impl)  # fmt: skip
+                   impl=cfg.experts_impl, shard=self._expert_shard)  # fmt: skip
 
     def moe_blocks(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]

@@ -31,6 +31,7 @@ from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import schedule_warnings
 from pretrain.eval.perplexity import build_evaluator
 from pretrain.model.documents import DocumentSplit
+from pretrain.model.expert_parallel import ExpertShard
 from pretrain.model.family import family_of, model_fields
 from pretrain.train.callbacks import (
     ArtifactCallback,
@@ -78,7 +79,7 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     check_val_data(run, data)
     documents = document_split(run, data)
     resume = plan_resume(run, checkpoint.checkpoint_dir(run.run_dir), data)
-    model = build_model(run, lambda: build_module(run))
+    model = build_model(run, lambda expert: build_module(run, expert))
     init_from = run.model.get("init_from")
     if init_from and resume.path is None:
         load_hf_weights(model, Path(init_from), run.as_dict["model"])
@@ -223,9 +224,10 @@ def _saver(
     return save
 
 
-def build_module(run: RunConfig) -> torch.nn.Module:
-    """The model the config describes, with fresh weights (init_from is applied after)."""
-    return family_of(run.model).build(model_fields(run.as_dict["model"]))
+def build_module(run: RunConfig, expert: ExpertShard | None = None) -> torch.nn.Module:
+    """The model the config describes, with fresh weights (init_from is applied after);
+    `expert`: this rank's place in its expert-parallel group."""
+    return family_of(run.model).build(model_fields(run.as_dict["model"]), expert)
 
 
 def model_flops_per_token(run: RunConfig) -> float | None:

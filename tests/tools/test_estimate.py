@@ -86,6 +86,16 @@ def test_a_mixture_of_experts_model_is_sized_by_its_active_weights(tmp_path: Pat
     assert "the top-k experts a token goes through" in proc.stdout
     z3 = e["memory"]["3"]
     assert (z3["weights"], z3["optimizer"]) == (2 * n // 8, 12 * n // 8)
+    # parallel.expert=8: ZeRO-1 holds an eighth of the experts' weights per rank, as ZeRO-3
+    # shards them; the dense ones whole.
+    experts = 16 * 64 * 3 * 2048 * 1024
+    _, ep = estimate(tmp_path, "--tokens", "1e11", "--gpus-per-node", "8", "--gpu", "H100",
+                     "model=olmoe_1b_7b", "trainer.seq_len=4096", "parallel.expert=8",
+                     "trainer.global_batch_tokens=4194304", "trainer.micro_batch_size=1",
+                     "deepspeed.zero_stage=1")  # fmt: skip
+    z1 = ep["memory"]["1"]
+    assert z1["weights"] == 2 * (n - experts) + 2 * experts // 8
+    assert z1["optimizer"] == 12 * n // 8
 
 
 def test_which_sequence_parallel_size_fits_a_long_context(tmp_path: Path) -> None:

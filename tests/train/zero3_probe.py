@@ -17,7 +17,7 @@ from tests.conftest import compose_config
 cfg = compose_config(["model=tiny", "deepspeed=zero3", "logger.wandb.mode=disabled"])
 run = resolve(cfg, world_size=dist.world_size(), cuda_available=False)
 dist.init("cpu")
-model = build_model(run, lambda: build_module(run))
+model = build_model(run, lambda expert: build_module(run, expert))
 world = dist.world_size()
 for name, p in model.named_parameters():
     assert p.numel() == 0, f"{name} is materialised whole on rank {dist.rank()}"

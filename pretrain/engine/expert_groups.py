@@ -1,0 +1,181 @@
+"""DeepSpeed's side of expert parallelism (`parallel.expert=N`): its expert groups, the
+marks on our expert parameters, and the optimizer groups that ZeRO reduces and partitions
+over the ranks holding the same experts.
+
+DeepSpeed 0.19 knows expert parameters by attributes: `allreduce=False` and `group_name`
+(`deepspeed.moe.utils.is_moe_param`) at ZeRO 0-2, and at ZeRO-3 the partition group and
+placement family its AutoEP layers set (`ds_zero_partition_process_group`,
+`ds_zero_placement_family`, `ds_zero_partition_group_name`, read when zero.Init partitions
+a parameter, so our `Experts` sets them as it makes its parameters: `ExpertShard.
+param_attrs`). At ZeRO 0-2 the engine reduces expert gradients over the expert-data groups
+only when its `has_moe_layers` is set, which it sets for its own MoE classes alone, so
+`initialize` sets it around `deepspeed.initialize` for a model with marked parameters;
+ZeRO-3 must not have it (it would ask for AutoEP layers).
+
+Gradients: a rank's experts get, through the token exchange, the gradient of every token of
+its group that reached them; summing over the ranks that hold the same experts and dividing
+by the data-parallel size (what DeepSpeed does) gives the mean over all ranks' tokens, as
+one rank holding every expert would. tests/train/test_expert_parallel.py checks the losses
+and gradient norms against one rank at ZeRO 0-3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.model.expert_parallel import ExpertShard
+from pretrain.model.moe import Experts
+
+
+def group_name(size: int) -> str:
+    """DeepSpeed's name for the expert groups of `size` ranks."""
+    return f"ep_size_{size}"
+
+
+def expert_shard(size: int, zero_stage: int) -> ExpertShard | None:
+    """This rank's place in DeepSpeed's expert groups of `size` consecutive ranks (made on
+    first call, by every rank; deepspeed.init_distributed first), with the marks its expert
+    parameters need at `zero_stage`; None for size 1."""
+    if size == 1:
+        return None
+    from deepspeed.utils import groups
+
+    name = group_name(size)
+    groups._create_expert_and_data_parallel(size)  # once: it returns if they exist
+    attrs: dict[str, Any] = {"allreduce": False, "group_name": name}
+    if zero_stage == 3:
+        attrs.update(
+            ds_zero_partition_process_group=groups._get_expert_data_parallel_group(name),
+            ds_zero_placement_family="autoep_expert",
+            ds_zero_partition_group_name=name,
+        )
+    return ExpertShard(groups._get_expert_parallel_group(name), size,
+                       groups._get_expert_parallel_rank(name), attrs)  # fmt: skip
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    """Whether `p` is an expert parameter held by some ranks only (marked by expert_shard)."""
+    from deepspeed.moe.utils import is_moe_param
+
+    return is_moe_param(p)
+
+
+def expert_norm_sq(params: list[torch.Tensor]) -> torch.Tensor:
+    """The squared L2 norm of the gradients of expert parameters `params` over all the
+    experts: this rank's, summed over its expert-parallel group (whose ranks hold the
+    others; the ranks holding the same ones hold the same reduced gradients)."""
+    from deepspeed.utils import groups
+
+    local = torch.stack([torch.linalg.vector_norm(p.grad.float()) ** 2 for p in params]).sum()
+    names = {p.group_name for p in params}
+    assert len(names) == 1, f"expert parameters of several expert groups: {names}"
+    torch.distributed.all_reduce(local, group=groups._get_expert_parallel_group(names.pop()))
+    return local
+
+
+def split_param_groups(groups: list[dict], zero_stage: int) -> list[dict]:
+    """At ZeRO 0-2, each optimizer group split into its dense parameters and its expert
+    ones (a group marked `moe`, named after the expert groups, which ZeRO partitions over
+    the ranks holding the same experts); ZeRO-3 partitions each parameter over its own
+    group and takes the groups as they are."""
+    if zero_stage == 3 or not any(is_expert_param(p) for g in groups for p in g["params"]):
+        return groups
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    named = [{"name": f"group{i}", **g} for i, g in enumerate(groups)]
+    return split_params_into_different_moe_groups_for_optimizer(named)
+
+
+@contextlib.contextmanager
+def moe_engine(model: nn.Module, zero_stage: int, n_experts: int) -> Iterator[None]:
+    """Around deepspeed.initialize: at ZeRO 0-2, a model with expert parameters makes an
+    engine with `has_moe_layers` set (module docstring)."""
+    if zero_stage == 3 or not any(is_expert_param(p) for p in model.parameters()):
+        yield
+        return
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    configure = DeepSpeedEngine._configure_distributed_model
+    blocks = sum(1 for m in model.modules() if isinstance(m, Experts))
+
+    def with_experts(engine: Any, module: nn.Module) -> None:
+        configure(engine, module)
+        engine.has_moe_layers = True
+        engine.num_experts = [n_experts] * blocks
+
+    DeepSpeedEngine._configure_distributed_model = with_experts
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_distributed_model = configure
+
+
+class ExpertCheckpoint:
+    """The weights of an expert-parallel run in its checkpoints, beside DeepSpeed's files.
+
+    DeepSpeed writes the module from data-parallel rank 0 alone, which holds only its own
+    experts, and its consolidation (zero_to_fp32) and universal conversion know expert
+    parameters only in its own MoE classes' layout: they fail on ours. So the ranks of the
+    first expert group (expert-data rank 0: one per expert shard) add their experts' full
+    fp32 values to their rank state (`rank_<ep rank>.pt`, key `experts`), and rank 0 every
+    other weight's and buffer's (key `dense`; a mixture-of-experts model's dense part is a
+    small share of it). A resumed rank sets its experts from them (ZeRO 0-2; ZeRO-3 restores
+    its own shards), and an export reads the whole model from them
+    (checkpoint/export.py `consolidated_state_dict`)."""
+
+    def __init__(self, model: nn.Module, zero_stage: int) -> None:
+        self.model, self.zero_stage = model, zero_stage
+        self.params = [(n, p) for n, p in model.named_parameters() if is_expert_param(p)]
+        if self.params:
+            from deepspeed.utils import groups
+
+            name = self.params[0][1].group_name
+            self.ep_rank = groups._get_expert_parallel_rank(name)
+            self.writer = groups._get_expert_data_parallel_rank(name) == 0
+
+    def _full(self, p: torch.Tensor) -> torch.Tensor:
+        """p's full fp32 value (collective at ZeRO 1-3: a gather over p's partition group)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = safe_get_full_fp32_param(p) if self.zero_stage > 0 else None
+        return (p.detach() if full is None else full).float().cpu().clone()
+
+    def state(self) -> dict[str, Any]:
+        """What this rank adds to its rank state (collective: every rank calls it)."""
+        if not self.params:
+            return {}
+        out: dict[str, Any] = {}
+        experts = {name: self._full(p) for name, p in self.params}
+        if self.writer:
+            out["experts"] = experts
+        dense: dict[str, torch.Tensor] = {}
+        seen: dict[int, torch.Tensor] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if not is_expert_param(p):  # a tied weight: gathered once, under both names
+                dense[name] = (
+                    seen[id(p)] if id(p) in seen else seen.setdefault(id(p), self._full(p))
+                )
+        dense.update({n: b.detach().cpu().clone() for n, b in self.model.state_dict().items()
+                      if n not in dense and n not in experts})  # buffers  # fmt: skip
+        if torch.distributed.get_rank() == 0:
+            out["dense"] = dense
+        return out
+
+    def restore(self, path: Path) -> None:
+        """Set this rank's experts from checkpoint `path` (same layout), after DeepSpeed's
+        load set them from data-parallel rank 0's module (ZeRO 0-2)."""
+        if not self.params or self.zero_stage == 3:
+            return
+        from pretrain.checkpoint import manager
+
+        with manager.safe_loading(path):
+            saved = torch.load(path / f"rank_{self.ep_rank}.pt", weights_only=True)["experts"]
+        with torch.no_grad():
+            for name, p in self.params:
+                p.copy_(saved[name].to(p.dtype))

@@ -20,7 +20,7 @@ def test_the_sizes_are_checked_against_the_world() -> None:
     assert ParallelDims(data=4, sequence=2).errors(8) == []
     assert "= 8 ranks, but the run has 6" in ParallelDims(data=4, tensor=2).errors(6)[0]
     assert ParallelDims(data=4, expert=3).errors(4) == [
-        "parallel.expert=3 must divide parallel.data=4"
+        "parallel.expert=3 must divide the data-parallel size 4: run a multiple of it"
     ]
     assert ParallelDims(data=0).errors(0) == ["parallel.data=0: must be >= 1"]
 

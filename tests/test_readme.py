@@ -41,9 +41,9 @@ NOT_RUN = {
     ),
     "torchrun --nproc_per_node=8 -m pretrain model=olmoe_1b_7b": (
         "needs 8 GPUs",
-        "tests/train/test_moe_training.py (ZeRO-1 and ZeRO-3 on 2 CPU ranks equal 1, resume, "
-        "kill -9) and tests/tools/test_moe_tools.py (export, evaluation), with the README's "
-        "moe_tiny demo line",
+        "tests/train/test_expert_parallel.py (parallel.expert=2 on 2 CPU ranks equals 1 at "
+        "ZeRO 0-3, resume, export), tests/train/test_moe_training.py and "
+        "tests/tools/test_moe_tools.py, with the README's 2-rank parallel.expert line",
     ),
     "torchrun --nproc_per_node=8": (
         "needs 8 GPUs",

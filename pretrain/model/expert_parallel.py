@@ -11,9 +11,9 @@ all-to-alls are torch's differentiable functional collective: the backward of a 
 a combine of the gradients, so each expert's gradient holds every token of the group that
 reached it.
 
-This is the exchange alone; the DeepSpeed side of `parallel.expert` (expert groups, the
-gradient reduction over the ranks holding the same experts, per-expert checkpoints) is
-issue 23's next step.
+This is the exchange; DeepSpeed's side of `parallel.expert` (its expert groups, the
+gradient reduction and ZeRO partitions over the ranks holding the same experts, the
+experts in checkpoints) is engine/expert_groups.py.
 """
 
 from __future__ import annotations

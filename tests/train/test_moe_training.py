@@ -3,7 +3,7 @@ under ZeRO-1 and ZeRO-3 (the experts sharded like every other weight) it equals 
 the router's bias balancing too (its load summed over the ranks); every metrics record holds
 the router's load and aux loss (and the share dropped over a capacity); a stopped run resumes
 exactly (and on another layout), and one killed at random moments finishes as if never
-killed. Expert parallelism (parallel.expert) is issue 23's next step."""
+killed. Expert parallelism (parallel.expert): tests/train/test_expert_parallel.py."""
 
 from __future__ import annotations
 

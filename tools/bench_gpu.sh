@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/performance.md in one command, for a GPU box (run from the project root):
 #
-#   bash tools/bench_gpu.sh [tests] [loss] [small] [large] [zero] [accum] [long]  (default: all)
+#   bash tools/bench_gpu.sh [tests] [loss] [moe] [small] [large] [zero] [accum] [long]  (default: all)
 #   bash tools/bench_gpu.sh large:4096 zero                    (small/large: one seq length)
 #
 #   tests  the GPU-marked tests (flash == sdpa, bf16/ZeRO training against CPU, compiled blocks
 #          under both checkpointing policies, the chunked loss's memory, fp16 loss scale)
 #   loss   bench_loss for llama_1b's head at 16K tokens: plain, chunked, chunked + compiled
+#   moe    bench_moe for one olmoe_1b_7b sparse block at 8K tokens: the experts by the
+#          grouped matmul against one matmul per expert
 #   small  bench_train for llama_125m at seq 2048 and 4096: default switches, compiled
 #   large  bench_train for llama_1b at seq 2048 and 4096: default, compiled, compiled+selective,
 #          compiled at twice the micro-batch
@@ -22,7 +24,7 @@
 # install carried wheels first: a ./.whl directory is installed into a temporary site dir.
 # BENCH_CHECK=1 checks the command lines instead, on any machine and in seconds: each bench
 # resolves its rows' configs as on a GPU and prints them with their estimated peak memory
-# (`bench_train.py --check`), `tests` only collects the GPU tests, `loss` is skipped.
+# (`bench_train.py --check`), `tests` only collects the GPU tests, `loss` and `moe` are skipped.
 # BENCH_ARGS="OVERRIDES" appends overrides (or bench_train options) to every bench, e.g.
 # BENCH_ARGS="model.attn_impl=flash". The script exits with the last failed part's code.
 # Every bench prints its rows against a plain PyTorch loop and transformers' Llama measured in
@@ -39,7 +41,7 @@ if [ -z "$check" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests loss small large zero accum long)
+[ ${#parts[@]} -eq 0 ] && parts=(tests loss moe small large zero accum long)
 
 status=0  # the last failed part's exit code: each part still runs after another fails
 finished() {  # finished NAME CODE: report a part's exit code and remember a failure
@@ -79,6 +81,10 @@ for spec in "${parts[@]}"; do
       [ -n "$check" ] && { echo "== loss (not checked)"; continue; }
       timeout "${BENCH_TIMEOUT:-420}" python3 tools/bench_loss.py --model llama_1b >"$OUT/loss.txt" 2>&1
       finished loss $?; tail -n 5 "$OUT/loss.txt" ;;
+    moe)
+      [ -n "$check" ] && { echo "== moe (not checked)"; continue; }
+      timeout "${BENCH_TIMEOUT:-420}" python3 tools/bench_moe.py --model olmoe_1b_7b >"$OUT/moe.txt" 2>&1
+      finished moe $?; tail -n 4 "$OUT/moe.txt" ;;
     small)
       for seq in "${seqs[@]}"; do
         bench "small_$seq" --variant ours: --variant compiled:trainer.compile=true --steps 10 \
@@ -123,7 +129,7 @@ for spec in "${parts[@]}"; do
             parallel.sequence=$sp
         done
       done ;;
-    *) echo "unknown part $spec: choose tests, loss, small[:SEQ], large[:SEQ], zero, accum[:SEQ], long[:SEQ]" >&2
+    *) echo "unknown part $spec: choose tests, loss, moe, small[:SEQ], large[:SEQ], zero, accum[:SEQ], long[:SEQ]" >&2
        exit 2 ;;
   esac
 done

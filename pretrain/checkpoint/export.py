@@ -8,8 +8,10 @@ The written directory loads with `AutoModelForCausalLM.from_pretrained` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -266,27 +268,31 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, A
     missing = sorted(set(params) - set(parts))
     if missing:
         raise ValueError(f"model.init_from={hf_dir} lacks weights for {missing[:5]}")
-    for target, pieces in parts.items():  # one parameter and one HF tensor at a time
-        try:
-            _set_param(params[target], pieces, deepspeed, safe_open)
-        except ValueError as e:
-            raise ValueError(f"model.init_from={hf_dir}: {target}: {e}") from None
+    with contextlib.ExitStack() as stack:  # each file opened once
+        opened = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+        for target, pieces in parts.items():  # one parameter and one HF tensor at a time
+            try:
+                _set_param(params[target], pieces, deepspeed, opened)
+            except ValueError as e:
+                raise ValueError(f"model.init_from={hf_dir}: {target}: {e}") from None
     log.info("initialised the model from %s (%d tensors)", hf_dir,
              sum(len(p) for p in parts.values()))  # fmt: skip
 
 
 def _set_param(
     param: torch.nn.Parameter, pieces: list[tuple[str, Path, tuple[int | slice, ...]]],
-    deepspeed: Any, safe_open: Any,
+    deepspeed: Any, opened: dict[Path, Any],
 ) -> None:  # fmt: skip
     """Set a parameter from its HF tensors (name, file, the index of the part each sets),
     also when ZeRO-3 shards it (gathered once, set, re-sharded). A vocabulary table may
-    have fewer rows than ours (model.vocab_multiple's padding keeps its init)."""
+    have fewer rows than ours (model.vocab_multiple's padding keeps its init); parts must
+    cover the whole parameter (e.g. every expert of a fused tensor)."""
     shape = tuple(getattr(param, "ds_shape", param.shape))
+    covered = 0
     with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
         for hf_name, file, index in pieces:  # every rank sets: ZeRO 0-2 hold all of it
-            with safe_open(str(file), framework="pt") as weights:
-                value = weights.get_tensor(hf_name)
+            value = opened[file].get_tensor(hf_name)
+            covered += value.numel() if index else math.prod(shape)
             part = param[index] if index else param
             want = tuple(part.shape) if index else shape
             rows_fit = (not index and value.dim() == 2 and value.shape[1:] == want[1:]
@@ -295,3 +301,7 @@ def _set_param(
                 raise ValueError(f"{hf_name} has shape {tuple(value.shape)} where the model "
                                  f"has {want}")  # fmt: skip
             part[: value.shape[0]].copy_(value.to(param.dtype))
+    if covered != math.prod(shape):
+        raise ValueError(f"its {len(pieces)} tensors there ({pieces[0][0]}, ...) set "
+                         f"{covered:,} of its {math.prod(shape):,} values: the directory lacks "
+                         "some (an expert's projection?)")  # fmt: skip

@@ -159,11 +159,13 @@ def restore_buffers(module: torch.nn.Module, universal: Path) -> None:
     model states: DeepSpeed's universal load sets the parameters and skips the module's
     state dict, buffers included."""
     saved = torch.load(universal / "mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=False)  # fmt: skip
+                       weights_only=True)  # fmt: skip
     names = set(saved.get("buffer_names") or [])
     with torch.no_grad():
         for name, buffer in module.named_buffers():
             if name in names:
+                if name not in saved["module"]:
+                    raise KeyError(f"{universal}: buffer {name} is listed but not saved")
                 buffer.copy_(saved["module"][name])
 
 

@@ -123,7 +123,8 @@ class ExpertCheckpoint:
     experts, and its consolidation (zero_to_fp32) and universal conversion know expert
     parameters only in its own MoE classes' layout: they fail on ours. So the ranks of the
     first expert group (expert-data rank 0: one per expert shard) add their experts' full
-    fp32 values to their rank state (`rank_<ep rank>.pt`, key `experts`), and rank 0 every
+    fp32 values (at ZeRO-0, the weights as held) to their rank state (`rank_<ep rank>.pt`,
+    key `experts`), and rank 0 every
     other weight's and buffer's (key `dense`; a mixture-of-experts model's dense part is a
     small share of it). A resumed rank sets its experts from them (ZeRO 0-2; ZeRO-3 restores
     its own shards), and an export reads the whole model from them
@@ -138,33 +139,42 @@ class ExpertCheckpoint:
             name = self.params[0][1].group_name
             self.ep_rank = groups._get_expert_parallel_rank(name)
             self.writer = groups._get_expert_data_parallel_rank(name) == 0
+            # DeepSpeed's layout: expert groups of consecutive ranks, so the first group's
+            # ranks 0..N-1 write, each under its own number (what restore and export read).
+            assert not self.writer or torch.distributed.get_rank() == self.ep_rank
 
-    def _full(self, p: torch.Tensor) -> torch.Tensor:
-        """p's full fp32 value (collective at ZeRO 1-3: a gather over p's partition group)."""
+    def _full(self, p: torch.Tensor, keep: bool) -> torch.Tensor | None:
+        """p's full fp32 value where `keep` (a gather over p's partition group at ZeRO 1-3,
+        which every rank of it joins, keeping or not; at ZeRO-0 the weight as held)."""
+        if self.zero_stage == 0:
+            return p.detach().to("cpu", torch.float32, copy=True) if keep else None
         from deepspeed.utils import safe_get_full_fp32_param
 
-        full = safe_get_full_fp32_param(p) if self.zero_stage > 0 else None
-        return (p.detach() if full is None else full).float().cpu().clone()
+        full = safe_get_full_fp32_param(p)
+        return full.detach().to("cpu", torch.float32, copy=True) if keep else None
 
     def state(self) -> dict[str, Any]:
-        """What this rank adds to its rank state (collective: every rank calls it)."""
+        """What this rank adds to its rank state (collective: every rank calls it). Only the
+        ranks that keep a value copy it to the host."""
         if not self.params:
             return {}
         out: dict[str, Any] = {}
-        experts = {name: self._full(p) for name, p in self.params}
+        experts = {name: self._full(p, self.writer) for name, p in self.params}
         if self.writer:
             out["experts"] = experts
-        dense: dict[str, torch.Tensor] = {}
-        seen: dict[int, torch.Tensor] = {}
+        main = torch.distributed.get_rank() == 0
+        dense: dict[str, torch.Tensor | None] = {}
+        seen: dict[int, torch.Tensor | None] = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             if not is_expert_param(p):  # a tied weight: gathered once, under both names
-                dense[name] = (
-                    seen[id(p)] if id(p) in seen else seen.setdefault(id(p), self._full(p))
-                )
-        dense.update({n: b.detach().cpu().clone() for n, b in self.model.state_dict().items()
-                      if n not in dense and n not in experts})  # buffers  # fmt: skip
-        if torch.distributed.get_rank() == 0:
-            out["dense"] = dense
+                if id(p) not in seen:
+                    seen[id(p)] = self._full(p, main)
+                dense[name] = seen[id(p)]
+        if main:
+            buffers = {n: b.detach().to("cpu", copy=True)
+                       for n, b in self.model.state_dict().items()
+                       if n not in dense and n not in experts}  # fmt: skip
+            out["dense"] = {**dense, **buffers}
         return out
 
     def restore(self, path: Path) -> None:
@@ -174,8 +184,9 @@ class ExpertCheckpoint:
             return
         from pretrain.checkpoint import manager
 
-        with manager.safe_loading(path):
-            saved = torch.load(path / f"rank_{self.ep_rank}.pt", weights_only=True)["experts"]
+        with manager.safe_loading(path):  # mapped: only the experts are read
+            saved = torch.load(path / f"rank_{self.ep_rank}.pt", weights_only=True,
+                               mmap=True)["experts"]  # fmt: skip
         with torch.no_grad():
             for name, p in self.params:
                 p.copy_(saved[name].to(p.dtype))

@@ -94,8 +94,8 @@ class DeepSpeedTrainModule:
             norm = clip_gradients(self._params, self._clip)
         self.engine.step()
         self._gate.skip = False
-        if self._after_step is not None:
-            self._after_step(not skip)
+        if self._after_step is not None:  # applied: neither ours nor fp16's overflow skipped
+            self._after_step(not skip and bool(self.engine.was_step_applied()))
         if norm is None:  # DeepSpeed's, where it clipped (None before its first: 0)
             norm = float(self.engine.get_global_grad_norm() or 0.0)
         return norm

@@ -73,7 +73,9 @@ class ExpertExchange:
                                          self.shard.group)  # fmt: skip
         got = got.view(-1, rows.size(1))  # rows of rank 0's slots, then rank 1's, ...
         local = torch.arange(theirs.size(1), device=rows.device).repeat(n)
-        expert_of_row = torch.repeat_interleave(local, theirs.flatten())
+        expert_of_row = torch.repeat_interleave(
+            local, theirs.flatten(), output_size=sum(self.received)
+        )  # no sync
         self.order = torch.sort(expert_of_row, stable=True).indices
         return got[self.order], theirs.sum(0)
 

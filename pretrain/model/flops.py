@@ -22,13 +22,13 @@ from pretrain.model.moe_model import MoEConfig
 
 def attention_params(cfg: LlamaConfig) -> int:
     """q, k, v and o projections of one block."""
-    return cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    return cfg.d_model * cfg.head_size * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
 
 
 def norm_params(cfg: LlamaConfig) -> int:
     """Gains of one block: its two RMSNorms and any QK-norms."""
-    qk = {"none": 0, "head": 2 * cfg.head_dim,
-          "full": (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim}[cfg.qk_norm]  # fmt: skip
+    qk = {"none": 0, "head": 2 * cfg.head_size,
+          "full": (cfg.n_heads + cfg.n_kv_heads) * cfg.head_size}[cfg.qk_norm]  # fmt: skip
     return 2 * cfg.d_model + qk
 
 
@@ -73,7 +73,7 @@ def matmul_params(cfg: LlamaConfig) -> int:
 
 def flops_per_token(cfg: LlamaConfig, seq_len: int, causal: bool = False) -> int:
     """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
-    attn = 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+    attn = 12 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_size
     if causal:
         attn //= 2
     return 6 * matmul_params(cfg) + attn

@@ -36,8 +36,9 @@ class LlamaConfig:
     n_heads: int = 4
     """Number of query heads."""
     head_dim: int | None = None
-    """Width of each attention head; None: d_model / n_heads. Qwen3-style models set it
-    apart (e.g. 128 with d_model 2048 and 32 heads: q_proj is then wider than d_model)."""
+    """Width of each attention head; None: d_model / n_heads (`head_size` is the width in
+    use). Qwen3-style models set it apart (e.g. 128 with d_model 2048 and 32 heads: q_proj
+    is then wider than d_model)."""
     n_kv_heads: int | None = None
     """Number of key/value heads (GQA); None means n_heads (plain multi-head attention)."""
     ffn_hidden: int | None = None
@@ -93,8 +94,13 @@ class LlamaConfig:
             self.n_kv_heads = self.n_heads
         if self.ffn_hidden is None:
             self.ffn_hidden = 256 * math.ceil(int(8 * self.d_model / 3) / 256)
-        if self.head_dim is None and self.n_heads >= 1:
-            self.head_dim = self.d_model // self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        """The width of each attention head: head_dim, or d_model / n_heads. (Derived here,
+        not stored in head_dim, so `dataclasses.replace` with another d_model or n_heads
+        derives it again.)"""
+        return self.head_dim if self.head_dim is not None else self.d_model // max(self.n_heads, 1)
 
     @property
     def padded_vocab(self) -> int:
@@ -108,14 +114,13 @@ class LlamaConfig:
                     "vocab_multiple", "loss_chunk_tokens"):  # fmt: skip
             if getattr(self, key) < 1:
                 errs.append(f"model.{key}={getattr(self, key)}: must be >= 1")
-        derived = self.head_dim == self.d_model // max(self.n_heads, 1)
-        if self.n_heads >= 1 and derived and self.d_model % self.n_heads:
+        if self.n_heads >= 1 and self.head_dim is None and self.d_model % self.n_heads:
             errs.append(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
                 ": pick n_heads dividing d_model, or set model.head_dim"
             )
-        elif self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
-            errs.append(f"model.head_dim={self.head_dim} (default d_model / n_heads) must be "
+        elif self.n_heads >= 1 and (self.head_size < 2 or self.head_size % 2):
+            errs.append(f"model.head_dim={self.head_size} (default d_model / n_heads) must be "
                         "even and >= 2 for RoPE")  # fmt: skip
         if self.qk_norm not in QK_NORMS:
             errs.append(f"model.qk_norm={self.qk_norm!r}: choose one of {', '.join(QK_NORMS)}")
@@ -199,7 +204,7 @@ class KVCache:
     def empty(
         cls, cfg: LlamaConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
     ) -> KVCache:
-        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_size)
         zeros = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         return cls(zeros, [z.clone() for z in zeros],
                    torch.ones(batch, max_len, dtype=torch.bool, device=device))  # fmt: skip
@@ -236,20 +241,20 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
         self.attn_impl, self.dropout = cfg.attn_impl, cfg.dropout
         self.attend = causal_attention  # sequence parallelism wraps it (model/sequence.py)
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_size, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_size, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_size, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_size, cfg.d_model, bias=False)
         self.o_proj.is_residual_out = True
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm != "none":
             q_width, k_width = (
-                (cfg.head_dim, cfg.head_dim)
+                (cfg.head_size, cfg.head_size)
                 if cfg.qk_norm == "head"
-                else (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+                else (cfg.n_heads * cfg.head_size, cfg.n_kv_heads * cfg.head_size)
             )
             self.q_norm = RMSNorm(q_width, cfg.norm_eps)
             self.k_norm = RMSNorm(k_width, cfg.norm_eps)
@@ -432,7 +437,7 @@ class Transformer(nn.Module):
             positions = positions_in_documents(documents)
         elif positions is None:
             positions = torch.arange(T, device=x.device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.config.head_size, self.config.rope_theta)
         if documents is not None and cache is not None:
             raise ValueError("documents= is for training windows; generation (cache=) attends "
                              "over its cache as given")  # fmt: skip

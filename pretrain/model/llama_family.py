@@ -47,7 +47,7 @@ class LlamaHF:
             "num_hidden_layers": cfg.n_layers,
             "num_attention_heads": cfg.n_heads,
             "num_key_value_heads": cfg.n_kv_heads,
-            "head_dim": cfg.head_dim,
+            "head_dim": cfg.head_size,
             "hidden_act": "silu",
             "max_position_embeddings": cfg.max_seq_len,
             "rms_norm_eps": cfg.norm_eps,
@@ -91,7 +91,10 @@ class LlamaHF:
             "d_model": config["hidden_size"],
             "n_heads": heads,
             "n_kv_heads": config.get("num_key_value_heads") or heads,
-            "head_dim": config.get("head_dim") or config["hidden_size"] // heads,
+            # None where it is the default width, so the section reads as ours would
+            "head_dim": None
+            if config.get("head_dim") in (None, config["hidden_size"] // heads)
+            else config["head_dim"],
             "ffn_hidden": config["intermediate_size"],
             "vocab_size": config["vocab_size"],
             "vocab_multiple": 1,  # the tables exactly as they are

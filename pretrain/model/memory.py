@@ -123,7 +123,7 @@ def block_bytes_per_token(
     tiled MLP (model.mlp_chunk_tokens) keeps none of its own without activation
     checkpointing; under it, the block's policy decides (selective keeps the MLP's matmul
     outputs still)."""
-    w, h, kv = BYTES[precision], cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+    w, h, kv = BYTES[precision], cfg.d_model, cfg.n_kv_heads * cfg.head_size
     ffn = ffn_bytes_per_token(cfg, precision, policy, layer)
     if policy == "full":
         return w * h
@@ -155,7 +155,7 @@ def sequence_bytes_per_token(cfg: LlamaConfig, precision: str, sequence: int) ->
     """What sequence parallelism adds per token of a rank's slice (module docstring)."""
     if sequence == 1:
         return 0
-    repeated = 2 * cfg.head_dim * max(sequence - cfg.n_kv_heads, 0)
+    repeated = 2 * cfg.head_size * max(sequence - cfg.n_kv_heads, 0)
     return cfg.n_layers * BYTES[precision] * (cfg.d_model + repeated)
 
 
@@ -217,8 +217,9 @@ def estimate_memory(
     `sequence`: parallel.sequence, ranks that split each sequence (Ulysses): each holds
     seq_len / sequence tokens of the micro-batch's activations, and ZeRO shards over all
     dp x sequence ranks. `expert`: parallel.expert, ranks that split the experts: each holds
-    1 / expert of them, sharded over dp / expert ranks (activations are unchanged: a rank
-    runs as many expert slots as it sends)."""
+    1 / expert of them, sharded over dp / expert ranks (activations are counted as without
+    it: a rank runs as many expert slots as it sends when the router is balanced; an
+    unbalanced one sends some rank more, which no capacity bounds by default)."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage={zero_stage}: choose 0, 1, 2 or 3")
     # Dense weights are held by every rank and sharded over all of them; with expert

@@ -11,7 +11,7 @@ DeepSeek-V3's auxiliary-loss-free balancing (a per-expert bias that chooses, not
 Experts (`Experts`) are stored fused, as transformers 5 holds them in memory:
 `gate_up_proj` (E, 2I, H), the gate rows first, and `down_proj` (E, H, I). The tokens are
 sorted by expert once; then either torch's grouped matmul runs every expert over its
-contiguous run of tokens in one kernel per projection (no Python loop, no host sync), or,
+contiguous run of tokens in one kernel per projection (no Python loop), or,
 where that kernel does not run, one matmul per expert that got tokens. The weighted
 outputs are added back to their tokens.
 
@@ -30,6 +30,11 @@ from torch import nn
 from pretrain.model.expert_parallel import ExpertExchange, ExpertShard
 
 
+def fp32_zeros(*shape: int) -> torch.Tensor:
+    """fp32 zeros also under zero.Init (which casts the float tensors made under it)."""
+    return torch.zeros(*shape, dtype=torch.long).float()
+
+
 class Router(nn.Module):
     """Token -> (its k routing weights, its k experts, every expert's probability).
 
@@ -46,10 +51,12 @@ class Router(nn.Module):
             raise ValueError(f"top_k={top_k}: must be in [1, n_experts={n_experts}]")
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))  # HF: mlp.gate.weight
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
-        # fp32 (DeepSpeed casts parameters, not buffers): its steps are small. None: no
-        # bias, and no entry in the state dict.
+        # fp32 whatever the model's dtype (its steps are small): made from an integer tensor,
+        # since ZeRO-3's zero.Init casts every float tensor made while it builds the model,
+        # and DeepSpeed's mixed precision casts parameters, not buffers. None: no bias, and
+        # no entry in the state dict.
         self.bias: torch.Tensor | None
-        self.register_buffer("bias", torch.zeros(n_experts) if bias else None)
+        self.register_buffer("bias", fp32_zeros(n_experts) if bias else None)
         nn.init.normal_(self.weight, std=0.02)
 
     @torch.no_grad()
@@ -96,8 +103,9 @@ def grouped_mm_fits(x: torch.Tensor, *widths: int) -> bool:
 class Experts(nn.Module):
     """E SwiGLU experts of hidden width I, fused: gate_up_proj (E, 2I, H), down_proj
     (E, H, I). `impl`: grouped_mm (one kernel per projection over all experts, no loop and
-    no host sync), loop (one matmul per expert that got tokens: the fallback) or auto
-    (grouped_mm where `grouped_mm_fits`, else loop)."""
+    no host sync of its own; a capacity and expert parallelism's exchange sync once each),
+    loop (one matmul per expert that got tokens, after a host sync for the counts: the
+    fallback) or auto (grouped_mm where `grouped_mm_fits`, else loop)."""
 
     def __init__(
         self, d_model: int, ffn_hidden: int, n_experts: int, std: float = 0.02,
@@ -143,9 +151,12 @@ class Experts(nn.Module):
             gate, up = torch._grouped_mm(grouped, self.gate_up_proj.transpose(1, 2),
                                          offs=offs).chunk(2, dim=-1)  # fmt: skip
             return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        sizes = counts.tolist()
+        if not any(sizes):  # no rows here (expert parallelism): still a gradient, of zeros,
+            return self.expert(0, grouped)  # so every rank reduces the same parameters
         out = torch.empty_like(grouped)
         start = 0
-        for e, n in enumerate(counts.tolist()):
+        for e, n in enumerate(sizes):
             if n:
                 out[start : start + n] = self.expert(e, grouped[start : start + n])
             start += n
@@ -215,12 +226,13 @@ class MoE(nn.Module):
         self.experts = Experts(d_model, ffn_hidden, n_experts, std, down_std, impl, shard)
         self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n_experts, self.capacity_factor = n_experts, capacity_factor
-        self.routed = torch.zeros(n_experts)
+        # Counts, as integers (exact at any size, and left alone by zero.Init's casts).
+        self.routed = torch.zeros(n_experts, dtype=torch.long)
         """Slots routed to each expert by training forwards since `take_load` (on the
         device of the last forward)."""
-        self.dropped = torch.zeros(())
+        self.dropped = torch.zeros((), dtype=torch.long)
         """Slots dropped over capacity by training forwards since `take_load`."""
-        self.step_slots = torch.zeros(n_experts)
+        self.step_slots = torch.zeros(n_experts, dtype=torch.long)
         """Slots routed to each expert since the router bias's last update."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,8 +255,8 @@ class MoE(nn.Module):
     def take_load(self) -> tuple[torch.Tensor, float]:
         """(E,) each expert's fraction of the slots routed since the last call (zeros when
         none were), and the fraction of them dropped over capacity; then count afresh."""
-        total = self.routed.sum().clamp(min=1)
-        load, dropped = self.routed / total, float(self.dropped / total)
+        total = self.routed.sum().clamp(min=1).double()
+        load, dropped = (self.routed / total).float(), float(self.dropped / total)
         self.routed, self.dropped = torch.zeros_like(self.routed), torch.zeros_like(self.dropped)
         return load, dropped
 

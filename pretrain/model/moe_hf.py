@@ -62,8 +62,8 @@ def architecture_errors(cfg: MoEConfig) -> list[str]:
         errs.append(f"model.moe_every={cfg.moe_every}: {model_type} makes every block "
                     "sparse (set 1, or model.qk_norm=head for Qwen3-MoE, which has dense "
                     "blocks)")  # fmt: skip
-    if model_type == "olmoe" and cfg.head_dim * cfg.n_heads != cfg.d_model:
-        errs.append(f"model.head_dim={cfg.head_dim}: OLMoE's QK-norm needs n_heads x head_dim = "
+    if model_type == "olmoe" and cfg.head_size * cfg.n_heads != cfg.d_model:
+        errs.append(f"model.head_dim={cfg.head_size}: OLMoE's QK-norm needs n_heads x head_dim = "
                     f"d_model={cfg.d_model} (or model.qk_norm=head for Qwen3-MoE)")  # fmt: skip
     if model_type == "mixtral" and not cfg.norm_topk_prob:
         errs.append("model.norm_topk_prob=false: Mixtral always renormalises the top-k weights "

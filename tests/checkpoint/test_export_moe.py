@@ -112,6 +112,20 @@ def test_import_refuses_another_moe_shape_naming_each_key(tmp_path: Path) -> Non
         load_hf_weights(MOE.build(olmoe), tmp_path, olmoe)
 
 
+def test_import_refuses_a_directory_missing_an_expert(tmp_path: Path) -> None:
+    """Every expert's projections must be there: a fused tensor partly set would keep
+    random rows without a word."""
+    from safetensors.torch import load_file, save_file
+
+    ours, section = _model(FAMILIES["olmoe"][1])
+    write_hf(ours.state_dict(), section, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.2.mlp.experts.4.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layers\.2\.mlp\.experts\.gate_up_proj: .* lacks some"):
+        load_hf_weights(MOE.build(section), tmp_path, section)
+
+
 def test_a_model_no_hf_family_holds_is_named_with_the_fix() -> None:
     assert architecture_errors(MoEConfig(**{**BASE, "qk_norm": "head", "moe_every": 2})) == []
     errs = architecture_errors(MoEConfig(**{**BASE, "qk_norm": "full", "moe_every": 2,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pretrain.model.flops import matmul_params, num_params
 from pretrain.model.llama_family import LLAMA
-from pretrain.model.moe import MoE, drop_over_capacity, load_balancing_loss
+from pretrain.model.moe import Experts, MoE, drop_over_capacity, load_balancing_loss
 from pretrain.model.moe_family import MOE
 from pretrain.model.moe_model import MoEConfig, MoETransformer, moe_config
 
@@ -262,3 +262,29 @@ def test_the_router_bias_picks_the_experts_but_not_their_weights() -> None:
     assert block.gate.bias.tolist() == pytest.approx([-0.01, 0.01, 0, 0, 0, 0, 0, 0])
     assert "gate.bias" in block.state_dict()  # checkpointed with the model
     assert "gate.bias" not in MoE(H, FFN, E, top_k=2).state_dict()  # only when asked for
+
+
+def test_bias_and_counts_keep_their_dtypes_when_floats_are_made_in_bf16() -> None:
+    """ZeRO-3's zero.Init makes every float tensor built under it bf16 (as here, the default
+    dtype): the bias stays fp32 (its small steps would vanish in bf16) and the counts are
+    integers (exact at any size)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        block = MoE(H, FFN, E, top_k=2, router_bias=True, capacity_factor=1.0)
+    finally:
+        torch.set_default_dtype(default)
+    assert block.gate.bias.dtype == torch.float32
+    assert block.routed.dtype == block.step_slots.dtype == block.dropped.dtype == torch.long
+
+
+def test_experts_given_no_rows_still_get_a_gradient() -> None:
+    """Under expert parallelism a rank's experts may receive no token in a micro-batch;
+    their gradients must still exist (zeros), or the ranks holding them would reduce
+    different sets of parameters."""
+    experts = Experts(H, FFN, E, impl="loop")
+    out = experts._grouped(torch.zeros(0, H), torch.zeros(E, dtype=torch.long))
+    assert out.shape == (0, H)
+    out.sum().backward()
+    assert experts.gate_up_proj.grad is not None and experts.down_proj.grad is not None
+    assert experts.gate_up_proj.grad.abs().sum() == 0

@@ -61,13 +61,38 @@ def test_two_expert_ranks_equal_one_rank_holding_every_expert(
     assert ours.keys() == weights.keys()
     for name, value in weights.items():
         torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    if stage in (1, 3):  # stopped at step 3 and resumed: bit for bit
+    if stage in (0, 1, 3):  # stopped at step 3 and resumed: bit for bit
         stopped = tmp_path / "stopped"
         train(stopped, [*run, "trainer.stop_at_step=3"], nproc=2)
         assert curve(train(stopped, run, nproc=2))[3:] == curve(records)[3:]
     if stage == 3:  # the export: every expert, in transformers' per-expert layout
         hf = export_and_compare(tmp_path / "straight", ours, tmp_path / "hf")
         assert hf.config.num_experts == 8
+
+
+@pytest.mark.slow
+def test_four_ranks_in_two_expert_groups_equal_one_rank_and_resume(
+    tmp_path: Path, one_rank: tuple[list, dict]
+) -> None:
+    """4 ranks, parallel.expert=2, ZeRO-2: two expert groups, so each expert is held by 2
+    ranks, which ZeRO partitions it over and reduces it between; ranks 2 and 3 hold the
+    experts of ranks 0 and 1 without writing them. Equal to one rank; a stop at step 3
+    resumes bit for bit."""
+    reference, weights = one_rank
+    run = [*RUN, "parallel.expert=2", "deepspeed.zero_stage=2"]
+    records = train(tmp_path / "straight", run, nproc=4)
+    for (step, loss, norm), (_, ref_loss, ref_norm) in zip(curve(records), reference,
+                                                            strict=True):  # fmt: skip
+        assert math.isclose(loss, ref_loss, rel_tol=1e-5), (step, loss, ref_loss)
+        assert math.isclose(norm, ref_norm, rel_tol=1e-5), (step, norm, ref_norm)
+    ckpt = tmp_path / "straight" / "checkpoints" / "step_6"
+    assert "experts" not in torch.load(ckpt / "rank_2.pt", weights_only=False)
+    ours = _weights(tmp_path / "straight")
+    for name, value in weights.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    stopped = tmp_path / "stopped"
+    train(stopped, [*run, "trainer.stop_at_step=3"], nproc=4)
+    assert curve(train(stopped, run, nproc=4))[3:] == curve(records)[3:]
 
 
 def test_a_layout_change_of_an_expert_parallel_run_is_refused(tmp_path: Path) -> None:

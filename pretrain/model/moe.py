@@ -100,6 +100,13 @@ def grouped_mm_fits(x: torch.Tensor, *widths: int) -> bool:
                                                     for w in widths)  # fmt: skip
 
 
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert on tokens x (n, H): down(silu(gate x) * up x), gate_up (2I, H) with the
+    gate rows first, down (H, I)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts of hidden width I, fused: gate_up_proj (E, 2I, H), down_proj
     (E, H, I). `impl`: grouped_mm (one kernel per projection over all experts, no loop and
@@ -137,8 +144,7 @@ class Experts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `e` on tokens x (n, H) -> (n, H): down(silu(gate x) * up x)."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        return swiglu(x, self.gate_up_proj[e], self.down_proj[e])
 
     def _grouped(self, grouped: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Every expert on its run of `grouped` (the runs in expert order, counts (E,) long)."""
@@ -154,13 +160,12 @@ class Experts(nn.Module):
         sizes = counts.tolist()
         if not any(sizes):  # no rows here (expert parallelism): still a gradient, of zeros,
             return self.expert(0, grouped)  # so every rank reduces the same parameters
-        out = torch.empty_like(grouped)
-        start = 0
-        for e, n in enumerate(sizes):
-            if n:
-                out[start : start + n] = self.expert(e, grouped[start : start + n])
-            start += n
-        return out
+        # One view per expert from unbind, whose backward stacks their gradients once
+        # (indexing each expert apart made a whole-tensor gradient per expert).
+        gate_ups, downs = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        pieces = [swiglu(rows, gate_ups[e], downs[e])
+                  for e, rows in enumerate(grouped.split(sizes)) if sizes[e]]  # fmt: skip
+        return torch.cat(pieces)
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -161,7 +162,25 @@ def destroy(finished: bool = False) -> None:
         return
     if finished:
         barrier()
+        _all_left_the_barrier()
     tdist.destroy_process_group()
+
+
+def _all_left_the_barrier(timeout_s: float = 60.0) -> None:
+    """Wait, through the launcher's key-value store rather than gloo, until every rank has
+    returned from the last barrier: a rank leaves a gloo barrier once it has heard from the
+    others, possibly before its own last message reached them, and shutting down then can
+    still abort the slower one. (Seen once in ~20 expert-parallel runs under load, after
+    the barrier alone.) Gives up after `timeout_s`: the run's work is done by then."""
+    if tdist.get_world_size() == 1:
+        return
+    store = tdist.distributed_c10d._get_default_store()
+    store.add("pretrain/left_final_barrier", 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add("pretrain/left_final_barrier", 0) < tdist.get_world_size():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
 
 
 def barrier() -> None:

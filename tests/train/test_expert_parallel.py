@@ -35,6 +35,20 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return export.consolidated_state_dict(run_dir / "checkpoints" / "step_6")
 
 
+def assert_same_curve(records: list[dict], reference: list) -> None:
+    """Each step's loss and gradient norm within 1e-5 of the reference curve's."""
+    for (step, loss, norm), (_, ref_loss, ref_norm) in zip(curve(records), reference,
+                                                            strict=True):  # fmt: skip
+        assert math.isclose(loss, ref_loss, rel_tol=1e-5), (step, loss, ref_loss)
+        assert math.isclose(norm, ref_norm, rel_tol=1e-5), (step, norm, ref_norm)
+
+
+def assert_same_weights(ours: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    assert ours.keys() == weights.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory: pytest.TempPathFactory) -> tuple[list, dict]:
     run_dir = tmp_path_factory.mktemp("one")
@@ -48,19 +62,14 @@ def test_two_expert_ranks_equal_one_rank_holding_every_expert(
     reference, weights = one_rank
     run = [*RUN, "parallel.expert=2", f"deepspeed.zero_stage={stage}"]
     records = train(tmp_path / "straight", run, nproc=2)
-    for (step, loss, norm), (_, ref_loss, ref_norm) in zip(curve(records), reference,
-                                                            strict=True):  # fmt: skip
-        assert math.isclose(loss, ref_loss, rel_tol=1e-5), (step, loss, ref_loss)
-        assert math.isclose(norm, ref_norm, rel_tol=1e-5), (step, norm, ref_norm)
+    assert_same_curve(records, reference)
     for r in records:  # the router's figures, as without expert parallelism
         assert 1.0 <= r["moe_aux_loss"] <= 8.0 and 0 <= r["moe_load_min/0"] <= 1 / 8
     ckpt = tmp_path / "straight" / "checkpoints" / "step_6"
     held = torch.load(ckpt / "rank_1.pt", weights_only=False)["experts"]
     assert held["layers.0.mlp.experts.gate_up_proj"].shape[0] == 4  # each rank: 4 of 8
     ours = _weights(tmp_path / "straight")
-    assert ours.keys() == weights.keys()
-    for name, value in weights.items():
-        torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(ours, weights)
     if stage in (0, 1, 3):  # stopped at step 3 and resumed: bit for bit
         stopped = tmp_path / "stopped"
         train(stopped, [*run, "trainer.stop_at_step=3"], nproc=2)
@@ -81,15 +90,11 @@ def test_four_ranks_in_two_expert_groups_equal_one_rank_and_resume(
     reference, weights = one_rank
     run = [*RUN, "parallel.expert=2", "deepspeed.zero_stage=2"]
     records = train(tmp_path / "straight", run, nproc=4)
-    for (step, loss, norm), (_, ref_loss, ref_norm) in zip(curve(records), reference,
-                                                            strict=True):  # fmt: skip
-        assert math.isclose(loss, ref_loss, rel_tol=1e-5), (step, loss, ref_loss)
-        assert math.isclose(norm, ref_norm, rel_tol=1e-5), (step, norm, ref_norm)
+    assert_same_curve(records, reference)
     ckpt = tmp_path / "straight" / "checkpoints" / "step_6"
     assert "experts" not in torch.load(ckpt / "rank_2.pt", weights_only=False)
     ours = _weights(tmp_path / "straight")
-    for name, value in weights.items():
-        torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(ours, weights)
     stopped = tmp_path / "stopped"
     train(stopped, [*run, "trainer.stop_at_step=3"], nproc=4)
     assert curve(train(stopped, run, nproc=4))[3:] == curve(records)[3:]

@@ -170,8 +170,9 @@ def _all_left_the_barrier(timeout_s: float = 60.0) -> None:
     """Wait, through the launcher's key-value store rather than gloo, until every rank has
     returned from the last barrier: a rank leaves a gloo barrier once it has heard from the
     others, possibly before its own last message reached them, and shutting down then can
-    still abort the slower one. (Seen once in ~20 expert-parallel runs under load, after
-    the barrier alone.) Gives up after `timeout_s`: the run's work is done by then."""
+    still abort the slower one. (A 2-rank expert-parallel run aborted so once in CI after
+    the barrier alone; 23 runs here under load did not, so that this was its cause is
+    unconfirmed.) Gives up after `timeout_s`: the run's work is done by then."""
     if tdist.get_world_size() == 1:
         return
     store = tdist.distributed_c10d._get_default_store()

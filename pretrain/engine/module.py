@@ -55,9 +55,13 @@ class DeepSpeedTrainModule:
         self._grad_factor = sequence.size if sequence is not None and zero3 else 1
         self.device: torch.device = engine.device
         self._clip = clip
-        self._params = list(engine.module.parameters()) if clip is not None else []
         self._gate = UpdateGate(engine.client_optimizer)
         self._experts = ExpertCheckpoint(engine.module, engine.zero_optimization_stage())
+        # What the trainer clips (clip not None): the dense parameters and the experts'.
+        held = {id(p) for _, p in self._experts.params}
+        self._params = [p for p in engine.module.parameters() if id(p) not in held
+                        ] if clip is not None else []  # fmt: skip
+        self._expert_params = [p for _, p in self._experts.params] if clip is not None else []
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -91,7 +95,7 @@ class DeepSpeedTrainModule:
         self._gate.skip = skip
         norm = None
         if self._clip is not None:  # before step(), which clears the gradients
-            norm = clip_gradients(self._params, self._clip)
+            norm = clip_gradients(self._params, self._clip, self._expert_params)
         self.engine.step()
         self._gate.skip = False
         if self._after_step is not None:  # applied: neither ours nor fp16's overflow skipped

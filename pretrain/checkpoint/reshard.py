@@ -11,6 +11,10 @@ that wrote it; `_normalize` adds the other family's format (stages 1-2 vs 3), so
 converted directory serves every target stage. Stage 0 keeps no partitioned optimizer state
 that the universal format could express: a run with ZeRO-0 resumes on any number of ranks
 (everything is replicated), but moving to or from stage 0 is refused with a clear message.
+
+A change of `parallel.expert`, or any layout change of an expert-parallel run, loads
+through the checkpoint's layout-free state instead (checkpoint/layout_free.py): there any
+stage moves to any other, 0 included.
 """
 
 from __future__ import annotations
@@ -44,26 +48,34 @@ def saved_sequence(config: dict[str, Any]) -> int:
     return int(config["derived"].get("parallel", {}).get("sequence", 1))
 
 
-def check_expert_layout(
-    config: dict[str, Any], saved: tuple[int, int], now: tuple[int, int], expert: int,
-    path: Path,
-) -> None:  # fmt: skip
-    """Refuse resuming an expert-parallel checkpoint, or resuming into expert parallelism, in
-    another layout: DeepSpeed's universal conversion does not know our experts' optimizer
-    state (engine/expert_groups.py). The weights alone carry over, through an export."""
-    old = int(config["derived"].get("parallel", {}).get("expert", 1))
-    if (old, saved) == (expert, now) or (old == 1 and expert == 1):
-        return
+def saved_expert(config: dict[str, Any]) -> int:
+    """The `parallel.expert` a checkpoint's saved config ran with (1 before it existed)."""
+    return int(config["derived"].get("parallel", {}).get("expert", 1))
+
+
+def check_layout_free(path: Path, saved: tuple[int, int, int], now: tuple[int, int, int]) -> None:
+    """Refuse an expert-layout change (saved and now: world size, ZeRO stage,
+    parallel.expert) that checkpoint `path` cannot make through its layout-free state: an
+    expert-parallel one saved before it kept its Adam moments, or one without expert
+    parallelism at ZeRO-0 (no universal conversion reads it)."""
+    from pretrain.checkpoint.layout_free import has_moments
     from pretrain.config import ConfigError
 
-    raise ConfigError([
-        f"{path} was saved by {saved[0]} ranks at ZeRO-{saved[1]} with parallel.expert={old}; "
-        f"this run has {now[0]} ranks at ZeRO-{now[1]} with parallel.expert={expert}. An "
-        "expert-parallel run resumes in its own layout only (its experts' optimizer state "
-        f"does not reshard yet): resume with {saved[0]} ranks, deepspeed.zero_stage="
-        f"{saved[1]} and parallel.expert={old}, or start a new run from its weights "
-        "(tools/export_hf.py, then model.init_from=<that dir>)"
-    ])  # fmt: skip
+    was = (f"{path} was saved by {saved[0]} ranks at ZeRO-{saved[1]} with parallel.expert="
+           f"{saved[2]}; this run has {now[0]} ranks at ZeRO-{now[1]} with parallel.expert="
+           f"{now[2]}")  # fmt: skip
+    fixes = (f"resume with {saved[0]} ranks, deepspeed.zero_stage={saved[1]} and "
+             f"parallel.expert={saved[2]}, or start a new run from its weights "
+             "(tools/export_hf.py, then model.init_from=<that dir>)")  # fmt: skip
+    if saved[2] > 1 and not has_moments(path):
+        raise ConfigError([f"{was}. It was saved before expert-parallel checkpoints kept "
+                           f"their Adam moments layout-free, so it resumes in its own layout "
+                           f"only: {fixes}"])  # fmt: skip
+    if saved[2] == 1 and saved[1] == 0:
+        raise ConfigError([f"{was}. A checkpoint without expert parallelism moves into it "
+                           "from ZeRO 1-3 only (DeepSpeed's universal conversion, which "
+                           f"gives its layout-free state, does not read ZeRO-0): {fixes}"
+                           ])  # fmt: skip
 
 
 def needs_universal(saved: tuple[int, int], now: tuple[int, int], path: Path) -> bool:
@@ -193,25 +205,31 @@ def hyperparameters(engine: Any) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
 
 
-def load(engine: Any, path: Path, universal: bool) -> tuple[dict[str, Any], list[dict]]:
-    """Load checkpoint `path`, saved in another layout, into `engine`.
+def load(engine: Any, path: Path, route: str) -> tuple[dict[str, Any], list[dict]]:
+    """Load checkpoint `path`, saved in another layout, into `engine` by `route`
+    (checkpoint/resume.py `Route`: direct, universal or layout_free; the engine was
+    built with `checkpoint.load_universal` for universal).
 
-    `universal`: from the converted `path/universal` (the engine was built with
-    `checkpoint.load_universal`); else directly (ZeRO-0 on another number of ranks).
-    Returns (client_state, every saved rank's own state, in rank order); this rank's RNG
-    comes from the saved rank of the same number, or the last one.
+    Returns (client_state, every saved rank's own state, in rank order, memory-mapped);
+    this rank's RNG comes from the saved rank of the same number, or the last one.
     """
     kwargs = dict(load_optimizer_states=True, load_lr_scheduler_states=True)
+    client_state = manager.read_client_state(path)
     with manager.safe_loading(path):
-        if universal:
+        if route == "layout_free":
+            from pretrain.checkpoint import layout_free
+
+            saved_values = layout_free.saved_values(path, saved_expert(client_state["config"]))
+            layout_free.load(engine, path, saved_values)
+        elif route == "universal":
             before = hyperparameters(engine)
             engine.load_checkpoint(str(path), tag=UNIVERSAL, **kwargs)
             restore_hyperparameters(engine, before)
             restore_buffers(engine.module, path / UNIVERSAL)
         else:
             engine.load_checkpoint(str(path.parent), tag=path.name, **kwargs)
-        client_state = manager.read_client_state(path)
         old_world, _ = saved_layout(client_state["config"])
-        saved = [torch.load(path / f"rank_{r}.pt", weights_only=True) for r in range(old_world)]
+        saved = [torch.load(path / f"rank_{r}.pt", weights_only=True, mmap=True)
+                 for r in range(old_world)]  # fmt: skip
     manager.set_rng_state(saved[min(dist.rank(), old_world - 1)]["rng"])
     return client_state, saved

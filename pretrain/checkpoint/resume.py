@@ -1,12 +1,14 @@
 """Where a run resumes from, decided before the model is built: the checkpoint
-(checkpoint.resume=auto|none|<dir>, verified), and whether it fits this run (model shape,
-the data's tokenizer, the layout: another one is converted to DeepSpeed's universal
-format once)."""
+(checkpoint.resume=auto|none|<dir>, verified), whether it fits this run (model shape, the
+data's tokenizer), and how it loads in this run's layout (`Route`): another layout's is
+converted to DeepSpeed's universal format once, and one that moves experts between ranks
+loads through its layout-free state (checkpoint/layout_free.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pretrain.checkpoint import manager as checkpoint
 from pretrain.checkpoint import reshard
@@ -14,6 +16,14 @@ from pretrain.checkpoint.export import check_same_tokenizer
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data.source import DataSource
 from pretrain.model.family import family_of
+
+Route = Literal["same", "direct", "universal", "layout_free"]
+"""How a checkpoint loads: `same` layout (DeepSpeed's own load, each rank its files);
+`direct`: DeepSpeed's own load, the data positions moved (another sequence-parallel size,
+or ZeRO-0 on another number of ranks, which loads rank 0's replicated files);
+`universal`: another number of ranks or ZeRO stage 1-3, through DeepSpeed's universal
+conversion; `layout_free`: into or out of another `parallel.expert` layout, through the
+checkpoint's layout-free state (checkpoint/layout_free.py)."""
 
 
 @dataclass(frozen=True)
@@ -24,10 +34,16 @@ class ResumePlan:
     """The checkpoint (None: a fresh start)."""
     saved_layout: tuple[int, int]
     """(world size, ZeRO stage) it was saved with (this run's own when fresh)."""
-    universal: bool
-    """It loads through DeepSpeed's universal format (another layout)."""
+    route: Route = "same"
     saved_sequence: int = 1
     """The sequence-parallel size it was saved with (this run's own when fresh)."""
+    saved_expert: int = 1
+    """The `parallel.expert` it was saved with (this run's own when fresh)."""
+
+    @property
+    def universal(self) -> bool:
+        """It loads through DeepSpeed's universal format (the engine is built for it)."""
+        return self.route == "universal"
 
 
 def plan_resume(run: RunConfig, ckpt_dir: Path, data: DataSource) -> ResumePlan:
@@ -36,17 +52,32 @@ def plan_resume(run: RunConfig, ckpt_dir: Path, data: DataSource) -> ResumePlan:
     layout = (run.world_size, run.deepspeed.zero_stage)
     path = resume_path(run, ckpt_dir)
     if path is None or not checkpoint.is_complete(path):
-        return ResumePlan(path, layout, False, run.parallel.sequence)
+        return ResumePlan(path, layout, "same", run.parallel.sequence, run.parallel.expert)
     client = checkpoint.read_client_state(path)
     check_same_model(client["config"], run, path)
     check_same_tokenizer(path, client.get("data_tokenizer_sha256"), data.tokenizer_sha256,
                          data.allow_tokenizer_change)  # fmt: skip
     saved_layout = reshard.saved_layout(client["config"])
-    reshard.check_expert_layout(client["config"], saved_layout, layout, run.parallel.expert, path)
-    universal = reshard.needs_universal(saved_layout, layout, path)
-    if universal:
+    saved_expert = reshard.saved_expert(client["config"])
+    saved_sequence = reshard.saved_sequence(client["config"])
+    route = _route(path, (*saved_layout, saved_expert, saved_sequence),
+                   (*layout, run.parallel.expert, run.parallel.sequence))  # fmt: skip
+    if route == "universal" or (route == "layout_free" and saved_expert == 1):
         reshard.convert(path)
-    return ResumePlan(path, saved_layout, universal, reshard.saved_sequence(client["config"]))
+    return ResumePlan(path, saved_layout, route, saved_sequence, saved_expert)
+
+
+def _route(path: Path, saved: tuple[int, ...], now: tuple[int, ...]) -> Route:
+    """How checkpoint `path`, saved with (world size, ZeRO stage, parallel.expert,
+    parallel.sequence) `saved`, loads in layout `now`; raises when it cannot."""
+    if saved == now:
+        return "same"
+    if saved[:3] != now[:3] and (saved[2] > 1 or now[2] > 1):
+        reshard.check_layout_free(path, saved[:3], now[:3])
+        return "layout_free"
+    if reshard.needs_universal(saved[:2], now[:2], path):
+        return "universal"
+    return "direct"
 
 
 def resume_path(run: RunConfig, ckpt_dir: Path) -> Path | None:

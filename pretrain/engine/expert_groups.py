@@ -29,8 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from pretrain.engine.full_state import MOMENTS, adam_step, full_values, prepare
 from pretrain.model.expert_parallel import ExpertShard
 from pretrain.model.moe import Experts
+
+
+def _split(values: dict[str, dict], weights: str, moments: str) -> dict[str, dict]:
+    """{weights: {name: fp32}, moments: {name: {exp_avg, exp_avg_sq}}} of `full_values`."""
+    return {weights: {n: v["fp32"] for n, v in values.items()},
+            moments: {n: {k: v[k] for k in MOMENTS} for n, v in values.items()}}  # fmt: skip
 
 
 def group_name(size: int) -> str:
@@ -64,6 +71,19 @@ def is_expert_param(p: torch.Tensor) -> bool:
     from deepspeed.moe.utils import is_moe_param
 
     return is_moe_param(p)
+
+
+def local_experts(p: torch.Tensor) -> range | None:
+    """The global indices of the experts whose rows expert parameter `p` holds on this rank
+    (dim 0, consecutive: `ExpertShard.local_experts`); None for a parameter every rank
+    holds whole."""
+    if not is_expert_param(p):
+        return None
+    from deepspeed.utils import groups
+
+    held = getattr(p, "ds_shape", p.shape)[0]  # ZeRO-3 keeps the shape apart
+    rank = groups._get_expert_parallel_rank(p.group_name)  # type: ignore[attr-defined]
+    return range(rank * held, (rank + 1) * held)
 
 
 def expert_norm_sq(params: list[torch.Tensor]) -> torch.Tensor:
@@ -117,22 +137,27 @@ def moe_engine(model: nn.Module, zero_stage: int, n_experts: int) -> Iterator[No
 
 
 class ExpertCheckpoint:
-    """The weights of an expert-parallel run in its checkpoints, beside DeepSpeed's files.
+    """The state of an expert-parallel run in its checkpoints, beside DeepSpeed's files, in
+    a layout-free form.
 
     DeepSpeed writes the module from data-parallel rank 0 alone, which holds only its own
     experts, and its consolidation (zero_to_fp32) and universal conversion know expert
     parameters only in its own MoE classes' layout: they fail on ours. So the ranks of the
     first expert group (expert-data rank 0: one per expert shard) add their experts' full
-    fp32 values (at ZeRO-0, the weights as held) to their rank state (`rank_<ep rank>.pt`,
-    key `experts`), and rank 0 every
-    other weight's and buffer's (key `dense`; a mixture-of-experts model's dense part is a
-    small share of it). A resumed rank sets its experts from them (ZeRO 0-2; ZeRO-3 restores
-    its own shards), and an export reads the whole model from them
-    (checkpoint/export.py `consolidated_state_dict`)."""
+    fp32 values (key `experts`) and Adam moments (`expert_moments`) to their rank state
+    (`rank_<ep rank>.pt`), and rank 0 every other weight's and buffer's (`dense`), their
+    moments (`dense_moments`) and the Adam step (`adam_step`); a mixture-of-experts
+    model's dense part is a small share of it. This costs as much again as DeepSpeed's own
+    fp32 weights and moments (docs/architecture.md). A rank resumed in the same layout sets
+    its experts from them (ZeRO 0-2; ZeRO-3 restores its own shards), one resumed in
+    another layout sets everything from them (checkpoint/layout_free.py), and an export
+    reads the whole model from them (checkpoint/export.py `consolidated_state_dict`)."""
 
-    def __init__(self, model: nn.Module, zero_stage: int) -> None:
-        self.model, self.zero_stage = model, zero_stage
-        self.params = [(n, p) for n, p in model.named_parameters() if is_expert_param(p)]
+    def __init__(self, engine: Any) -> None:
+        """`engine`: the DeepSpeed engine (its module, optimizer and ZeRO stage)."""
+        self.engine, self.model = engine, engine.module
+        self.zero_stage = engine.zero_optimization_stage()
+        self.params = [(n, p) for n, p in self.model.named_parameters() if is_expert_param(p)]
         if self.params:
             from deepspeed.utils import groups
 
@@ -143,38 +168,30 @@ class ExpertCheckpoint:
             # ranks 0..N-1 write, each under its own number (what restore and export read).
             assert not self.writer or torch.distributed.get_rank() == self.ep_rank
 
-    def _full(self, p: torch.Tensor, keep: bool) -> torch.Tensor | None:
-        """p's full fp32 value where `keep` (a gather over p's partition group at ZeRO 1-3,
-        which every rank of it joins, keeping or not; at ZeRO-0 the weight as held)."""
-        if self.zero_stage == 0:
-            return p.detach().to("cpu", torch.float32, copy=True) if keep else None
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        full = safe_get_full_fp32_param(p)
-        return full.detach().to("cpu", torch.float32, copy=True) if keep else None
-
     def state(self) -> dict[str, Any]:
         """What this rank adds to its rank state (collective: every rank calls it). Only the
         ranks that keep a value copy it to the host."""
         if not self.params:
             return {}
         out: dict[str, Any] = {}
-        experts = {name: self._full(p, self.writer) for name, p in self.params}
+        prepare(self.engine)
+        experts = {name: full_values(p, self.engine, self.writer) for name, p in self.params}
         if self.writer:
-            out["experts"] = experts
+            out.update(_split(experts, "experts", "expert_moments"))
         main = torch.distributed.get_rank() == 0
-        dense: dict[str, torch.Tensor | None] = {}
-        seen: dict[int, torch.Tensor | None] = {}
+        dense: dict[str, Any] = {}
+        seen: dict[int, Any] = {}
         for name, p in self.model.named_parameters(remove_duplicate=False):
             if not is_expert_param(p):  # a tied weight: gathered once, under both names
                 if id(p) not in seen:
-                    seen[id(p)] = self._full(p, main)
+                    seen[id(p)] = full_values(p, self.engine, main)
                 dense[name] = seen[id(p)]
         if main:
-            buffers = {n: b.detach().to("cpu", copy=True)
-                       for n, b in self.model.state_dict().items()
-                       if n not in dense and n not in experts}  # fmt: skip
-            out["dense"] = {**dense, **buffers}
+            out.update(_split(dense, "dense", "dense_moments"))
+            out["dense"].update({n: b.detach().to("cpu", copy=True)
+                                 for n, b in self.model.state_dict().items()
+                                 if n not in dense and n not in experts})  # fmt: skip
+            out["adam_step"] = adam_step(self.engine.client_optimizer)
         return out
 
     def restore(self, path: Path) -> None:

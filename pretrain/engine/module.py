@@ -56,7 +56,7 @@ class DeepSpeedTrainModule:
         self.device: torch.device = engine.device
         self._clip = clip
         self._gate = UpdateGate(engine.client_optimizer)
-        self._experts = ExpertCheckpoint(engine.module, engine.zero_optimization_stage())
+        self._experts = ExpertCheckpoint(engine)
         # What the trainer clips (clip not None): the dense parameters and the experts'.
         held = {id(p) for _, p in self._experts.params}
         self._params = [p for p in engine.module.parameters() if id(p) not in held
@@ -124,14 +124,12 @@ class DeepSpeedTrainModule:
         rank_state = {**rank_state, **self._experts.state()}
         return manager.save(self.engine, ckpt_dir, step, client_state, rank_state, files)
 
-    def load(
-        self, path: Path, resharded: bool, universal: bool
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        if resharded:
-            client_state, rank_states = reshard.load(self.engine, path, universal)
-        else:
+    def load(self, path: Path, route: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        if route == "same":
             client_state, rank_state = manager.load(self.engine, path)
             rank_states = [rank_state]
             self._experts.restore(path)
+        else:
+            client_state, rank_states = reshard.load(self.engine, path, route)
         keep_kernel_after_load(self.engine.client_optimizer, self.optim)
         return client_state, rank_states

@@ -63,11 +63,9 @@ class TrainModule(Protocol):
         it counts as complete only once every rank's part is on disk."""
         ...
 
-    def load(
-        self, path: Path, resharded: bool, universal: bool
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def load(self, path: Path, route: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Load checkpoint `path` into the model and optimizer (and this rank's RNG): the
-        saved client state, and the saved rank states: [this rank's] in the same layout, or
-        every saved rank's, in rank order, when `resharded` (saved by another number of
-        ranks or another sharding; `universal`: through the converted universal format)."""
+        saved client state, and the saved rank states: [this rank's] when `route` is
+        `same` (the layout that saved it), else every saved rank's, in rank order (another
+        layout, loaded by `route`: checkpoint/resume.py `Route`)."""
         ...

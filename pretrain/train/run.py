@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -163,29 +164,43 @@ def restore(
     state = TrainState()
     if resume.path is None:
         return state, None
-    layout = (run.world_size, run.deepspeed.zero_stage)
+    client_state, rank_states = module.load(resume.path, resume.route)
     saved_sequence = resume.saved_sequence
-    # The data position moves to another number of data ranks when the layout or the
-    # sequence-parallel size changed (the weights and optimizer state do not depend on it).
-    resharded = resume.saved_layout != layout or saved_sequence != run.parallel.sequence
-    client_state, rank_states = module.load(resume.path, resharded, resume.universal)
-    if not resharded:
+    if resume.route == "same":
         data.load_state_dict(rank_states[0]["data"])
     else:
-        step = int(client_state["trainer"]["step"])
-        # One position per saved data rank: the first rank of each sequence group.
-        data.load_resharded_state([r["data"] for r in rank_states[::saved_sequence]], step)
+        _restore_data(run, data, resume, client_state, rank_states)
         log.warning(
-            "resumed %s, saved by %d rank(s) with ZeRO-%d (sequence parallel %d), on %d "
-            "rank(s) with ZeRO-%d (sequence parallel %d): weights, Adam moments and LR "
-            "schedule carried over exactly%s", resume.path, *resume.saved_layout,
-            saved_sequence, *layout, run.parallel.sequence,
-            " (via DeepSpeed's universal checkpoint)" if resume.universal else "",
+            "resumed %s, saved by %d rank(s) with ZeRO-%d (sequence parallel %d, expert "
+            "parallel %d), on %d rank(s) with ZeRO-%d (sequence parallel %d, expert parallel "
+            "%d): weights, Adam moments and LR schedule carried over exactly%s", resume.path,
+            *resume.saved_layout, saved_sequence, resume.saved_expert, run.world_size,
+            run.deepspeed.zero_stage, run.parallel.sequence, run.parallel.expert,
+            {"universal": " (via DeepSpeed's universal checkpoint)",
+             "layout_free": " (via the checkpoint's layout-free state)"}.get(resume.route, ""),
         )  # fmt: skip
     state.load_state_dict(client_state["trainer"])
     log.info("resumed from %s at step %d (%s tokens)", resume.path, state.step,
              f"{state.tokens:,}")  # fmt: skip
     return state, client_state.get("wandb_run_id")
+
+
+def _restore_data(
+    run: RunConfig, data: DataSource, resume: ResumePlan, client_state: dict[str, Any],
+    rank_states: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    """The data position of a checkpoint saved in another layout: each rank its own saved
+    one where the data ranks are the same (only the sharding of the weights changed), else
+    moved to this run's number of data ranks (one saved position per sequence group)."""
+    same_ranks = (resume.saved_layout[0], resume.saved_sequence) == (
+        run.world_size,
+        run.parallel.sequence,
+    )
+    if same_ranks:
+        data.load_state_dict(rank_states[dist.rank()]["data"])
+        return
+    step = int(client_state["trainer"]["step"])
+    data.load_resharded_state([r["data"] for r in rank_states[:: resume.saved_sequence]], step)
 
 
 def _start_logging(

@@ -236,7 +236,8 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, A
     """Copy a HF checkpoint's weights into our `model` (model.init_from).
 
     Refuses a directory whose config.json has another shape than `model_cfg`, naming each
-    differing key. Works on ZeRO-3 models too: each parameter is gathered, set, re-sharded.
+    differing key. Works on ZeRO-3 models too (each parameter gathered to read it, and this
+    rank's slice set), and under expert parallelism (each rank reads its own experts).
     """
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
@@ -253,18 +254,10 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, A
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"model.init_from={hf_dir}: no *.safetensors weights there")
-    params = dict(model.named_parameters(remove_duplicate=False))
-    import deepspeed
     from safetensors import safe_open
 
-    # Each parameter's parts (HF tensor, file, index), so each is gathered and set once.
-    parts: dict[str, list[tuple[str, Path, tuple[int | slice, ...]]]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as weights:
-            for hf_name in weights.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                for target, index in hf.our_parts(hf_name, fields):
-                    if target in params:
-                        parts.setdefault(target, []).append((hf_name, f, index))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    parts = _parts(hf, fields, files, params)
     missing = sorted(set(params) - set(parts))
     if missing:
         raise ValueError(f"model.init_from={hf_dir} lacks weights for {missing[:5]}")
@@ -272,36 +265,81 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path, model_cfg: dict[str, A
         opened = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
         for target, pieces in parts.items():  # one parameter and one HF tensor at a time
             try:
-                _set_param(params[target], pieces, deepspeed, opened)
+                _set_param(params[target], pieces, opened)
             except ValueError as e:
                 raise ValueError(f"model.init_from={hf_dir}: {target}: {e}") from None
     log.info("initialised the model from %s (%d tensors)", hf_dir,
              sum(len(p) for p in parts.values()))  # fmt: skip
 
 
+def _parts(
+    hf: Any, fields: dict[str, Any], files: list[Path], params: dict[str, torch.nn.Parameter]
+) -> dict[str, list[tuple[str, Path, tuple[int | slice, ...]]]]:  # fmt: skip
+    """Each parameter's parts (HF tensor, file, index), so each is set once; an expert
+    parameter of expert parallelism takes its rank's experts alone, at their local index."""
+    from safetensors import safe_open
+
+    from pretrain.engine.expert_groups import local_experts
+
+    held = {name: local_experts(p) for name, p in params.items()}
+    parts: dict[str, list[tuple[str, Path, tuple[int | slice, ...]]]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as weights:
+            for hf_name in weights.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                for target, index in hf.our_parts(hf_name, fields):
+                    if target not in params:
+                        continue
+                    experts = held[target]
+                    if experts is not None:  # index (e, ...): global expert e
+                        if index[0] not in experts:
+                            continue
+                        index = (index[0] - experts.start, *index[1:])
+                    parts.setdefault(target, []).append((hf_name, f, index))
+    return parts
+
+
 def _set_param(
     param: torch.nn.Parameter, pieces: list[tuple[str, Path, tuple[int | slice, ...]]],
-    deepspeed: Any, opened: dict[Path, Any],
+    opened: dict[Path, Any],
 ) -> None:  # fmt: skip
-    """Set a parameter from its HF tensors (name, file, the index of the part each sets),
-    also when ZeRO-3 shards it (gathered once, set, re-sharded). A vocabulary table may
-    have fewer rows than ours (model.vocab_multiple's padding keeps its init); parts must
-    cover the whole parameter (e.g. every expert of a fused tensor)."""
+    """Set a parameter from its HF tensors (name, file, the index of the part each sets). A
+    vocabulary table may have fewer rows than ours (model.vocab_multiple's padding keeps its
+    init); parts must cover the whole parameter (e.g. every expert of a fused tensor).
+
+    Under ZeRO-3 the parameter is gathered to read its init, and each rank sets its own
+    slice (`ds_tensor`) from the whole: no broadcast, which would go from global rank 0,
+    outside an expert-data group that lacks it."""
+    import deepspeed
+
     shape = tuple(getattr(param, "ds_shape", param.shape))
+    with deepspeed.zero.GatheredParameters([param]), torch.no_grad():
+        whole = param.detach().to("cpu", copy=True).view(shape)
     covered = 0
-    with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
-        for hf_name, file, index in pieces:  # every rank sets: ZeRO 0-2 hold all of it
-            value = opened[file].get_tensor(hf_name)
-            covered += value.numel() if index else math.prod(shape)
-            part = param[index] if index else param
-            want = tuple(part.shape) if index else shape
-            rows_fit = (not index and value.dim() == 2 and value.shape[1:] == want[1:]
-                        and value.shape[0] <= want[0])  # fmt: skip
-            if tuple(value.shape) != want and not rows_fit:
-                raise ValueError(f"{hf_name} has shape {tuple(value.shape)} where the model "
-                                 f"has {want}")  # fmt: skip
-            part[: value.shape[0]].copy_(value.to(param.dtype))
+    for hf_name, file, index in pieces:
+        value = opened[file].get_tensor(hf_name)
+        covered += value.numel() if index else math.prod(shape)
+        part = whole[index] if index else whole
+        want = tuple(part.shape)
+        rows_fit = (not index and value.dim() == 2 and value.shape[1:] == want[1:]
+                    and value.shape[0] <= want[0])  # fmt: skip
+        if tuple(value.shape) != want and not rows_fit:
+            raise ValueError(f"{hf_name} has shape {tuple(value.shape)} where the model "
+                             f"has {want}")  # fmt: skip
+        part[: value.shape[0]].copy_(value.to(whole.dtype))
     if covered != math.prod(shape):
         raise ValueError(f"its {len(pieces)} tensors there ({pieces[0][0]}, ...) set "
                          f"{covered:,} of its {math.prod(shape):,} values: the directory lacks "
                          "some (an expert's projection?)")  # fmt: skip
+    _store(param, whole)
+
+
+@torch.no_grad()
+def _store(param: torch.nn.Parameter, whole: torch.Tensor) -> None:
+    """Set `param` to `whole`: under ZeRO-3 this rank's (padded) slice of it."""
+    if not hasattr(param, "ds_tensor"):
+        param.copy_(whole)
+        return
+    part = param.ds_tensor
+    n, rank = part.numel(), param.ds_zero_partition_rank
+    mine = whole.flatten()[rank * n : (rank + 1) * n]
+    part[: mine.numel()].copy_(mine)

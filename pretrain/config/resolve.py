@@ -236,11 +236,7 @@ def _check_model(
     if parallel.expert > 1:
         errors.extend(family.expert_errors(model_fields(model), parallel.expert))
     init_from = model.get("init_from")
-    if init_from and parallel.expert > 1:
-        errors.append(f"model.init_from={init_from} with parallel.expert={parallel.expert}: "
-                      "not supported yet (each rank would need its own experts' share of "
-                      "the directory); initialise with parallel.expert=1")  # fmt: skip
-    elif init_from and family.hf is None:
+    if init_from and family.hf is None:
         errors.append(f"model.init_from={init_from}: {model['_target_']} has no Hugging Face "
                       "counterpart to initialise from")  # fmt: skip
     elif init_from and not (Path(init_from) / "config.json").is_file():

@@ -22,6 +22,7 @@ from tests.conftest import (
     compose_config,
     curve,
     export_and_compare,
+    read_metrics,
     train,
 )
 
@@ -49,9 +50,15 @@ def assert_same_weights(ours: dict[str, torch.Tensor], weights: dict[str, torch.
 
 
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory: pytest.TempPathFactory) -> tuple[list, dict]:
+def one_rank_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("one")
-    return curve(train(run_dir, [*RUN, "deepspeed.zero_stage=1"])), _weights(run_dir)
+    train(run_dir, [*RUN, "deepspeed.zero_stage=1"])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_rank(one_rank_dir: Path) -> tuple[list, dict]:
+    return curve(read_metrics(one_rank_dir)), _weights(one_rank_dir)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -157,6 +164,32 @@ def test_what_cannot_move_to_another_expert_layout_is_named(tmp_path: Path) -> N
     assert "tools/export_hf.py, then model.init_from" in str(refused.value)
 
 
+@pytest.fixture(scope="module")
+def from_export(one_rank_dir: Path, one_rank: tuple[list, dict]) -> tuple[Path, list]:
+    """The one-rank run's export, and 3 steps of one rank started from it."""
+    hf = one_rank_dir.parent / f"{one_rank_dir.name}-hf"
+    export_and_compare(one_rank_dir, one_rank[1], hf)
+    run = [*RUN, f"model.init_from={hf}", "trainer.max_steps=3", "deepspeed.zero_stage=1"]
+    return hf, curve(train(one_rank_dir.parent / f"{one_rank_dir.name}-init", run))
+
+
+@pytest.mark.parametrize(
+    ("stage", "ranks"),
+    [(1, 2), (3, 2), pytest.param(3, 4, marks=pytest.mark.slow, id="3-4")],
+)
+def test_init_from_an_export_gives_each_rank_its_experts(
+    tmp_path: Path, stage: int, ranks: int, from_export: tuple[Path, list]
+) -> None:
+    """model.init_from under parallel.expert=2: each rank reads its own experts from the
+    directory (ZeRO-3: sets its slice of every parameter, no broadcast; on 4 ranks the
+    expert-data group of ranks 1 and 3 lacks rank 0), and the run trains like one rank
+    started from the same directory."""
+    hf, reference = from_export
+    run = [*RUN, f"model.init_from={hf}", "trainer.max_steps=3", EP2,
+           f"deepspeed.zero_stage={stage}"]  # fmt: skip
+    assert_same_curve(train(tmp_path, run, nproc=ranks), reference)
+
+
 @pytest.mark.parametrize(
     ("overrides", "world", "message"),
     [
@@ -164,7 +197,6 @@ def test_what_cannot_move_to_another_expert_layout_is_named(tmp_path: Path) -> N
         (["model=moe_tiny", "model.n_experts=5"], 2, "model.n_experts=5 is not divisible by"),
         (["model=moe_tiny"], 3, "parallel.expert=2 must divide the data-parallel size 3"),
         (["model=moe_tiny", "parallel.sequence=2"], 4, "not supported yet (DeepSpeed's expert"),
-        (["model=moe_tiny", "model.init_from=/x"], 2, "model.init_from=/x with parallel.expert"),
     ],
 )
 def test_what_cannot_split_its_experts_is_named(

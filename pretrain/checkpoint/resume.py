@@ -72,7 +72,7 @@ def _route(path: Path, saved: tuple[int, ...], now: tuple[int, ...]) -> Route:
     parallel.sequence) `saved`, loads in layout `now`; raises when it cannot."""
     if saved == now:
         return "same"
-    if saved[:3] != now[:3] and (saved[2] > 1 or now[2] > 1):
+    if saved[2] > 1 or now[2] > 1:  # even a sequence-parallel change: experts are per rank
         reshard.check_layout_free(path, saved[:3], now[:3])
         return "layout_free"
     if reshard.needs_universal(saved[:2], now[:2], path):

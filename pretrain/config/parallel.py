@@ -2,8 +2,9 @@
 
 Data parallelism (DeepSpeed's, with ZeRO sharding over every rank), sequence parallelism
 (`parallel.sequence`: DeepSpeed-Ulysses, groups of consecutive ranks that split each
-sequence) and expert parallelism (`parallel.expert`: groups of consecutive data ranks that
-split a mixture-of-experts model's experts, within the data dimension) exist; tensor
+sequence) and expert parallelism (`parallel.expert`: groups of consecutive ranks, DeepSpeed's,
+that split a mixture-of-experts model's experts; with sequence parallelism they hold or span
+sequence groups) exist; tensor
 parallelism is the room the next dimension takes, 1 until then. `resolve()` derives and
 checks the sizes; `pretrain.dist` builds the process
 groups once from them; code that means "the ranks that split the batch" asks for the data
@@ -27,8 +28,8 @@ class ParallelDims:
     tensor: int = 1
     """Ranks that split each weight matrix (not built yet: 1)."""
     expert: int = 1
-    """Ranks that split the experts of a mixture-of-experts layer, within the data ranks
-    (consecutive data ranks; not a factor of the world size)."""
+    """Ranks that split the experts of a mixture-of-experts layer (consecutive ranks; not a
+    factor of the world size; it divides the data size)."""
 
     @classmethod
     def for_world(cls, world_size: int, sequence: int = 1, expert: int = 1) -> ParallelDims:
@@ -57,10 +58,6 @@ class ParallelDims:
         if not out and self.data % self.expert:
             out.append(f"parallel.expert={self.expert} must divide the data-parallel size "
                        f"{self.data}: run a multiple of it")  # fmt: skip
-        if not out and self.expert > 1 and self.sequence > 1:
-            out.append(f"parallel.expert={self.expert} with parallel.sequence={self.sequence}: "
-                       "not supported yet (DeepSpeed's expert groups take consecutive ranks, "
-                       "which a sequence group holds); use one of them")  # fmt: skip
         return out
 
     def as_dict(self) -> dict[str, int]:

@@ -22,8 +22,10 @@ transformers computes it over all layers (so its coefficient carries over).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -271,14 +273,29 @@ class MoE(nn.Module):
         return slots
 
 
-def load_balancing_loss(routings: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def load_balancing_loss(
+    routings: list[tuple[torch.Tensor, torch.Tensor]], group: Any = None
+) -> torch.Tensor:  # fmt: skip
     """The Switch Transformer's auxiliary loss over every MoE layer's routing (probs (N, E),
     slots per expert (E,)), as transformers' `load_balancing_loss_func` computes it, so a
     `router_aux_loss_coef` carries over: E x sum_e f_e x P_e, where f_e is the number of
     slots that went to expert e per token and P_e its mean probability, both pooled over
-    the layers (a gradient flows through P only). k for an even load."""
+    the layers (a gradient flows through P only). k for an even load.
+
+    `group`: the ranks that each hold a slice of the same sequences (sequence parallelism)
+    pool their tokens, so every rank of it gets the loss of the whole sequences. The
+    probabilities are summed by a differentiable all-reduce whose backward sums the ranks'
+    gradients: with each rank's loss its share of the group's (model/sequence.py `share`,
+    shares summing to 1), each rank's router gets the gradient of the whole loss."""
     n_experts = routings[0][0].size(1)
     counts = sum(c.float() for _, c in routings)
     probs = sum(p.sum(dim=0) for p, _ in routings)
     rows = sum(p.size(0) for p, _ in routings)
+    if group is not None:
+        from torch.distributed.nn.functional import all_reduce
+
+        counts = counts.clone()
+        dist.all_reduce(counts, group=group)
+        probs = all_reduce(probs, group=group)
+        rows *= dist.get_world_size(group)  # every rank: an equal slice
     return n_experts * ((counts / rows) * (probs / rows)).sum()

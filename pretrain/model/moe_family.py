@@ -14,6 +14,7 @@ from pretrain.model.flops import flops_per_token
 from pretrain.model.llama_family import LlamaFamily
 from pretrain.model.moe_hf import MoEHF
 from pretrain.model.moe_model import MoETransformer, moe_config, update_router_bias
+from pretrain.model.sequence import SequenceShard
 
 
 class MoEFamily(LlamaFamily):
@@ -34,6 +35,25 @@ class MoEFamily(LlamaFamily):
 
     def flops_per_token(self, fields: Mapping[str, Any], seq_len: int) -> float | None:
         return flops_per_token(moe_config(fields), seq_len)
+
+    def sequence_errors(self, fields: Mapping[str, Any], size: int, seq_len: int) -> list[str]:
+        errors = super().sequence_errors(fields, size, seq_len)
+        if moe_config(fields).capacity_factor > 0:
+            errors.append(f"model.capacity_factor with parallel.sequence={size}: each rank "
+                          "would drop over capacity within its slice of the sequences, not "
+                          "the micro-batch's, unlike one rank; set model.capacity_factor=0 "
+                          "(no dropping, the default) or parallel.sequence=1")  # fmt: skip
+        return errors
+
+    def parallelize(
+        self, model: nn.Module, activation_checkpointing: str, compile: bool, zero3: bool,
+        sequence: SequenceShard | None = None,
+    ) -> None:  # fmt: skip
+        """The Llama family's, and under sequence parallelism the load-balancing loss pools
+        the sequence group's tokens (model/moe.py `load_balancing_loss`)."""
+        super().parallelize(model, activation_checkpointing, compile, zero3, sequence)
+        assert isinstance(model, MoETransformer)
+        model.sequence_group = None if sequence is None else sequence.group
 
     def step_metrics(self, model: nn.Module) -> dict[str, float]:
         assert isinstance(model, MoETransformer)

@@ -115,6 +115,9 @@ class MoETransformer(Transformer):
         super().__init__(config if config is not None else MoEConfig(**fields))
         self.aux_loss: torch.Tensor | None = None
         """The load-balancing loss of the last forward with targets."""
+        self.sequence_group: Any = None
+        """Sequence parallelism's group (set by `MoEFamily.parallelize`): its ranks hold
+        slices of the same sequences, whose tokens the load-balancing loss pools."""
         self._aux: list[torch.Tensor] = []  # training forwards' aux losses since moe_metrics
 
     def feed_forward(self, layer: int) -> nn.Module | None:
@@ -137,7 +140,7 @@ class MoETransformer(Transformer):
         blocks = self.moe_blocks()
         if targets is None or not blocks or not self.training:
             return out  # evaluation scores the language model alone
-        self.aux_loss = load_balancing_loss([b.routing for b in blocks])
+        self.aux_loss = load_balancing_loss([b.routing for b in blocks], self.sequence_group)
         if self.training:
             self._aux.append(self.aux_loss.detach())
         return out + self.config.aux_loss_coef * self.aux_loss

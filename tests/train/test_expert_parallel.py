@@ -29,6 +29,7 @@ from tests.conftest import (
 pytestmark = pytest.mark.multiprocess
 
 RUN = [*EQUIV, "model=moe_tiny", "checkpoint.every_steps=3"]
+EP2 = "parallel.expert=2"
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -106,8 +107,27 @@ def test_four_ranks_in_two_expert_groups_equal_one_rank_and_resume(
     assert curve(train(stopped, run, nproc=4))[3:] == curve(records)[3:]
 
 
+@pytest.mark.parametrize("stage", [1, 3])
+def test_expert_and_sequence_parallel_on_four_ranks_equal_one_rank(
+    tmp_path: Path, stage: int, one_rank: tuple[list, dict]
+) -> None:
+    """parallel.expert=2 with parallel.sequence=2 on 4 ranks: each rank holds half the
+    experts and a slice of each sequence (DeepSpeed's expert groups of consecutive ranks
+    are then the sequence groups, whose tokens reach every expert through the exchange;
+    the ranks holding the same experts, 0 and 2, reduce their gradients), and it trains
+    like one rank; stopped at step 3, it resumes bit for bit."""
+    reference, weights = one_rank
+    run = [*RUN, EP2, "parallel.sequence=2", f"deepspeed.zero_stage={stage}"]
+    records = train(tmp_path / "straight", run, nproc=4)
+    assert_same_curve(records, reference)
+    assert_same_weights(_weights(tmp_path / "straight"), weights)
+    if stage == 1:
+        stopped = tmp_path / "stopped"
+        train(stopped, [*run, "trainer.stop_at_step=3"], nproc=4)
+        assert curve(train(stopped, run, nproc=4))[3:] == curve(records)[3:]
+
+
 # A stopped run in one layout, resumed in another: (overrides, ranks) before and after.
-EP2 = "parallel.expert=2"
 LAYOUT_CHANGES = [
     pytest.param(([EP2, "deepspeed.zero_stage=1"], 2), (["deepspeed.zero_stage=1"], 1),
                  id="out-of-expert-parallelism-on-1-rank"),
@@ -120,6 +140,9 @@ LAYOUT_CHANGES = [
                  id="expert-2-to-4", marks=pytest.mark.slow),
     pytest.param(([EP2, "deepspeed.zero_stage=0"], 2), (["deepspeed.zero_stage=3"], 1),
                  id="zero0-to-zero3-on-1-rank", marks=pytest.mark.slow),
+    pytest.param(([EP2, "parallel.sequence=2", "deepspeed.zero_stage=1"], 4),
+                 ([EP2, "deepspeed.zero_stage=2"], 2),
+                 id="out-of-sequence-parallelism", marks=pytest.mark.slow),
 ]  # fmt: skip
 
 # With bias balancing: the router's bias (a buffer) must move with the weights.
@@ -196,7 +219,11 @@ def test_init_from_an_export_gives_each_rank_its_experts(
         (["model=tiny"], 2, "parallel.expert=2: pretrain.model.llama.Transformer has no experts"),
         (["model=moe_tiny", "model.n_experts=5"], 2, "model.n_experts=5 is not divisible by"),
         (["model=moe_tiny"], 3, "parallel.expert=2 must divide the data-parallel size 3"),
-        (["model=moe_tiny", "parallel.sequence=2"], 4, "not supported yet (DeepSpeed's expert"),
+        (
+            ["model=moe_tiny", "parallel.sequence=2", "model.capacity_factor=1.25"],
+            4,
+            "model.capacity_factor with parallel.sequence=2",
+        ),
     ],
 )
 def test_what_cannot_split_its_experts_is_named(

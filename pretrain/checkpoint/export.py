@@ -61,10 +61,9 @@ def _expert_parallel(ckpt: Path, size: int) -> dict[str, torch.Tensor]:
     """The weights of an expert-parallel checkpoint saved with `size` ranks per expert
     group (engine/expert_groups.py `ExpertCheckpoint`): rank 0's dense weights, and each
     expert parameter's shards from the first group's ranks, in expert order."""
-    ranks = [torch.load(ckpt / f"rank_{r}.pt", map_location="cpu", weights_only=True)
-             for r in range(size)]  # fmt: skip
-    experts = {name: torch.cat([r["experts"][name] for r in ranks]) for name in ranks[0]["experts"]}
-    return {**ranks[0]["dense"], **experts}
+    from pretrain.checkpoint.layout_free import ExpertRankFiles
+
+    return ExpertRankFiles(ckpt, size).weights()
 
 
 def _consolidated(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 import torch
 
-from pretrain.engine.expert_groups import local_experts
-from pretrain.engine.full_state import KEYS, MOMENTS, prepare, set_adam_step, set_full_values
+from pretrain.checkpoint import reshard
+from pretrain.engine.expert_groups import local_experts, set_loss_scale
+from pretrain.engine.full_state import KEYS, MOMENTS, EngineState
 
 EXPERT_MOMENTS = "expert_moments"
 """The rank-file key of an expert-parallel checkpoint's expert Adam moments."""
@@ -31,8 +32,13 @@ EXPERT_MOMENTS = "expert_moments"
 class SavedValues(Protocol):
     """A checkpoint's layout-free state."""
 
-    step: float
-    """The Adam step count."""
+    def step(self) -> float:
+        """The Adam step count."""
+        ...
+
+    def loss_scale(self) -> dict[str, float]:
+        """The fp16 loss scaler's state ({}: none saved)."""
+        ...
 
     def get(self, name: str, experts: range | None) -> dict[str, torch.Tensor]:
         """Parameter `name`'s full values ({fp32, exp_avg, exp_avg_sq}, fp32); with
@@ -63,7 +69,12 @@ class ExpertRankFiles:
     def __init__(self, path: Path, size: int) -> None:
         self.ranks = [torch.load(path / f"rank_{r}.pt", map_location="cpu", weights_only=True,
                                  mmap=True) for r in range(size)]  # fmt: skip
-        self.step = float(self.ranks[0]["adam_step"])
+
+    def step(self) -> float:
+        return float(self.ranks[0]["adam_step"])
+
+    def loss_scale(self) -> dict[str, float]:
+        return dict(self.ranks[0].get("loss_scale") or {})
 
     def get(self, name: str, experts: range | None) -> dict[str, torch.Tensor]:
         first = self.ranks[0]
@@ -77,6 +88,14 @@ class ExpertRankFiles:
         moments = self.ranks[0]["dense_moments"]
         return {n: t for n, t in self.ranks[0]["dense"].items() if n not in moments}
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The whole model's fp32 weights and buffers (what an export reads; checkpoints
+        saved before the moments were kept have these too)."""
+        first = self.ranks[0]
+        experts = {name: _rows([r["experts"][name] for r in self.ranks], None)
+                   for name in first["experts"]}  # fmt: skip
+        return {**first["dense"], **experts}
+
 
 class UniversalFiles:
     """DeepSpeed's universal conversion of a checkpoint without expert parallelism
@@ -84,28 +103,29 @@ class UniversalFiles:
 
     def __init__(self, universal: Path) -> None:
         self.root = universal
-        self.step = float(torch.load(next((universal / "zero").glob("*/step.pt")),
-                                     weights_only=True))  # fmt: skip
+
+    def step(self) -> float:
+        return float(torch.load(next((self.root / "zero").glob("*/step.pt")), weights_only=True))
+
+    def loss_scale(self) -> dict[str, float]:
+        return {}  # DeepSpeed's universal global state keeps it; reshard's route restores it
 
     def get(self, name: str, experts: range | None) -> dict[str, torch.Tensor]:
         values = {}
         for key in KEYS:
-            value = torch.load(self.root / "zero" / name / f"{key}.pt", weights_only=True)
+            value = torch.load(self.root / "zero" / name / f"{key}.pt", weights_only=True,
+                               mmap=True)  # fmt: skip
             value = value["param"] if isinstance(value, dict) else value  # reshard._normalize
             values[key] = value if experts is None else value[experts.start : experts.stop]
         return values
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        saved = torch.load(self.root / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=True)  # fmt: skip
-        return {n: saved["module"][n] for n in saved.get("buffer_names") or []}
+        return reshard.saved_buffers(self.root)
 
 
 def saved_values(path: Path, expert: int) -> SavedValues:
     """Checkpoint `path`'s layout-free state (saved with `parallel.expert=expert`)."""
-    from pretrain.checkpoint.reshard import UNIVERSAL
-
-    return ExpertRankFiles(path, expert) if expert > 1 else UniversalFiles(path / UNIVERSAL)
+    return ExpertRankFiles(path, expert) if expert > 1 else UniversalFiles(path / reshard.UNIVERSAL)
 
 
 def has_moments(path: Path) -> bool:
@@ -120,12 +140,14 @@ def has_moments(path: Path) -> bool:
 
 def load(engine: Any, path: Path, saved: SavedValues) -> None:
     """Set `engine` (any layout) from `saved`, checkpoint `path`'s state: every parameter
-    (this rank's experts' rows of an expert one), the Adam step, the buffers, and the
-    engine's step counters and LR schedule from DeepSpeed's model states."""
-    prepare(engine)
+    (this rank's experts' rows of an expert one), the Adam step, the fp16 loss scale, the
+    buffers, and the engine's step counters and LR schedule from DeepSpeed's model
+    states."""
+    full = EngineState(engine)
     for name, p in engine.module.named_parameters():
-        set_full_values(p, saved.get(name, local_experts(p)), engine)
-    set_adam_step(engine.client_optimizer, saved.step)
+        full.set(p, saved.get(name, local_experts(p)))
+    full.set_step(saved.step())
+    set_loss_scale(engine, saved.loss_scale())
     buffers = saved.buffers()
     with torch.no_grad():
         for name, buffer in engine.module.named_buffers():
@@ -135,20 +157,20 @@ def load(engine: Any, path: Path, saved: SavedValues) -> None:
 
 
 def _restore_schedule(engine: Any, path: Path) -> None:
-    """The engine's step counters and the LR schedule's position, from the checkpoint's
-    model states (any stage's); the learning rate follows from this run's schedule at that
-    position (the saved run's had as many groups as its layout split the optimizer into)."""
-    states = next(f for f in ("mp_rank_00_model_states.pt",
-                              "zero_pp_rank_0_mp_rank_00_model_states.pt")
-                  if (path / f).is_file())  # fmt: skip
-    saved = torch.load(path / states, map_location="cpu", weights_only=True)
+    """The engine's step counters and the LR schedule's position and base rate, from the
+    checkpoint's model states (any stage's), as DeepSpeed's own load restores them; the
+    learning rate follows from this run's schedule there (the saved run had as many
+    optimizer groups as its layout split them into, each at the same rate)."""
+    saved = torch.load(reshard.model_states(path), map_location="cpu", weights_only=True,
+                       mmap=True)  # fmt: skip
     for key in ("global_steps", "global_samples", "skipped_steps"):
-        setattr(engine, key, int(saved[key]))
+        setattr(engine, key, int(saved.get(key, getattr(engine, key))))
     scheduler = engine.lr_scheduler
     if scheduler is None:
         return
     position = saved["lr_scheduler"]
     scheduler.last_epoch, scheduler._step_count = position["last_epoch"], position["_step_count"]
+    scheduler.base_lrs = [position["base_lrs"][0]] * len(scheduler.base_lrs)
     lrs = [base * fn(scheduler.last_epoch) for base, fn in
            zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]  # fmt: skip
     scheduler._last_lr = lrs

@@ -361,7 +361,7 @@ def load(engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             str(path.parent), tag=path.name, load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )  # fmt: skip
-        rank_state = torch.load(rank_file, weights_only=True)
+        rank_state = torch.load(rank_file, weights_only=True, mmap=True)
     set_rng_state(rank_state.pop("rng"))
     return client_state or {}, rank_state
 

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,6 +32,14 @@ from pretrain import dist
 from pretrain.checkpoint import manager
 
 log = logging.getLogger("pretrain")
+
+Route = Literal["same", "direct", "universal", "layout_free"]
+"""How a checkpoint loads: `same` layout (DeepSpeed's own load, each rank its files);
+`direct`: DeepSpeed's own load, the data positions moved (another sequence-parallel size,
+or ZeRO-0 on another number of ranks, which loads rank 0's replicated files);
+`universal`: another number of ranks or ZeRO stage 1-3, through DeepSpeed's universal
+conversion; `layout_free`: into or out of another `parallel.expert` layout, through the
+checkpoint's layout-free state (checkpoint/layout_free.py)."""
 
 UNIVERSAL = "universal"
 _DONE = "CONVERTED"
@@ -53,20 +61,22 @@ def saved_expert(config: dict[str, Any]) -> int:
     return int(config["derived"].get("parallel", {}).get("expert", 1))
 
 
-def check_layout_free(path: Path, saved: tuple[int, int, int], now: tuple[int, int, int]) -> None:
+def check_layout_free(path: Path, saved: tuple[int, ...], now: tuple[int, ...]) -> None:
     """Refuse an expert-layout change (saved and now: world size, ZeRO stage,
-    parallel.expert) that checkpoint `path` cannot make through its layout-free state: an
-    expert-parallel one saved before it kept its Adam moments, or one without expert
-    parallelism at ZeRO-0 (no universal conversion reads it)."""
+    parallel.expert, parallel.sequence) that checkpoint `path` cannot make through its
+    layout-free state: an expert-parallel one saved before it kept its Adam moments, or one
+    without expert parallelism at ZeRO-0 (no universal conversion reads it)."""
     from pretrain.checkpoint.layout_free import has_moments
     from pretrain.config import ConfigError
 
-    was = (f"{path} was saved by {saved[0]} ranks at ZeRO-{saved[1]} with parallel.expert="
-           f"{saved[2]}; this run has {now[0]} ranks at ZeRO-{now[1]} with parallel.expert="
-           f"{now[2]}")  # fmt: skip
-    fixes = (f"resume with {saved[0]} ranks, deepspeed.zero_stage={saved[1]} and "
-             f"parallel.expert={saved[2]}, or start a new run from its weights "
-             "(tools/export_hf.py, then model.init_from=<that dir>)")  # fmt: skip
+    def layout(x: tuple[int, ...]) -> str:
+        return (f"{x[0]} ranks at ZeRO-{x[1]} with parallel.expert={x[2]} and "
+                f"parallel.sequence={x[3]}")  # fmt: skip
+
+    was = f"{path} was saved by {layout(saved)}; this run has {layout(now)}"
+    fixes = (f"resume with {saved[0]} ranks, deepspeed.zero_stage={saved[1]}, parallel.expert="
+             f"{saved[2]} and parallel.sequence={saved[3]}, or start a new run from its "
+             "weights (tools/export_hf.py, then model.init_from=<that dir>)")  # fmt: skip
     if saved[2] > 1 and not has_moments(path):
         raise ConfigError([f"{was}. It was saved before expert-parallel checkpoints kept "
                            f"their Adam moments layout-free, so it resumes in its own layout "
@@ -121,9 +131,21 @@ def convert(ckpt: Path) -> Path:
     return out
 
 
+MODEL_STATES = "mp_rank_00_model_states.pt"
+"""DeepSpeed's model states file at ZeRO 0-2 (module, LR schedule, step counters)."""
+MODEL_STATES_Z3 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+"""Rank 0's at ZeRO-3."""
+
+
+def model_states(ckpt: Path) -> Path:
+    """Checkpoint `ckpt`'s DeepSpeed model states file (rank 0's), whatever its stage."""
+    flat = ckpt / MODEL_STATES
+    return flat if flat.is_file() else ckpt / MODEL_STATES_Z3
+
+
 def _normalize(universal: Path) -> None:
     """Make a converted directory loadable by ZeRO 1-2 and ZeRO-3 alike."""
-    flat, z3 = "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    flat, z3 = MODEL_STATES, MODEL_STATES_Z3
     if not (universal / flat).exists():
         shutil.copyfile(universal / z3, universal / flat)
     if not (universal / z3).exists():
@@ -166,19 +188,27 @@ def _ds_version() -> str:
     return deepspeed.__version__
 
 
+def saved_buffers(universal: Path) -> dict[str, torch.Tensor]:
+    """The module's persistent buffers (e.g. a router's balancing bias) saved in converted
+    directory `universal`'s model states, by name."""
+    saved = torch.load(universal / MODEL_STATES, map_location="cpu", weights_only=True,
+                       mmap=True)  # fmt: skip
+    names = saved.get("buffer_names") or []
+    missing = [n for n in names if n not in saved["module"]]
+    if missing:
+        raise KeyError(f"{universal}: buffers {missing} are listed but not saved")
+    return {n: saved["module"][n] for n in names}
+
+
 def restore_buffers(module: torch.nn.Module, universal: Path) -> None:
-    """The module's persistent buffers (e.g. a router's balancing bias), from the converted
-    model states: DeepSpeed's universal load sets the parameters and skips the module's
-    state dict, buffers included."""
-    saved = torch.load(universal / "mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=True)  # fmt: skip
-    names = set(saved.get("buffer_names") or [])
+    """The module's persistent buffers, from the converted model states: DeepSpeed's
+    universal load sets the parameters and skips the module's state dict, buffers
+    included."""
+    saved = saved_buffers(universal)
     with torch.no_grad():
         for name, buffer in module.named_buffers():
-            if name in names:
-                if name not in saved["module"]:
-                    raise KeyError(f"{universal}: buffer {name} is listed but not saved")
-                buffer.copy_(saved["module"][name])
+            if name in saved:
+                buffer.copy_(saved[name])
 
 
 def restore_hyperparameters(engine: Any, before: list[dict[str, Any]]) -> None:
@@ -205,9 +235,9 @@ def hyperparameters(engine: Any) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
 
 
-def load(engine: Any, path: Path, route: str) -> tuple[dict[str, Any], list[dict]]:
+def load(engine: Any, path: Path, route: Route) -> tuple[dict[str, Any], list[dict]]:
     """Load checkpoint `path`, saved in another layout, into `engine` by `route`
-    (checkpoint/resume.py `Route`: direct, universal or layout_free; the engine was
+    (`Route`: direct, universal or layout_free; the engine was
     built with `checkpoint.load_universal` for universal).
 
     Returns (client_state, every saved rank's own state, in rank order, memory-mapped);
@@ -226,8 +256,10 @@ def load(engine: Any, path: Path, route: str) -> tuple[dict[str, Any], list[dict
             engine.load_checkpoint(str(path), tag=UNIVERSAL, **kwargs)
             restore_hyperparameters(engine, before)
             restore_buffers(engine.module, path / UNIVERSAL)
-        else:
+        elif route == "direct":
             engine.load_checkpoint(str(path.parent), tag=path.name, **kwargs)
+        else:
+            raise ValueError(f"route {route!r}: not one of direct, universal, layout_free")
         old_world, _ = saved_layout(client_state["config"])
         saved = [torch.load(path / f"rank_{r}.pt", weights_only=True, mmap=True)
                  for r in range(old_world)]  # fmt: skip

@@ -8,22 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pretrain.checkpoint import manager as checkpoint
 from pretrain.checkpoint import reshard
 from pretrain.checkpoint.export import check_same_tokenizer
+from pretrain.checkpoint.reshard import Route
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data.source import DataSource
 from pretrain.model.family import family_of
-
-Route = Literal["same", "direct", "universal", "layout_free"]
-"""How a checkpoint loads: `same` layout (DeepSpeed's own load, each rank its files);
-`direct`: DeepSpeed's own load, the data positions moved (another sequence-parallel size,
-or ZeRO-0 on another number of ranks, which loads rank 0's replicated files);
-`universal`: another number of ranks or ZeRO stage 1-3, through DeepSpeed's universal
-conversion; `layout_free`: into or out of another `parallel.expert` layout, through the
-checkpoint's layout-free state (checkpoint/layout_free.py)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +65,7 @@ def _route(path: Path, saved: tuple[int, ...], now: tuple[int, ...]) -> Route:
     if saved == now:
         return "same"
     if saved[2] > 1 or now[2] > 1:  # even a sequence-parallel change: experts are per rank
-        reshard.check_layout_free(path, saved[:3], now[:3])
+        reshard.check_layout_free(path, saved, now)
         return "layout_free"
     if reshard.needs_universal(saved[:2], now[:2], path):
         return "universal"

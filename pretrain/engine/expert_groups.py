@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.engine.full_state import MOMENTS, adam_step, full_values, prepare
+from pretrain.engine.full_state import MOMENTS, EngineState
 from pretrain.model.expert_parallel import ExpertShard
 from pretrain.model.moe import Experts
 
@@ -38,6 +38,24 @@ def _split(values: dict[str, dict], weights: str, moments: str) -> dict[str, dic
     """{weights: {name: fp32}, moments: {name: {exp_avg, exp_avg_sq}}} of `full_values`."""
     return {weights: {n: v["fp32"] for n, v in values.items()},
             moments: {n: {k: v[k] for k in MOMENTS} for n, v in values.items()}}  # fmt: skip
+
+
+LOSS_SCALE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+"""A dynamic fp16 loss scaler's state (DeepSpeed's `DynamicLossScaler`)."""
+
+
+def loss_scale(engine: Any) -> dict[str, float]:
+    """The engine's fp16 loss scaler's state ({} without one: fp32, bf16)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    return {k: getattr(scaler, k) for k in LOSS_SCALE if hasattr(scaler, k)}
+
+
+def set_loss_scale(engine: Any, saved: dict[str, float]) -> None:
+    """Set the engine's fp16 loss scaler from `loss_scale`'s state (where both have one)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for key, value in saved.items():
+        if hasattr(scaler, key):
+            setattr(scaler, key, value)
 
 
 def group_name(size: int) -> str:
@@ -174,8 +192,8 @@ class ExpertCheckpoint:
         if not self.params:
             return {}
         out: dict[str, Any] = {}
-        prepare(self.engine)
-        experts = {name: full_values(p, self.engine, self.writer) for name, p in self.params}
+        full = EngineState(self.engine)
+        experts = {name: full.values(p, self.writer) for name, p in self.params}
         if self.writer:
             out.update(_split(experts, "experts", "expert_moments"))
         main = torch.distributed.get_rank() == 0
@@ -184,14 +202,15 @@ class ExpertCheckpoint:
         for name, p in self.model.named_parameters(remove_duplicate=False):
             if not is_expert_param(p):  # a tied weight: gathered once, under both names
                 if id(p) not in seen:
-                    seen[id(p)] = full_values(p, self.engine, main)
+                    seen[id(p)] = full.values(p, main)
                 dense[name] = seen[id(p)]
         if main:
             out.update(_split(dense, "dense", "dense_moments"))
             out["dense"].update({n: b.detach().to("cpu", copy=True)
                                  for n, b in self.model.state_dict().items()
                                  if n not in dense and n not in experts})  # fmt: skip
-            out["adam_step"] = adam_step(self.engine.client_optimizer)
+            out["adam_step"] = full.step()
+            out["loss_scale"] = loss_scale(self.engine)
         return out
 
     def restore(self, path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from pretrain.checkpoint import manager, reshard
+from pretrain.checkpoint.reshard import Route
 from pretrain.config.schema import OptimConfig
 from pretrain.engine.deepspeed import UpdateGate, clip_gradients
 from pretrain.engine.expert_groups import ExpertCheckpoint
@@ -124,7 +125,7 @@ class DeepSpeedTrainModule:
         rank_state = {**rank_state, **self._experts.state()}
         return manager.save(self.engine, ckpt_dir, step, client_state, rank_state, files)
 
-    def load(self, path: Path, route: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def load(self, path: Path, route: Route) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if route == "same":
             client_state, rank_state = manager.load(self.engine, path)
             rank_states = [rank_state]

@@ -33,12 +33,16 @@ def norm_params(cfg: LlamaConfig) -> int:
 
 
 def ffn_params(cfg: LlamaConfig, layer: int, active: bool = False) -> int:
-    """Feed-forward weights of block `layer`: the SwiGLU's, or a sparse block's router and
-    experts (`active`: the top_k experts a token goes through)."""
+    """Feed-forward weights of block `layer`: the SwiGLU's, or a sparse block's router,
+    experts (`active`: the top_k experts a token goes through) and shared expert with its
+    gate (every token goes through them)."""
     if not isinstance(cfg, MoEConfig) or not cfg.is_sparse(layer):
         return 3 * cfg.d_model * cfg.ffn_hidden  # gate, up, down
     experts = cfg.top_k if active else cfg.n_experts
-    return cfg.n_experts * cfg.d_model + experts * 3 * cfg.d_model * cfg.moe_ffn_hidden
+    shared = 3 * cfg.d_model * cfg.shared_expert_hidden + (
+        cfg.d_model if cfg.shared_expert_hidden else 0
+    )
+    return cfg.n_experts * cfg.d_model + experts * 3 * cfg.d_model * cfg.moe_ffn_hidden + shared
 
 
 def expert_params(cfg: LlamaConfig) -> int:

@@ -23,7 +23,8 @@ w being the compute dtype's width (h = d_model, F = ffn_hidden, kv = n_kv_heads 
     SwiGLU                   w * 4F (gate, up, silu(gate), their product)
     or a sparse block's      4E + k * (w * (2h + 4I) + 16) (+ 4h under bf16): router
       experts (MoE)          probabilities, per slot the expert's input, SwiGLU and weighted
-                             output (`ffn_bytes_per_token`; I = moe_ffn_hidden, k = top_k)
+                             output (`ffn_bytes_per_token`; I = moe_ffn_hidden, k = top_k),
+                             and a shared expert's SwiGLU and gate
 
 (a tiled MLP, model.mlp_chunk_tokens, keeps no SwiGLU intermediates without activation
 checkpointing: it holds one piece's, w * 4F * chunk, while that piece is recomputed), which
@@ -139,16 +140,21 @@ def ffn_bytes_per_token(cfg: LlamaConfig, precision: str, policy: str, layer: in
     block (k = top_k, I = moe_ffn_hidden, E = n_experts): the router's fp32 probabilities
     (4E) and, under bf16, the fp32 copy of its input (4h); per slot, the expert's gathered
     input and weighted output (2wh), its SwiGLU (4wI) and two int64 indices (16); selective:
-    the router logits and, per slot, the expert's matmul outputs, w(2I + h)."""
+    the router logits and, per slot, the expert's matmul outputs, w(2I + h). A shared expert
+    (S = shared_expert_hidden) adds a SwiGLU's 4wS (0 tiled), its output beside the gate
+    (wh) and the gate's logit and sigmoid (2w); selective: w(2S + h) and the logit (w)."""
     w, h = BYTES[precision], cfg.d_model
     if not isinstance(cfg, MoEConfig) or not cfg.is_sparse(layer):
         if policy == "selective":
             return w * (2 * cfg.ffn_hidden + h)
         return 0 if cfg.mlp_chunk_tokens > 0 else w * 4 * cfg.ffn_hidden
-    k, i, e = cfg.top_k, cfg.moe_ffn_hidden, cfg.n_experts
+    k, i, e, sh = cfg.top_k, cfg.moe_ffn_hidden, cfg.n_experts, cfg.shared_expert_hidden
     if policy == "selective":
-        return 4 * e + k * w * (2 * i + h)
-    return 4 * e + (4 * h if w < 4 else 0) + k * (w * (2 * h + 4 * i) + 16)
+        shared = w * (2 * sh + h) + w if sh else 0
+        return 4 * e + k * w * (2 * i + h) + shared
+    swiglu = 0 if cfg.mlp_chunk_tokens > 0 else w * 4 * sh
+    shared = swiglu + w * h + 2 * w if sh else 0
+    return 4 * e + (4 * h if w < 4 else 0) + k * (w * (2 * h + 4 * i) + 16) + shared
 
 
 def sequence_bytes_per_token(cfg: LlamaConfig, precision: str, sequence: int) -> int:

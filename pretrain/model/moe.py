@@ -1,5 +1,6 @@
 """A mixture-of-experts feed-forward block: a router that sends each token to its top-k
-SwiGLU experts, as the Hugging Face MoE families compute it (Qwen3-MoE, OLMoE, Mixtral).
+SwiGLU experts, as the Hugging Face MoE families compute it (Qwen3-MoE, OLMoE, Mixtral;
+Qwen2-MoE with a shared expert too).
 
 Routing (`Router`): logits and softmax in fp32 over all experts, then the k largest; ties
 go to the lower expert index (a stable sort, so the same on every run and device). With
@@ -220,17 +221,21 @@ class MoE(nn.Module):
     dropped slot adds nothing (its token keeps the residual). Evaluation never drops, as
     the Hugging Face families compute. `router_bias`: auxiliary-loss-free balancing (the
     router's `bias`). `shard`: expert parallelism, this rank's place in its group (it holds
-    and runs E / N of the experts; model/expert_parallel.py)."""
+    and runs E / N of the experts; model/expert_parallel.py). `shared`: a shared expert
+    every token goes through, its output scaled by sigmoid(`shared_expert_gate` x) and
+    added to the routed experts' (Qwen2-MoE)."""
 
     def __init__(
         self, d_model: int, ffn_hidden: int, n_experts: int, top_k: int,
         norm_topk_prob: bool = False, std: float = 0.02, down_std: float | None = None,
         capacity_factor: float = 0.0, router_bias: bool = False, impl: str = "auto",
-        shard: ExpertShard | None = None,
+        shard: ExpertShard | None = None, shared: nn.Module | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.gate = Router(d_model, n_experts, top_k, norm_topk_prob, router_bias)
         self.experts = Experts(d_model, ffn_hidden, n_experts, std, down_std, impl, shard)
+        self.shared_expert = shared
+        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if shared else None
         self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
         self.n_experts, self.capacity_factor = n_experts, capacity_factor
         # Counts, as integers (exact at any size, and left alone by zero.Init's casts).
@@ -244,20 +249,28 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
+        out = self._routed(flat)
+        if self.shared_expert is not None:
+            gate = torch.sigmoid(self.shared_expert_gate(flat))
+            out = out + gate * self.shared_expert(flat)
+        return out.view_as(x)
+
+    def _routed(self, flat: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output for tokens `flat` (N, H)."""
         weights, experts, probs = self.gate(flat)
         counts = torch.bincount(experts.reshape(-1), minlength=self.n_experts)
         self.routing = probs, counts
         if not self.training:
-            return self.experts(flat, weights, experts, counts).view_as(x)
+            return self.experts(flat, weights, experts, counts)
         self.routed = self.routed.to(counts.device) + counts
         if self.gate.bias is not None:
             self.step_slots = self.step_slots.to(counts.device) + counts
         if self.capacity_factor <= 0:
-            return self.experts(flat, weights, experts, counts).view_as(x)
+            return self.experts(flat, weights, experts, counts)
         capacity = math.ceil(self.capacity_factor * experts.numel() / self.n_experts)
         experts, kept = drop_over_capacity(experts, counts, capacity)
         self.dropped = self.dropped.to(counts.device) + (counts - kept).sum()
-        return self.experts(flat, weights, experts, kept, int(kept.sum())).view_as(x)
+        return self.experts(flat, weights, experts, kept, int(kept.sum()))
 
     def take_load(self) -> tuple[torch.Tensor, float]:
         """(E,) each expert's fraction of the slots routed since the last call (zeros when
@@ -271,6 +284,24 @@ class MoE(nn.Module):
         """(E,) the slots routed to each expert since the last call; then count afresh."""
         slots, self.step_slots = self.step_slots, torch.zeros_like(self.step_slots)
         return slots
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """A sum over the ranks of a group (all-reduce) whose backward sums the ranks'
+    gradients (torch.distributed.nn's, deprecated, did the same)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def load_balancing_loss(
@@ -292,10 +323,8 @@ def load_balancing_loss(
     probs = sum(p.sum(dim=0) for p, _ in routings)
     rows = sum(p.size(0) for p, _ in routings)
     if group is not None:
-        from torch.distributed.nn.functional import all_reduce
-
         counts = counts.clone()
         dist.all_reduce(counts, group=group)
-        probs = all_reduce(probs, group=group)
+        probs = _SumOverGroup.apply(probs, group)
         rows *= dist.get_world_size(group)  # every rank: an equal slice
     return n_experts * ((counts / rows) * (probs / rows)).sum()

@@ -21,7 +21,8 @@ class MoEFamily(LlamaFamily):
     """model=moe_tiny | moe_1b | olmoe_1b_7b | qwen3_30b_a3b."""
 
     target = "pretrain.model.moe_model.MoETransformer"
-    shape_keys = (*LlamaFamily.shape_keys, "n_experts", "moe_ffn_hidden", "moe_every")
+    shape_keys = (*LlamaFamily.shape_keys, "n_experts", "moe_ffn_hidden", "moe_every",
+                  "shared_expert_hidden")  # fmt: skip
     hf = MoEHF()
 
     def build(self, fields: Mapping[str, Any], expert: ExpertShard | None = None) -> nn.Module:

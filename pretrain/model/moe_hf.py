@@ -7,6 +7,7 @@ Which family a model exports to follows from its fields, since each family fixes
 | head          | Qwen3MoeForCausalLM   | (moe_every: decoder_sparse_step)               |
 | full          | OlmoeForCausalLM      | moe_every=1, head_dim = d_model / n_heads      |
 | none          | MixtralForCausalLM    | moe_every=1, norm_topk_prob=true               |
+| none          | Qwen2MoeForCausalLM   | shared_expert_hidden > 0 (written qkv_bias=false) |
 
 We hold each block's experts fused (`gate_up_proj` (E, 2I, H), `down_proj` (E, H, I)), as
 transformers 5 does in memory; checkpoints on disk, which transformers 4 and 5, vLLM and
@@ -32,7 +33,10 @@ ARCHITECTURES = {
     "full": ("olmoe", "OlmoeForCausalLM"),
     "none": ("mixtral", "MixtralForCausalLM"),
 }
-QK_NORM_OF = {model_type: qk for qk, (model_type, _) in ARCHITECTURES.items()}
+SHARED = ("qwen2_moe", "Qwen2MoeForCausalLM")
+"""The family of a model with a shared expert (it has no QK-norm)."""
+QK_NORM_OF = {model_type: qk for qk, (model_type, _) in [*ARCHITECTURES.items(),
+                                                         ("none", SHARED)]}  # fmt: skip
 # Per expert: our fused tensor, the rows of it (None: all), each family's name.
 EXPERT_PIECES = {
     "gate": ("gate_up_proj", 0, {"mixtral": "w1", "default": "gate_proj"}),
@@ -42,17 +46,26 @@ EXPERT_PIECES = {
 # Keys a config.json may leave out, with transformers' default (None: must be given).
 HF_DEFAULTS = {"num_experts": None, "num_local_experts": None, "num_experts_per_tok": None,
                "norm_topk_prob": False, "moe_intermediate_size": None,
-               "decoder_sparse_step": 1}  # fmt: skip
+               "decoder_sparse_step": 1, "shared_expert_intermediate_size": None}  # fmt: skip
 _EXPERT = re.compile(
     r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight"
 )
 _ROUTER = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight")
 
 
+def architecture(cfg: MoEConfig) -> tuple[str, str]:
+    """(model_type, architecture) of the transformers family a model of `cfg` exports to."""
+    return SHARED if cfg.shared_expert_hidden else ARCHITECTURES[cfg.qk_norm]
+
+
 def architecture_errors(cfg: MoEConfig) -> list[str]:
     """Why no transformers family holds a model of `cfg` ([] when one does)."""
-    model_type = ARCHITECTURES[cfg.qk_norm][0]
+    model_type = architecture(cfg)[0]
     errs = []
+    if cfg.shared_expert_hidden and cfg.qk_norm != "none":
+        errs.append(f"model.shared_expert_hidden={cfg.shared_expert_hidden} with model.qk_norm="
+                    f"{cfg.qk_norm}: Qwen2-MoE, the family with a shared expert, has no "
+                    "QK-norm (set model.qk_norm=none, or shared_expert_hidden=0)")  # fmt: skip
     if cfg.router_bias_rate > 0:
         errs.append(f"model.router_bias_rate={cfg.router_bias_rate}: the routers learned a "
                     f"bias that transformers' {model_type} has no place for (its experts "
@@ -72,9 +85,9 @@ def architecture_errors(cfg: MoEConfig) -> list[str]:
 
 
 class MoEHF:
-    """transformers' Qwen3-MoE, OLMoE and Mixtral (module docstring)."""
+    """transformers' Qwen3-MoE, OLMoE, Mixtral and Qwen2-MoE (module docstring)."""
 
-    model_types = tuple(model_type for model_type, _ in ARCHITECTURES.values())
+    model_types = (*(model_type for model_type, _ in ARCHITECTURES.values()), SHARED[0])
     _dense = LlamaHF()
 
     def config(self, fields: Mapping[str, Any], dtype: str, special_ids: dict[str, int]
@@ -83,16 +96,19 @@ class MoEHF:
         errs = architecture_errors(cfg)
         if errs:
             raise ValueError("no Hugging Face family for this model: " + "; ".join(errs))
-        model_type, arch = ARCHITECTURES[cfg.qk_norm]
+        model_type, arch = architecture(cfg)
         dense = self._dense.config(_dense_fields(fields), dtype, special_ids)
         out = {**dense, "architectures": [arch], "model_type": model_type,
                "num_experts_per_tok": cfg.top_k, "router_aux_loss_coef": cfg.aux_loss_coef,
                "output_router_logits": False}  # fmt: skip
-        if model_type == "qwen3_moe":
+        if model_type in ("qwen3_moe", "qwen2_moe"):
             out.update(num_experts=cfg.n_experts, moe_intermediate_size=cfg.moe_ffn_hidden,
                        decoder_sparse_step=cfg.moe_every, mlp_only_layers=[],
                        norm_topk_prob=cfg.norm_topk_prob, use_sliding_window=False,
                        sliding_window=None)  # fmt: skip
+            if model_type == "qwen2_moe":
+                out.update(shared_expert_intermediate_size=cfg.shared_expert_hidden,
+                           qkv_bias=False)  # fmt: skip
         elif model_type == "olmoe":
             out.update(num_experts=cfg.n_experts, intermediate_size=cfg.moe_ffn_hidden,
                        norm_topk_prob=cfg.norm_topk_prob, clip_qkv=None)  # fmt: skip
@@ -104,7 +120,7 @@ class MoEHF:
     def to_hf(self, state: dict[str, torch.Tensor], fields: Mapping[str, Any]
               ) -> dict[str, torch.Tensor]:  # fmt: skip
         """The dense part as Llama's; each fused expert tensor split per expert."""
-        model_type = ARCHITECTURES[moe_config(fields).qk_norm][0]
+        model_type = architecture(moe_config(fields))[0]
         out = {}
         for name, tensor in self._dense.to_hf(state, fields).items():
             layer, _, rest = name.removeprefix("model.layers.").partition(".mlp.")
@@ -162,6 +178,9 @@ class MoEHF:
             "aux_loss_coef": config.get("router_aux_loss_coef", 0.001),
             "moe_every": config.get("decoder_sparse_step", 1),
             "moe_ffn_hidden": config.get("moe_intermediate_size", config["intermediate_size"]),
+            "shared_expert_hidden": (
+                config.get("shared_expert_intermediate_size", 0) if model_type == SHARED[0] else 0
+            ),
         }
         return {**dense, **sparse}
 
@@ -182,6 +201,9 @@ class MoEHF:
         if config.get("mlp_only_layers"):
             diff.append(f"mlp_only_layers={config['mlp_only_layers']}: not supported (dense "
                         "blocks come from model.moe_every alone)")  # fmt: skip
+        if model_type == SHARED[0] and config.get("qkv_bias", True):
+            diff.append("qkv_bias=true: its q, k and v projections have biases, which this "
+                        "model has no place for")  # fmt: skip
         if config.get("sliding_window") and config.get("use_sliding_window", True):
             diff.append(f"sliding_window={config['sliding_window']}: not supported")
         dense = {**config, "model_type": "llama"}

@@ -11,6 +11,7 @@ perplexity compare with dense models).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain.model.expert_parallel import ExpertShard
-from pretrain.model.llama import LlamaConfig, Transformer
+from pretrain.model.llama import MLP, LlamaConfig, Transformer
 from pretrain.model.moe import EXPERT_IMPLS, MoE, load_balancing_loss
 
 
@@ -53,6 +54,10 @@ class MoEConfig(LlamaConfig):
     expert takes at most ceil(capacity_factor x tokens x top_k / n_experts) of a
     micro-batch's slots on a rank, first choices before second ones, earlier tokens first;
     a dropped slot adds nothing (the token keeps its residual). Evaluation never drops."""
+    shared_expert_hidden: int = 0
+    """Width of a shared SwiGLU expert in every sparse block, which every token goes
+    through, scaled by a sigmoid of a learned projection of the token (Qwen2-MoE's
+    shared_expert_intermediate_size and shared_expert_gate); 0: none."""
     experts_impl: str = "auto"
     """auto | grouped_mm | loop: how the experts run over their tokens (model/moe.py
     `Experts`): grouped_mm is torch's grouped matmul (CPU; CUDA bf16 on Hopper or later),
@@ -66,7 +71,8 @@ class MoEConfig(LlamaConfig):
         if self.top_k > self.n_experts >= 1:
             errs.append(f"model.top_k={self.top_k} exceeds model.n_experts={self.n_experts}: "
                         "a token can go to at most every expert")  # fmt: skip
-        for key in ("aux_loss_coef", "router_bias_rate", "capacity_factor"):
+        for key in ("aux_loss_coef", "router_bias_rate", "capacity_factor",
+                    "shared_expert_hidden"):  # fmt: skip
             if getattr(self, key) < 0:
                 errs.append(f"model.{key}={getattr(self, key)}: must be >= 0 (0: off)")
         if self.experts_impl not in EXPERT_IMPLS:
@@ -125,11 +131,15 @@ class MoETransformer(Transformer):
         if not cfg.is_sparse(layer):
             return None
         # Residual outputs scaled as the dense down_proj is (Transformer._init_weights).
+        # The shared expert is the dense SwiGLU at its own width (initialised with the
+        # model's projections by Transformer.__init__).
+        shared = (MLP(dataclasses.replace(cfg, ffn_hidden=cfg.shared_expert_hidden))
+                  if cfg.shared_expert_hidden else None)  # fmt: skip
         return MoE(cfg.d_model, cfg.moe_ffn_hidden, cfg.n_experts, cfg.top_k,
                    cfg.norm_topk_prob, cfg.init_std,
                    down_std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
                    capacity_factor=cfg.capacity_factor, router_bias=cfg.router_bias_rate > 0,
-                   impl=cfg.experts_impl, shard=self._expert_shard)  # fmt: skip
+                   impl=cfg.experts_impl, shard=self._expert_shard, shared=shared)  # fmt: skip
 
     def moe_blocks(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]

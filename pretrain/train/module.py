@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from pretrain.checkpoint.reshard import Route
+
 
 class TrainModule(Protocol):
     """One model being trained, step by step. Call order per optimizer step:
@@ -63,7 +65,7 @@ class TrainModule(Protocol):
         it counts as complete only once every rank's part is on disk."""
         ...
 
-    def load(self, path: Path, route: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def load(self, path: Path, route: Route) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Load checkpoint `path` into the model and optimizer (and this rank's RNG): the
         saved client state, and the saved rank states: [this rank's] when `route` is
         `same` (the layout that saved it), else every saved rank's, in rank order (another

@@ -1,7 +1,8 @@
 """The MoE family's Hugging Face export and import (pretrain/model/moe_hf.py), proven
-against transformers: Qwen3-MoE, OLMoE and Mixtral directories that transformers loads with
-our logits (fp32, < 1e-5) and our greedy generations; the per-expert layout on disk; a fresh
-model initialised from them gives their logits; a mismatched shape is named."""
+against transformers: Qwen3-MoE, OLMoE, Mixtral and Qwen2-MoE directories that transformers
+loads with our logits (fp32, < 1e-5) and our greedy generations; the per-expert layout on
+disk; a fresh model initialised from them gives their logits; a mismatched shape is
+named."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ FAMILIES = {
     # Mixtral: no QK-norm, renormalised top-k, tied embeddings.
     "mixtral": ("MixtralForCausalLM",
                 dict(qk_norm="none", norm_topk_prob=True, tie_embeddings=True)),
+    # Qwen2-MoE: a gated shared expert beside the routed ones, a dense block.
+    "qwen2_moe": ("Qwen2MoeForCausalLM",
+                  dict(qk_norm="none", shared_expert_hidden=20, moe_every=2)),
 }  # fmt: skip
 
 
@@ -136,6 +140,20 @@ def test_a_model_no_hf_family_holds_is_named_with_the_fix() -> None:
     assert any("Mixtral always renormalises" in e for e in errs)
     with pytest.raises(ValueError, match="no Hugging Face family for this model"):
         MOE.hf.config({**BASE, "qk_norm": "none"}, "float32", {})
+    errs = architecture_errors(MoEConfig(**{**BASE, "qk_norm": "head",
+                                            "shared_expert_hidden": 8}))  # fmt: skip
+    assert any("Qwen2-MoE, the family with a shared expert, has no QK-norm" in e for e in errs)
+
+
+def test_a_qwen2_moe_directory_with_qkv_biases_is_refused(tmp_path: Path) -> None:
+    """Published Qwen2-MoE checkpoints have q/k/v biases, which this model lacks: named, not
+    silently dropped."""
+    ours, section = _model(FAMILIES["qwen2_moe"][1])
+    write_hf(ours.state_dict(), section, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "qkv_bias": True}))
+    with pytest.raises(ValueError, match="qkv_bias=true: its q, k and v projections"):
+        load_hf_weights(MOE.build(section), tmp_path, section)
 
 
 def test_llama_with_its_own_head_dim_exports_and_qk_norm_is_refused(tmp_path: Path) -> None:

@@ -213,14 +213,18 @@ def test_sequence_parallel_ranks_hold_their_share_of_the_tokens() -> None:
     assert one.activations - tiled.activations == 8 * 128 * 2 * swiglu - swiglu * 256
 
 
+@pytest.mark.parametrize("shared", [0, 96])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_sparse_block_estimate_matches_what_a_forward_pass_keeps(precision: str) -> None:
+def test_a_sparse_block_estimate_matches_what_a_forward_pass_keeps(
+    precision: str, shared: int
+) -> None:
     """A mixture-of-experts model (a dense block, then a sparse one: router, top-2 of 8
-    experts) under every checkpointing policy, against what the allocator holds."""
+    experts, and a shared expert or none) under every checkpointing policy, against what
+    the allocator holds."""
     from pretrain.model.moe_model import MoEConfig, MoETransformer
 
     cfg = MoEConfig(**{**vars(SMALL), "n_experts": 8, "top_k": 2, "moe_ffn_hidden": 48,
-                       "moe_every": 2})  # fmt: skip
+                       "moe_every": 2, "shared_expert_hidden": shared})  # fmt: skip
     B, T = 4, 128
     tokens = torch.randint(
         0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)

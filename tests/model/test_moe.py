@@ -150,9 +150,11 @@ def test_the_sparse_llama_adds_the_weighted_aux_loss_of_its_sparse_blocks() -> N
         torch.testing.assert_close(model.eval()(tokens[:, :-1], tokens[:, 1:]), lm)
 
 
-def test_flops_count_the_active_experts_only() -> None:
-    """MFU's weights: every dense matmul, the router, top_k of E experts, the head."""
-    cfg = _tiny(moe_every=2, qk_norm="full")  # blocks 0 and 2 dense
+@pytest.mark.parametrize("shared", [0, 24])
+def test_flops_count_the_active_experts_only(shared: int) -> None:
+    """MFU's weights: every dense matmul, the router, top_k of E experts, the shared
+    expert and its gate (every token's), the head."""
+    cfg = _tiny(moe_every=2, qk_norm="full", shared_expert_hidden=shared)  # 0, 2 dense
     model = MoETransformer(cfg)
     matmul = sum(p.numel() for n, p in model.named_parameters()
                  if p.dim() >= 2 and n != "embed_tokens.weight")  # fmt: skip
@@ -163,6 +165,22 @@ def test_flops_count_the_active_experts_only() -> None:
     assert MOE.flops_per_token(vars(cfg), 64) < LLAMA.flops_per_token(
         {**vars(cfg), "ffn_hidden": cfg.n_experts * FFN}, 64
     )  # a dense model as wide as all the experts costs more
+
+
+def test_a_shared_expert_adds_its_gated_output_to_the_routed_experts() -> None:
+    """Qwen2-MoE's block: routed experts + sigmoid(gate x) * shared SwiGLU(x), the shared
+    expert's weights initialised as the dense projections are."""
+    torch.manual_seed(0)
+    cfg = _tiny(shared_expert_hidden=24)
+    block = MoETransformer(cfg).moe_blocks()[0]
+    assert block.shared_expert.down_proj.weight.std() < block.shared_expert.up_proj.weight.std()
+    x = torch.randn(2, 5, cfg.d_model)
+    shared, gate = block.shared_expert, block.shared_expert_gate
+    block.shared_expert = None
+    routed = block(x)
+    block.shared_expert = shared
+    expected = routed + torch.sigmoid(gate(x)) * shared(x)
+    torch.testing.assert_close(block(x), expected)
 
 
 def test_bad_moe_settings_are_named() -> None:

@@ -34,13 +34,8 @@ MOE = [*EQUIV, "model=moe_tiny"]
 
 
 @pytest.fixture(scope="module")
-def one_rank_records(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return train(tmp_path_factory.mktemp("moe-one"), MOE)
-
-
-@pytest.fixture(scope="module")
-def one_rank(one_rank_records: list[dict]) -> list[float]:
-    return loss_list(one_rank_records)
+def one_rank(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    return loss_list(train(tmp_path_factory.mktemp("moe-one"), MOE))
 
 
 @pytest.mark.parametrize("stage", [1, 3])
@@ -52,18 +47,24 @@ def test_two_data_parallel_ranks_equal_one(
     assert one_rank[-1] < one_rank[0]
 
 
+@pytest.fixture(scope="module")
+def one_rank_strong_aux(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return train(tmp_path_factory.mktemp("moe-aux"), [*MOE, "model.aux_loss_coef=1"])
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_sequence_parallel_equals_one_rank(
-    tmp_path: Path, stage: int, one_rank_records: list[dict]
+    tmp_path: Path, stage: int, one_rank_strong_aux: list[dict]
 ) -> None:
     """parallel.sequence=2: each rank routes its slice of every sequence, and the
     load-balancing loss pools the sequence group's tokens (each rank's router gets the
     whole loss's gradient), so losses, gradient norms and the aux loss equal one rank's
     (before the pooling, the aux loss of each half differed by 2e-3 and the loss drifted
-    past 1e-5 by step 3)."""
-    run = [*MOE, "parallel.sequence=2", f"deepspeed.zero_stage={stage}"]
+    past 1e-5 by step 3). The aux loss weighs as much as the language model's here, so a
+    wrong share of its gradient shows in the norms."""
+    run = [*MOE, "model.aux_loss_coef=1", "parallel.sequence=2", f"deepspeed.zero_stage={stage}"]
     records = train(tmp_path, run, nproc=2)
-    for ours, ref in zip(records, one_rank_records, strict=True):
+    for ours, ref in zip(records, one_rank_strong_aux, strict=True):
         for key in ("loss", "grad_norm", "moe_aux_loss"):
             assert ours[key] == pytest.approx(ref[key], rel=1e-5), (ours["step"], key)
 

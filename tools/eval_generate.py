@@ -6,8 +6,10 @@ chrF (sacrebleu), corpus-level.
 
 --data is a .jsonl of {"prompt": ..., "reference": ...} (or "references": [...] for several
 references per prompt). Prompts run in batches of --batch-size with the generation options of
-tools/generate.py (greedy by default). Prints {bleu, chrf, n, ...} as JSON; --output also
-writes each prompt's completion beside its references.
+tools/generate.py (greedy by default). Prints {bleu, chrf, n, logprob, ...} as JSON, logprob
+being the mean over completions of their mean per-token log-probability under the model
+(what beam search and --search mcts maximise); --output also writes each prompt's
+completion beside its references.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pretrain.eval.generate import add_arguments, config_from_args, generate
+from pretrain.eval.generate import add_arguments, config_from_args, generate, mean_logprob
 from pretrain.eval.load import load_model, pick_device
 
 
@@ -62,9 +64,13 @@ def main() -> None:
             raise ValueError(f"{loaded.source} has no tokenizer.json")
         cfg = config_from_args(args, tok.token_to_id("<|eos|>"))
         completions: list[str] = []
+        logprobs: list[float] = []
         for i in range(0, len(prompts), args.batch_size):
             ids = [tok.encode(p).ids for p in prompts[i : i + args.batch_size]]
-            completions += [tok.decode(o) for o in generate(loaded.model, ids, cfg)]
+            outputs = generate(loaded.model, ids, cfg)
+            completions += [tok.decode(o) for o in outputs]
+            logprobs += [mean_logprob(loaded.model, p, o) for p, o in zip(ids, outputs,
+                                                                          strict=True)]  # fmt: skip
     except (FileNotFoundError, ValueError, KeyError) as e:
         parser.error(str(e))
     # sacrebleu wants one list per reference position: pad prompts with fewer references.
@@ -73,7 +79,7 @@ def main() -> None:
     bleu = sacrebleu.corpus_bleu(completions, streams)
     chrf = sacrebleu.corpus_chrf(completions, streams)
     scores = {"bleu": bleu.score, "chrf": chrf.score, "n": len(prompts),
-              "model": str(loaded.source)}  # fmt: skip
+              "logprob": sum(logprobs) / len(logprobs), "model": str(loaded.source)}  # fmt: skip
     print(json.dumps(scores, indent=2))
     if args.output:
         rows = [{"prompt": p, "completion": c, "references": r}

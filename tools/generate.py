@@ -1,9 +1,16 @@
-"""Continue prompts with a trained model: greedy, sampled, or beam search, KV-cached.
+"""Continue prompts with a trained model: greedy, sampled, beam search or Monte Carlo tree
+search, KV-cached.
 
     python tools/generate.py RUN_OR_CKPT_OR_HF_DIR --prompt "def main(" --max-new-tokens 64
     python tools/generate.py runs/demo --prompt "import " --num-beams 4 --length-penalty 0.8
     python tools/generate.py out/hf --prompt "x = " --temperature 0.8 --top-k 50 --top-p 0.95
     python tools/generate.py runs/demo --prompt-file prompts.txt > completions.jsonl
+    python tools/generate.py runs/demo --prompt "def " --search mcts --simulations 64
+    python tools/generate.py runs/demo --prompt "import " --search mcts --reward chrf \
+        --reference "os"
+
+--search mcts maximises the continuation's length-normalised log-probability, or with
+--reward chrf its chrF against --reference (eval/mcts.py).
 
 With --prompt, stdout holds the completion alone (the prompt is not repeated). With
 --prompt-file (one prompt per line, or a .jsonl of {"prompt": ...}), each completion is a
@@ -20,6 +27,7 @@ from pathlib import Path
 
 from pretrain.eval.generate import add_arguments, config_from_args, generate
 from pretrain.eval.load import load_model, pick_device
+from pretrain.eval.mcts import ChrfReward
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -38,8 +46,13 @@ def main() -> None:
     source.add_argument("--prompt", help="the text to continue")
     source.add_argument("--prompt-file", type=Path, help="one prompt per line, or .jsonl")
     add_arguments(parser)
+    parser.add_argument("--reward", choices=("logprob", "chrf"), default="logprob",
+                        help="what --search mcts maximises")  # fmt: skip
+    parser.add_argument("--reference", help="--reward chrf: the text to score against")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args()
+    if args.reward == "chrf" and (args.search != "mcts" or args.reference is None):
+        parser.error("--reward chrf needs --search mcts and a --reference text")
     device = pick_device(args.device)
     try:
         loaded = load_model(args.model, device)
@@ -51,8 +64,9 @@ def main() -> None:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
     cfg = config_from_args(args, tok.token_to_id("<|eos|>"))
     ids = [tok.encode(p).ids for p in prompts]
+    reward = ChrfReward(tok.decode, args.reference) if args.reward == "chrf" else None
     try:
-        outputs = generate(loaded.model, ids, cfg)
+        outputs = generate(loaded.model, ids, cfg, reward=reward)
     except ValueError as e:
         parser.error(str(e))
     completions = [tok.decode(o) for o in outputs]

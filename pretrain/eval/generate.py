@@ -1,5 +1,6 @@
 """Text generation with a KV cache: greedy, sampling (temperature, top-k, top-p, repetition
-penalty) and beam search with a length penalty, for a batch of prompts of any lengths.
+penalty), beam search with a length penalty, and Monte Carlo tree search
+(eval/mcts.py), for a batch of prompts of any lengths.
 
 The search functions talk to a `Decoder`: `prefill(prompts)` runs the prompts once and
 `step(tokens)` feeds one token per row, each returning the next-token logits. `KVDecoder`
@@ -13,12 +14,15 @@ length_penalty`, its default early-stopping heuristic), so its output equals
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from pretrain.eval.mcts import LogProbReward, Reward, SearchConfig, TreeSearch
 
 NEG = -1.0e9  # "never": HF's beam search uses the same large negative
 
@@ -45,6 +49,17 @@ class GenerationConfig:
     """Token ids that end a row (not included in its output), e.g. the tokenizer's EOS."""
     seed: int | None = None
     """Seeds sampling; None draws from torch's global generator."""
+    search: str = "auto"
+    """auto: greedy, sampling or beam search as the options above say; mcts: Monte Carlo
+    tree search (eval/mcts.py), each prompt on its own."""
+    simulations: int = 64
+    """MCTS: simulations per prompt (each one model step plus its rollout)."""
+    c_puct: float = 1.0
+    """MCTS: how much the model's prior drives exploration against the values found."""
+    rollout_tokens: int = 0
+    """MCTS: greedy tokens each rollout adds at most (0: until the continuation ends)."""
+    mcts_width: int = 8
+    """MCTS: children per expanded node (its most likely next tokens)."""
 
     def errors(self) -> list[str]:
         errs = []
@@ -62,6 +77,20 @@ class GenerationConfig:
             errs.append(f"num_beams={self.num_beams}: must be >= 1")
         if self.num_beams > 1 and self.temperature > 0:
             errs.append("num_beams > 1 is deterministic beam search: leave temperature at 0")
+        return errs + self._search_errors()
+
+    def _search_errors(self) -> list[str]:
+        if self.search not in ("auto", "mcts"):
+            return [f"search={self.search!r}: choose auto or mcts"]
+        if self.search != "mcts":
+            return []
+        errs = [f"{k}={v}: must be >= {low}" for k, v, low in
+                [("simulations", self.simulations, 1), ("c_puct", self.c_puct, 0),
+                 ("rollout_tokens", self.rollout_tokens, 0), ("mcts_width", self.mcts_width, 1)]
+                if v < low]  # fmt: skip
+        if self.num_beams > 1 or self.temperature > 0:
+            errs.append("search=mcts is its own deterministic search: leave num_beams at 1 "
+                        "and temperature at 0")  # fmt: skip
         return errs
 
 
@@ -82,6 +111,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also stop at this token id (the end-of-text token always stops)",
     )
     parser.add_argument("--seed", type=int, default=None, help="seeds sampling")
+    parser.add_argument("--search", choices=("auto", "mcts"), default="auto",
+                        help="auto: greedy, sampling or beam search as the options say; mcts: "
+                        "Monte Carlo tree search")  # fmt: skip
+    parser.add_argument("--simulations", type=int, default=64, help="mcts: per prompt")
+    parser.add_argument("--c-puct", type=float, default=1.0, help="mcts: exploration weight")
+    parser.add_argument(
+        "--rollout-tokens",
+        type=int,
+        default=0,
+        help="mcts: greedy tokens per rollout at most (0: to the end)",
+    )
+    parser.add_argument(
+        "--mcts-width",
+        type=int,
+        default=8,
+        help="mcts: children per node (its most likely next tokens)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, eos: int | None) -> GenerationConfig:
@@ -91,6 +137,8 @@ def config_from_args(args: argparse.Namespace, eos: int | None) -> GenerationCon
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
         length_penalty=args.length_penalty,
         stop_tokens=[*([eos] if eos is not None else []), *args.stop_token_id], seed=args.seed,
+        search=args.search, simulations=args.simulations, c_puct=args.c_puct,
+        rollout_tokens=args.rollout_tokens, mcts_width=args.mcts_width,
     )  # fmt: skip
 
 
@@ -156,6 +204,15 @@ class KVDecoder:
         self.cache.reorder(rows)
         self.next_position = self.next_position.index_select(0, rows)
 
+    def snapshot(self) -> Any:
+        """A copy of the state so far (the cache of every position fed), for `restore`."""
+        return copy.deepcopy(self.cache), self.next_position.clone()
+
+    def restore(self, state: Any) -> None:
+        """Continue from a copy of `snapshot`'s `state` (which stays as it was)."""
+        cache, position = state
+        self.cache, self.next_position = copy.deepcopy(cache), position.clone()
+
 
 def penalize_repeats(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
     """scores (N, V); history (N, L) token ids already in each row (-1: none)."""
@@ -188,9 +245,10 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 def generate(
     model: CachedLM, prompts: list[list[int]], cfg: GenerationConfig,
-    decoder: Decoder | None = None,
+    decoder: Decoder | None = None, reward: Reward | None = None,
 ) -> list[list[int]]:  # fmt: skip
-    """The new tokens for each prompt (a stop token ends a row and is left out)."""
+    """The new tokens for each prompt (a stop token ends a row and is left out). `reward`:
+    what search=mcts maximises (default: the length-normalised log-probability)."""
     errs = cfg.errors()
     if errs:
         raise ValueError("invalid generation settings:\n  " + "\n  ".join(errs))
@@ -205,11 +263,39 @@ def generate(
     was_training = model.training
     model.eval()
     try:
+        if cfg.search == "mcts":
+            return [_tree_search(model, p, cfg, reward) for p in prompts]
         if cfg.num_beams > 1:
             return beam_search(prompts, cfg, decoder or KVDecoder(model, cfg.max_new_tokens))
         return sample(prompts, cfg, decoder or KVDecoder(model, cfg.max_new_tokens))
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def mean_logprob(model: CachedLM, prompt: list[int], tokens: list[int]) -> float:
+    """The mean per-token log-probability of `tokens` after `prompt` under `model`, by one
+    plain forward (0 for no tokens)."""
+    if not tokens:
+        return 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        logits = model(torch.tensor([prompt + tokens[:-1]], device=device))[0].float()
+    finally:
+        model.train(was_training)
+    logp = F.log_softmax(logits[len(prompt) - 1 :], dim=-1)
+    return float(logp[torch.arange(len(tokens)), torch.tensor(tokens)].mean())
+
+
+def _tree_search(
+    model: CachedLM, prompt: list[int], cfg: GenerationConfig, reward: Reward | None
+) -> list[int]:  # fmt: skip
+    search = SearchConfig(cfg.simulations, cfg.max_new_tokens, cfg.c_puct, cfg.rollout_tokens,
+                          cfg.mcts_width, tuple(cfg.stop_tokens))  # fmt: skip
+    scorer = reward if reward is not None else LogProbReward(cfg.length_penalty)
+    return TreeSearch(KVDecoder(model, cfg.max_new_tokens), search, scorer).run(prompt)
 
 
 def sample(prompts: list[list[int]], cfg: GenerationConfig, decoder: Decoder) -> list[list[int]]:

@@ -185,6 +185,23 @@ def test_lm_eval_harness_offline_agrees_with_eval_ppl(run_dir: Path, tmp_path: P
     assert (run_dir / "eval" / "hf-step_30" / "config.json").is_file()  # the export, kept
 
 
+def test_tree_search_from_the_cli(run_dir: Path) -> None:
+    """--search mcts prints a deterministic continuation; --reward chrf steers it to a
+    reference; chrF without a reference is refused."""
+    pytest.importorskip("sacrebleu")
+    args = [run_dir, "--prompt", PROMPT, "--max-new-tokens", 6, "--search", "mcts",
+            "--simulations", 12, "--mcts-width", 4]  # fmt: skip
+    first, again = cli(*args), cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.strip() and first.stdout == again.stdout
+    steered = cli(*args, "--reward", "chrf", "--reference", first.stdout.strip() + " x")
+    assert steered.returncode == 0, steered.stderr[-2000:]
+    bad = cli(run_dir, "--prompt", PROMPT, "--reward", "chrf")
+    assert bad.returncode == 2 and "--reward chrf needs --search mcts and a --reference" in (
+        bad.stderr
+    )
+
+
 def test_bleu_and_chrf_of_generated_continuations(run_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("sacrebleu")
     prompts = [PROMPT, "class ", "for i in "]

@@ -19,15 +19,6 @@ from pretrain.model import LlamaConfig, Transformer
 PROMPTS = [[5, 9, 2, 7, 30], [11, 3], [60, 61, 62, 1]]
 
 
-@pytest.fixture(scope="module")
-def model() -> Transformer:
-    torch.manual_seed(0)
-    # A wider init than training's keeps the logits apart, so no argmax is a near tie.
-    cfg = LlamaConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=96,
-                      max_seq_len=64, init_std=0.15)  # fmt: skip
-    return Transformer(cfg).eval()
-
-
 class NaiveDecoder:
     """The reference: every step reruns the model on each row's whole sequence, no cache."""
 

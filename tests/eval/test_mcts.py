@@ -13,7 +13,8 @@ import torch
 
 from pretrain.eval.generate import GenerationConfig, KVDecoder, generate, mean_logprob
 from pretrain.eval.mcts import ChrfReward, LogProbReward, SearchConfig, TreeSearch
-from pretrain.model import LlamaConfig, Transformer
+from pretrain.model import Transformer
+from tests.eval.test_generate import NaiveDecoder
 
 V = 6
 START, TRAP, GOOD, SURE, EOS = 0, 1, 2, 3, 5
@@ -80,37 +81,14 @@ def test_a_stop_token_ends_a_continuation_and_is_left_out() -> None:
     assert TreeSearch(BigramDecoder(table), cfg, LogProbReward()).run([START]) == [GOOD]
 
 
-@pytest.fixture(scope="module")
-def model() -> Transformer:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=96,
-                      max_seq_len=64, init_std=0.15)  # fmt: skip
-    return Transformer(cfg).eval()
-
-
-class RerunDecoder:
+class RerunDecoder(NaiveDecoder):
     """The reference: every step reruns the model on the whole sequence, no cache."""
 
-    def __init__(self, model: Transformer) -> None:
-        self.model = model
+    def snapshot(self) -> list[list[int]]:
+        return [list(r) for r in self.rows]
 
-    @torch.no_grad()
-    def _logits(self) -> torch.Tensor:
-        return self.model(torch.tensor([self.row]))[:, -1].float()
-
-    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        self.row = list(prompts[0])
-        return self._logits()
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.row.append(int(tokens[0]))
-        return self._logits()
-
-    def snapshot(self) -> list[int]:
-        return list(self.row)
-
-    def restore(self, state: list[int]) -> None:
-        self.row = list(state)
+    def restore(self, state: list[list[int]]) -> None:
+        self.rows = [list(r) for r in state]
 
 
 def test_the_kv_cached_tree_equals_rerunning_the_model(model: Transformer) -> None:

@@ -140,6 +140,7 @@ class TreeSearch:
         """The best continuation of `prompt` found in `cfg.simulations` simulations."""
         root = Node(token=-1, prior=1.0, logprob=0.0, parent=None, depth=0)
         root.logits = self.decoder.prefill([prompt])[0]
+        self.device = root.logits.device
         root.state = self.decoder.snapshot()
         self._add_children(root)
         for _ in range(self.cfg.simulations):
@@ -157,7 +158,7 @@ class TreeSearch:
         """One model step from the parent's state: this node's logits, state and children."""
         assert node.parent is not None and node.parent.state is not None
         self.decoder.restore(node.parent.state)
-        node.logits = self.decoder.step(torch.tensor([node.token], device=_device(node)))[0]
+        node.logits = self.decoder.step(torch.tensor([node.token], device=self.device))[0]
         node.state = self.decoder.snapshot()
         self._add_children(node)
 
@@ -207,7 +208,7 @@ class TreeSearch:
                 break
             if i == 0:
                 self.decoder.restore(node.state)
-            logits = self.decoder.step(torch.tensor([token], device=logits.device))[0]
+            logits = self.decoder.step(torch.tensor([token], device=self.device))[0]
         return tokens, logprobs, len(tokens) == left
 
     @staticmethod
@@ -229,10 +230,3 @@ class TreeSearch:
         if not node.terminal:
             tokens += self._rollout(node, 0)[0]
         return [t for t in tokens if t not in self.cfg.stop_tokens]
-
-
-def _device(node: Node) -> torch.device:
-    while node.logits is None:
-        assert node.parent is not None
-        node = node.parent
-    return node.logits.device

@@ -147,6 +147,14 @@ def _one_shard_trained(cwd: Path, out: str) -> None:
     assert (cwd / "runs/docs/checkpoints/step_100/COMMITTED.json").is_file()
 
 
+def _sft_demo_trained(cwd: Path, out: str) -> None:
+    records = [r for r in _metrics(cwd / "runs" / "sft_demo") if "loss" in r]
+    assert records[-1]["step"] == 300 and records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert records[-1]["data_loss_tokens"] > 0 and records[-1]["data_ignored_tokens"] > 0
+    config = json.loads((cwd / "runs/sft_demo/hf/tokenizer_config.json").read_text())
+    assert "<|im_start|>" in config["chat_template"]
+
+
 CHECKS: dict[str, Callable[[Path, str], None]] = {
     "python3 -m venv .venv && .venv/bin/pip install -c": _demo_trained,
     "python tools/export_hf.py runs/demo hf/demo": lambda cwd, out: (
@@ -157,7 +165,14 @@ CHECKS: dict[str, Callable[[Path, str], None]] = {
         json.loads((cwd / "hf/demo_moe/config.json").read_text())["architectures"]
         == ["Qwen3MoeForCausalLM"]
     ),
-    'python -c "import transformers': lambda cwd, out: out.strip().startswith("def"),
+    'python -c "import transformers as t; m =': lambda cwd, out: out.strip().startswith("def"),
+    "pretrain experiment=sft_demo": _sft_demo_trained,
+    "python tools/generate.py runs/sft_demo/hf --chat": lambda cwd, out: out.startswith(
+        "from "
+    ),  # the form the demo conversations teach: from json import dumps
+    'python -c "import transformers as t; tok =': lambda cwd, out: (
+        out.strip() == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant"
+    ),
     "python tools/plot_metrics.py": lambda cwd, out: (cwd / "curves.png").stat().st_size > 0,
     "python tools/generate.py runs/demo --prompt-file": lambda cwd, out: (
         len((cwd / "completions.jsonl").read_text().splitlines()) == 3

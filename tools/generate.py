@@ -8,6 +8,11 @@ search, KV-cached.
     python tools/generate.py runs/demo --prompt "def " --search mcts --simulations 64
     python tools/generate.py runs/demo --prompt "import " --search mcts --reward chrf \
         --reference "os"
+    python tools/generate.py runs/sft_demo/hf --chat --prompt "How do I import dumps?"
+
+--chat: each prompt is a user's message, rendered with the model's chat template (a
+fine-tuned model's: data=sft) and --system's message before it; the reply ends at the end
+of the assistant's turn.
 
 --search mcts maximises the continuation's length-normalised log-probability, or with
 --reward chrf its chrF against --reference (eval/mcts.py).
@@ -23,8 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from pretrain.data.chat import ChatRenderer, stop_token_ids
 from pretrain.eval.generate import add_arguments, config_from_args, generate
 from pretrain.eval.load import load_model, pick_device
 from pretrain.eval.mcts import ChrfReward
@@ -49,6 +56,10 @@ def main() -> None:
     parser.add_argument("--reward", choices=("logprob", "chrf"), default="logprob",
                         help="what --search mcts maximises")  # fmt: skip
     parser.add_argument("--reference", help="--reward chrf: the text to score against")
+    parser.add_argument("--chat", action="store_true",
+                        help="prompts are user messages, rendered with the model's chat "
+                             "template")  # fmt: skip
+    parser.add_argument("--system", help="--chat: a system message before each prompt")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args()
     if args.reward == "chrf" and (args.search != "mcts" or args.reference is None):
@@ -63,7 +74,16 @@ def main() -> None:
         parser.error(f"{loaded.source} has no tokenizer.json: export from a run with one")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
     cfg = config_from_args(args, tok.token_to_id("<|eos|>"))
-    ids = [tok.encode(p).ids for p in prompts]
+    if args.chat:
+        if loaded.chat_template is None:
+            parser.error(f"--chat: {loaded.source} has no chat template (fine-tune with "
+                         "data=sft, whose checkpoints and exports carry theirs)")  # fmt: skip
+        renderer = ChatRenderer(tok, loaded.chat_template)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        ids = [renderer.prompt_ids([*system, {"role": "user", "content": p}]) for p in prompts]
+        cfg = replace(cfg, stop_tokens=[*cfg.stop_tokens, *stop_token_ids(tok)])
+    else:
+        ids = [tok.encode(p).ids for p in prompts]
     reward = ChrfReward(tok.decode, args.reference) if args.reward == "chrf" else None
     try:
         outputs = generate(loaded.model, ids, cfg, reward=reward)

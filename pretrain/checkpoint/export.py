@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from pretrain.checkpoint import manager
+from pretrain.data.chat import CHAT_TEMPLATE_FILE, stop_token_ids
 from pretrain.model.family import HFAdapter, family_of, model_fields
 
 log = logging.getLogger("pretrain")
@@ -114,7 +115,9 @@ def export_hf(
     tokenizer = _checkpoint_tokenizer(ckpt)
     if tokenizer is None:
         log.warning("%s carries no tokenizer (synthetic data?): exporting the model only", ckpt)
-    write_hf(consolidated_state_dict(ckpt), model, out, dtype, tokenizer, max_shard_size)
+    template = ckpt / CHAT_TEMPLATE_FILE  # a fine-tuning run's (data=sft)
+    chat = template.read_text(encoding="utf-8") if template.is_file() else None
+    write_hf(consolidated_state_dict(ckpt), model, out, dtype, tokenizer, max_shard_size, chat)
     log.info("exported %s -> %s (%s)", ckpt, out, dtype)
     return out
 
@@ -126,8 +129,11 @@ def write_hf(
     dtype: str = "float32",
     tokenizer: Any | None = None,
     max_shard_size: str = "5GB",
+    chat_template: str | None = None,
 ) -> None:
-    """Write our model's full `state` (our names) and section `model` as a HF dir `out`.
+    """Write our model's full `state` (our names) and section `model` as a HF dir `out`,
+    with `tokenizer` and its `chat_template` (`tokenizer.apply_chat_template`; generation
+    then also stops at the end of a turn).
 
     Written aside and renamed into place, so `out` is complete or absent.
     """
@@ -152,19 +158,25 @@ def write_hf(
     _write_json(tmp / "config.json", config)
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                   if k in config}  # fmt: skip
+    if chat_template is not None and tokenizer is not None:
+        generation["eos_token_id"] = stop_token_ids(tokenizer)
     _write_json(tmp / "generation_config.json", {**generation, "_from_model_config": True})
     if tokenizer is not None:
-        write_tokenizer(tokenizer, tmp, model_max_length=int(model.get("max_seq_len", 2048)))
+        write_tokenizer(tokenizer, tmp, int(model.get("max_seq_len", 2048)), chat_template)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
 
 
-def write_tokenizer(tokenizer: Any, out: Path, model_max_length: int) -> None:
-    """The tokenizer as transformers' `PreTrainedTokenizerFast` files."""
+def write_tokenizer(
+    tokenizer: Any, out: Path, model_max_length: int, chat_template: str | None = None
+) -> None:
+    """The tokenizer as transformers' `PreTrainedTokenizerFast` files (with the chat
+    template in tokenizer_config.json, where every transformers version reads it)."""
     tokenizer.save(str(out / TOKENIZER_FILE))
     specials = {k: v for k, v in SPECIALS.items() if tokenizer.token_to_id(v) is not None}
     _write_json(out / "special_tokens_map.json", specials)
+    chat = {} if chat_template is None else {"chat_template": chat_template}
     _write_json(
         out / "tokenizer_config.json",
         {
@@ -174,6 +186,7 @@ def write_tokenizer(tokenizer: Any, out: Path, model_max_length: int) -> None:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             **specials,
+            **chat,
         },
     )
 

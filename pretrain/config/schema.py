@@ -133,6 +133,37 @@ class DemoDataSchema:
 
 
 @dataclass
+class SftDataSchema:
+    """data=sft: conversations for supervised fine-tuning, the loss on the assistant's
+    tokens only (see data/sft.py)."""
+
+    _target_: str = "pretrain.data.sft.sft_source"
+    path: str = MISSING
+    """A .jsonl(.gz/.zst) or .parquet file of conversations, a directory of them, or `demo`
+    (the set pretrain/data/chat_demo.py makes from the standard library)."""
+    tokenizer: str | None = None
+    """A tokenizer.json, a directory holding one, or bytes; default: model.init_from's."""
+    chat_template: str | None = None
+    """A Jinja chat template file; default: the tokenizer directory's own, else ChatML
+    (data/chat.py), whose two special tokens are added to the tokenizer."""
+    val_fraction: float = 0.05
+    """The share of conversations held out (by a hash of their content) as the val split."""
+    val_path: str | None = None
+    """Held-out conversations of their own instead (all of data.path then trains)."""
+    pack: bool | None = None
+    """Several conversations per window, each a document of its own; null: when the model
+    keeps documents apart (model.document_mask or document_positions=reset)."""
+    cache_dir: str = "${oc.env:PRETRAIN_DATA_DIR,'~/.cache/pretrain'}/sft"
+    """Where a tokenizer extended by the template's tokens, and the demo set, are written."""
+    on_bad_record: str = "error"
+    """A record that is not a conversation: error (naming it) | skip (counted)."""
+    allow_tokenizer_change: bool = False
+    """Resume a checkpoint on conversations tokenized otherwise (warned about)."""
+    assistant_only: bool = True
+    """The loss on the assistant's tokens only; false: on every token but the padding."""
+
+
+@dataclass
 class OptimConfig:
     """AdamW with warmup + cosine decay to a floor."""
 
@@ -389,3 +420,4 @@ def register() -> None:
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataSchema)
     cs.store(group="data", name="shards_schema", node=ShardsDataSchema)
     cs.store(group="data", name="demo_schema", node=DemoDataSchema)
+    cs.store(group="data", name="sft_schema", node=SftDataSchema)

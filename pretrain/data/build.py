@@ -16,17 +16,19 @@ from pretrain import dist
 from pretrain.config import RunConfig
 from pretrain.data.source import DataContext, DataSource
 from pretrain.data.stream import DataError, shards_source
+from pretrain.model.documents import keeps_documents_apart
 
 
 def data_context(run: RunConfig, split: str = "train") -> DataContext:
     """What this rank's data source is built for."""
-    t = run.trainer
+    t, model = run.trainer, run.as_dict["model"]
     return DataContext(run.vocab_size, t.seq_len, t.micro_batch_size, run.grad_accum, t.seed,
-                       dist.data_rank(), dist.data_size(), split)  # fmt: skip
+                       dist.data_rank(), dist.data_size(), split, keeps_documents_apart(model),
+                       model.get("init_from"))  # fmt: skip
 
 
 def build_data(run: RunConfig) -> DataSource:
-    """This rank's stream of (micro_batch_size, seq_len + 1) token batches."""
+    """This rank's stream of micro-batches (data/source.py `Batch`)."""
     return _instantiate_data(run, data_context(run))
 
 

@@ -7,7 +7,13 @@ fields are the group's own keys. Today's families:
 
 - data=synthetic: `pretrain.data.synthetic.synthetic_source` (no I/O, exact on any layout);
 - data=shards: `pretrain.data.stream.shards_source` (webdataset token shards);
-- data=demo: `pretrain.data.corpus.demo_source` (the embedded stdlib corpus, as shards).
+- data=demo: `pretrain.data.corpus.demo_source` (the embedded stdlib corpus, as shards);
+- data=sft: `pretrain.data.sft.sft_source` (conversations, loss on the assistant's tokens).
+
+A micro-batch is a `Batch`: the tokens, and, where the source knows more than the tokens
+say, the targets that count (`labels`) and the document each position belongs to
+(`documents`). A source of plain token windows may yield the (B, T + 1) tensor alone;
+`as_batch` makes it a Batch.
 
 Adding one: write the builder and a schema dataclass with its `_target_`, store it as a
 group entry, and implement every member of `DataSource`.
@@ -42,6 +48,12 @@ class DataContext:
     """How many data-parallel ranks share the data (`pretrain.dist.data_size()`)."""
     split: str = "train"
     """train, or val: the held-out split."""
+    documents: bool = False
+    """The model keeps packed documents apart (model.document_mask or positions reset): a
+    source that knows its documents may pack several into one window (`Batch.documents`)."""
+    init_from: str | None = None
+    """The pretrained model directory the run starts from (model.init_from), whose tokenizer
+    a fine-tuning source reads by default."""
 
     def alone(self, split: str) -> DataContext:
         """This context as the one rank of one, one micro-batch per step, reading `split`:
@@ -49,10 +61,45 @@ class DataContext:
         return replace(self, data_rank=0, data_size=1, grad_accum=1, split=split)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch: `tokens` (B, T + 1), inputs [:, :-1] and targets [:, 1:], with what a
+    source knows beyond the tokens."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor | None = None
+    """(B, T) the targets, IGNORE_INDEX (-100) where a position predicts nothing (a prompt,
+    padding); None: every target counts (tokens[:, 1:])."""
+    documents: torch.Tensor | None = None
+    """(B, T) int32, the document each input position belongs to (ids rising along a row):
+    conversations packed into one window; None: the model finds documents by their EOS
+    (`DataSource.eos_id`) if it keeps them apart."""
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.tokens[:, :-1]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.tokens[:, 1:] if self.labels is None else self.labels
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return Batch(move(self.tokens), move(self.labels), move(self.documents))
+
+
+def as_batch(batch: torch.Tensor | Batch) -> Batch:
+    """A source's micro-batch as a `Batch` (a plain (B, T + 1) tensor: tokens alone)."""
+    return batch if isinstance(batch, Batch) else Batch(batch)
+
+
 @runtime_checkable
 class DataSource(Protocol):
-    """This rank's endless (or `data.epochs`-long) stream of micro-batches, LongTensor
-    (micro_batch_size, seq_len + 1), with its position for exact resume."""
+    """This rank's endless (or `data.epochs`-long) stream of micro-batches, each a `Batch`
+    or a LongTensor (micro_batch_size, seq_len + 1) of tokens alone, with its position for
+    exact resume."""
 
     tokenizer: str | None
     """The tokenizer file (or `bytes`) the tokens were made with; None when unknown (no
@@ -64,11 +111,17 @@ class DataSource(Protocol):
     eos_id: int | None
     """The token id that ends each document in the stream (models that keep packed
     documents apart need it: model.document_mask); None when the stream has no documents
-    or their end is unknown."""
+    or their end is unknown, or when each batch carries its documents (`Batch.documents`)."""
+    batch_documents: bool
+    """Each batch says which document each position belongs to (`Batch.documents`): a model
+    that keeps documents apart needs no `eos_id`."""
+    chat_template: str | None
+    """The Jinja chat template the source rendered its conversations with (data=sft): kept
+    in checkpoints and exports, so the model is prompted as it was trained; None for text."""
 
-    def __iter__(self) -> Iterator[torch.Tensor]: ...
+    def __iter__(self) -> Iterator[torch.Tensor | Batch]: ...
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> torch.Tensor | Batch:
         """The next micro-batch; StopIteration when a finite stream ends."""
         ...
 

@@ -12,6 +12,7 @@ import torch
 from pretrain.checkpoint import manager, reshard
 from pretrain.checkpoint.reshard import Route
 from pretrain.config.schema import OptimConfig
+from pretrain.data.source import Batch
 from pretrain.engine.deepspeed import UpdateGate, clip_gradients
 from pretrain.engine.expert_groups import ExpertCheckpoint
 from pretrain.engine.optim import keep_kernel_after_load
@@ -67,13 +68,16 @@ class DeepSpeedTrainModule:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """The loss to differentiate on this rank (a sequence group's ranks: each its share
         of the group's mean), and what it is multiplied by to log it (the group size: the
         mean over all ranks of share x size is the mean over the groups' losses)."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+        inputs, targets = batch.inputs, batch.targets
         docs = self.documents
-        extra = {} if docs is None else {"documents": document_ids(inputs, docs.eos)}
+        extra = {}
+        if docs is not None:  # the batch's own documents, else those its EOS tokens end
+            ids = batch.documents
+            extra["documents"] = document_ids(inputs, docs.eos) if ids is None else ids
         s = self.sequence
         if s is None:
             return self.engine(inputs, targets, **extra), 1
@@ -85,7 +89,7 @@ class DeepSpeedTrainModule:
         mean = self.engine(s.slice(inputs), local, positions=positions, **extra)
         return s.share(mean, targets, local), s.size
 
-    def forward_backward(self, batch: torch.Tensor, last: bool) -> torch.Tensor:
+    def forward_backward(self, batch: Batch, last: bool) -> torch.Tensor:
         loss, scale = self._loss(batch)
         self.engine.backward(loss * self._grad_factor if self._grad_factor != 1 else loss)
         if not last:
@@ -106,7 +110,7 @@ class DeepSpeedTrainModule:
         return norm
 
     @torch.no_grad()
-    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
+    def eval_loss(self, batch: Batch) -> torch.Tensor:
         self.engine.eval()
         try:
             loss, scale = self._loss(batch)

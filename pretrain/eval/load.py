@@ -20,6 +20,7 @@ from pretrain.checkpoint.export import (
     find_checkpoint,
     load_hf_weights,
 )
+from pretrain.data.chat import own_template
 from pretrain.model.family import family_of, family_of_hf, model_fields
 
 
@@ -32,6 +33,8 @@ class Loaded:
     """A `tokenizers.Tokenizer`, or None when the source carries none."""
     source: Path
     """The checkpoint or HF directory the weights came from."""
+    chat_template: str | None = None
+    """The chat template a fine-tuned model was trained with (data=sft), or None."""
 
 
 def pick_device(device: str = "auto") -> str:
@@ -73,7 +76,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(source / TOKENIZER_FILE))
-    return Loaded(model.to(device=device, dtype=dtype).eval(), tokenizer, source)
+    return Loaded(model.to(device=device, dtype=dtype).eval(), tokenizer, source,
+                  own_template(source))  # fmt: skip
 
 
 def _build(section: dict[str, Any]) -> torch.nn.Module:

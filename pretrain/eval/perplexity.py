@@ -19,25 +19,26 @@ from tokenizers import Tokenizer
 
 from pretrain.config import RunConfig
 from pretrain.data.build import build_named_val_data, build_val_data
-from pretrain.data.source import DataSource
+from pretrain.data.source import Batch, DataSource, as_batch
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.data.tokenizer import token_byte_lengths
 from pretrain.model.loss import IGNORE_INDEX
 from pretrain.train.module import TrainModule
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
-"""A (B, T + 1) token batch -> the mean next-token loss of its targets [:, 1:], scored in
-eval mode (no dropout): `model_loss(model)`, or a TrainModule's `eval_loss`."""
+LossFn = Callable[[Batch], torch.Tensor]
+"""A micro-batch -> the mean next-token loss of the targets that count, scored in eval mode
+(no dropout): `model_loss(model)`, or a TrainModule's `eval_loss`."""
 
 
 def model_loss(model: torch.nn.Module) -> LossFn:
-    """`model`'s own training loss, `model(tokens, targets)`, in eval mode for each batch."""
+    """`model`'s own training loss, `model(inputs, targets)`, in eval mode for each batch (its
+    documents unseen: the model scores the window as one text)."""
 
-    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+    def loss_of(batch: Batch) -> torch.Tensor:
         was_training = model.training
         model.eval()
         try:
-            return model(batch[:, :-1], batch[:, 1:])
+            return model(batch.inputs, batch.targets)
         finally:
             model.train(was_training)
 
@@ -46,10 +47,11 @@ def model_loss(model: torch.nn.Module) -> LossFn:
 
 @torch.no_grad()
 def evaluate(
-    loss_of: LossFn, batches: Iterator[torch.Tensor], n_batches: int | None,
+    loss_of: LossFn, batches: Iterator[torch.Tensor | Batch], n_batches: int | None,
     device: torch.device, byte_lengths: torch.Tensor | None = None, prefix: str = "val",
 ) -> dict[str, float]:  # fmt: skip
-    """Mean next-token loss over `n_batches` of (B, T + 1) token batches on every rank (None:
+    """Mean next-token loss over `n_batches` micro-batches on every rank, weighted by the
+    targets that count in each (a fine-tuning batch ignores its prompts) (None:
     until `batches` ends; only with one rank, since ranks must run the same count).
 
     Scored by the training loss itself (`loss_of`: a DeepSpeed engine's gathers ZeRO-3
@@ -66,13 +68,14 @@ def evaluate(
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):
         for batch in itertools.islice(batches, n_batches):
-            batch = batch.to(device, non_blocking=True)  # (B, T + 1)
-            targets = batch[:, 1:]
-            mean = loss_of(batch)  # every target counts: no IGNORE_INDEX
-            totals[0] += mean.double() * targets.numel()
-            totals[1] += targets.numel()
+            batch = as_batch(batch).to(device, non_blocking=True)
+            targets = batch.targets
+            counted = targets != IGNORE_INDEX
+            mean = loss_of(batch)  # over the counted targets
+            totals[0] += mean.double() * counted.sum()
+            totals[1] += counted.sum()
             if byte_lengths is not None:
-                totals[2] += byte_lengths[targets].sum().double()
+                totals[2] += byte_lengths[targets[counted]].sum().double()
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(totals)
     nats, tokens, n_bytes = totals.tolist()
@@ -134,7 +137,7 @@ class Evaluator:
     rank, scored by `evaluate`."""
 
     def __init__(
-        self, loss_of: LossFn, sets: dict[str, Callable[[], Iterator[torch.Tensor]]],
+        self, loss_of: LossFn, sets: dict[str, Callable[[], Iterator[torch.Tensor | Batch]]],
         n_batches: int, device: torch.device, byte_lengths: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
         self.loss_of, self.sets = loss_of, sets

@@ -22,10 +22,17 @@ POSITION_MODES = ("continue", "reset")
 class DocumentSplit:
     """How the training loop tells a model where packed documents begin and end."""
 
-    eos: int
-    """The token id that ends a document (the data's tokenizer's EOS)."""
+    eos: int | None
+    """The token id that ends a document (the data's tokenizer's EOS); None when every batch
+    says where its documents are (`data.source.Batch.documents`: packed conversations)."""
     reset: bool
     """Positions restart at each document (model.document_positions=reset)."""
+
+
+def keeps_documents_apart(model: dict) -> bool:
+    """Whether a model config section keeps packed documents apart (model.document_mask, or
+    positions that restart per document)."""
+    return bool(model.get("document_mask")) or model.get("document_positions") == "reset"
 
 
 def document_ids(tokens: torch.Tensor, eos: int) -> torch.Tensor:

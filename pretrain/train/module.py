@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from pretrain.checkpoint.reshard import Route
+from pretrain.data.source import Batch
 
 
 class TrainModule(Protocol):
@@ -29,9 +30,9 @@ class TrainModule(Protocol):
         """The learning rate the next optimizer step uses."""
         ...
 
-    def forward_backward(self, batch: torch.Tensor, last: bool) -> torch.Tensor:
-        """Forward and backward of micro-batch `batch` (B, T + 1: inputs are [:, :-1],
-        targets [:, 1:]), gradients accumulating; `last` is the step's final micro-batch,
+    def forward_backward(self, batch: Batch, last: bool) -> torch.Tensor:
+        """Forward and backward of micro-batch `batch` (its inputs, its targets: the mean loss
+        over those that count), gradients accumulating; `last` is the step's final micro-batch,
         after which `optimizer_step` comes. Returns the loss as a detached fp32 scalar on
         `device`, not synchronised (reading it would stall the device)."""
         ...
@@ -43,8 +44,8 @@ class TrainModule(Protocol):
         none is known)."""
         ...
 
-    def eval_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """The mean loss of micro-batch `batch` (B, T + 1) as training computes it, in eval
+    def eval_loss(self, batch: Batch) -> torch.Tensor:
+        """The mean loss of micro-batch `batch` as training computes it, in eval
         mode (no dropout) and without gradients; every rank must call it equally often
         (sharded weights are gathered collectively)."""
         ...

@@ -25,13 +25,14 @@ from pretrain.checkpoint.export import (
 from pretrain.checkpoint.resume import ResumePlan, plan_resume
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data.build import build_data, check_val_data
+from pretrain.data.chat import CHAT_TEMPLATE_FILE
 from pretrain.data.source import DataSource
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.engine.deepspeed import build_engine, build_model, sequence_shard, trainer_clip
 from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import schedule_warnings
 from pretrain.eval.perplexity import build_evaluator
-from pretrain.model.documents import DocumentSplit
+from pretrain.model.documents import DocumentSplit, keeps_documents_apart
 from pretrain.model.expert_parallel import ExpertShard
 from pretrain.model.family import family_of, model_fields
 from pretrain.train.callbacks import (
@@ -111,10 +112,10 @@ def document_split(run: RunConfig, data: DataSource) -> DocumentSplit | None:
     (model.document_mask, model.document_positions=reset); None when it does not. A
     ConfigError when the data does not say (data=synthetic has no documents)."""
     model = run.as_dict["model"]
-    reset = model.get("document_positions") == "reset"
-    if not (model.get("document_mask") or reset):
+    if not keeps_documents_apart(model):
         return None
-    if data.eos_id is None:
+    reset = model.get("document_positions") == "reset"
+    if data.eos_id is None and not data.batch_documents:
         raise ConfigError([
             "model.document_mask / model.document_positions=reset need data that says which "
             "token ends a document (data=shards from tools/prepare_data.py, or data=demo); "
@@ -122,7 +123,7 @@ def document_split(run: RunConfig, data: DataSource) -> DocumentSplit | None:
             "data.tokenizer): set model.document_mask=false and "
             "model.document_positions=continue"
         ])  # fmt: skip
-    return DocumentSplit(data.eos_id, reset)
+    return DocumentSplit(None if data.batch_documents else data.eos_id, reset)
 
 
 def build_callbacks(
@@ -225,6 +226,8 @@ def _saver(
     data position, the trainer state and config, the tokenizer."""
     tokenizer = data.tokenizer  # travels with each checkpoint, for export
     files = {TOKENIZER_FILE: load_tokenizer(tokenizer).to_str()} if tokenizer else {}
+    if data.chat_template is not None:  # so is the chat template, for export and generation
+        files[CHAT_TEMPLATE_FILE] = data.chat_template
 
     def save(s: TrainState) -> Path:
         client_state = {

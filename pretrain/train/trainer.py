@@ -22,7 +22,7 @@ import torch
 import torch.distributed as tdist
 
 from pretrain.config.schema import TrainerConfig
-from pretrain.data.source import DataSource
+from pretrain.data.source import Batch, DataSource, as_batch
 from pretrain.data.stream import DataError
 from pretrain.train.callbacks import Callback
 from pretrain.train.module import TrainModule
@@ -183,7 +183,7 @@ class Trainer:
         for i in range(self.grad_accum):
             t0 = time.perf_counter()
             self.phase("data")
-            batch = self._next_batch().to(self.module.device, non_blocking=True)  # (B, T + 1)
+            batch = self._next_batch().to(self.module.device, non_blocking=True)
             data_wait += time.perf_counter() - t0
             self.phase("compute")
             losses.append(self.module.forward_backward(batch, last=i == self.grad_accum - 1))
@@ -194,10 +194,10 @@ class Trainer:
         agreed.data_wait_s = data_wait
         return agreed
 
-    def _next_batch(self) -> torch.Tensor:
+    def _next_batch(self) -> Batch:
         """The next micro-batch; a stream that ends before the last step is a DataError."""
         try:
-            return next(self.data)
+            return as_batch(next(self.data))
         except StopIteration:
             raise DataError(
                 f"the data ran out during step {self.state.step + 1} of trainer.max_steps="

@@ -44,7 +44,7 @@ class FakeModule:
         return self.rate
 
     def forward_backward(self, batch: torch.Tensor, last: bool) -> torch.Tensor:
-        assert batch.shape == (2, 9)
+        assert batch.tokens.shape == (2, 9)
         self.calls.append(("fb", last))
         return torch.tensor(next(self.losses))
 

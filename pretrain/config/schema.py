@@ -124,8 +124,9 @@ class DemoDataSchema:
     _target_: str = "pretrain.data.corpus.demo_source"
     cache_dir: str = "${oc.env:PRETRAIN_DATA_DIR,'~/.cache/pretrain'}/demo"
     """Where the demo tokenizer and shards are cached (PRETRAIN_DATA_DIR moves it)."""
-    tokenizer_vocab_size: int = 512
-    """Size of the BPE trained on the corpus; model.vocab_size must be at least this."""
+    tokenizer_vocab_size: int = 510
+    """Size of the BPE trained on the corpus; model.vocab_size must be at least this. 510:
+    model=tiny's 512 rows hold it and the two tokens a chat template adds (sft_demo)."""
     max_bytes: int = 4_000_000
     """How much source text to take (sorted by path): ~2M tokens."""
     num_workers: int = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -15,6 +16,7 @@ __all__ = [
     "compose",
     "conf_dir",
     "deepspeed_config",
+    "from_saved",
     "register",
     "resolve",
 ]
@@ -48,6 +50,27 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
             return hydra_compose("config", overrides=list(overrides or []))
         except HydraException as e:
             raise ConfigError([_composition_error(e)]) from e
+
+
+def from_saved(saved: dict[str, Any], overrides: list[str]) -> DictConfig:
+    """The config of a saved run (a checkpoint's `config`), typed as `compose` gives it: its
+    model and data sections over the presets of the same families (by `_target_`), every
+    other section over the defaults, then `overrides` (key=value)."""
+    from omegaconf import OmegaConf
+
+    groups = [f"{group}={_preset(group, saved[group]['_target_'])}" for group in ("model", "data")]
+    cfg = compose(groups)
+    sections = {k: v for k, v in saved.items() if k != "derived"}
+    return OmegaConf.merge(cfg, sections, OmegaConf.from_dotlist(overrides))
+
+
+def _preset(group: str, target: str) -> str:
+    """A preset of config group `group` whose `_target_` is `target`."""
+    for path in sorted(Path(conf_dir(), group).glob("*.yaml")):
+        if compose([f"{group}={path.stem}"])[group].get("_target_") == target:
+            return path.stem
+    raise ConfigError([f"no {group} preset builds {target}: this checkpoint's {group} family "
+                       "is not in this version's conf/"])  # fmt: skip
 
 
 def _composition_error(e: Exception) -> str:

@@ -244,6 +244,9 @@ def _check_model(
             f"model.init_from={init_from}: no config.json there; give a Hugging Face "
             f"{' or '.join(family.hf.model_types)} directory (tools/export_hf.py writes one)"
         )
+    if model.get("keep_zeros") and ds.zero_stage == 3:
+        errors.append("model.keep_zeros masks the gradients of whole weights, which ZeRO-3 "
+                      "partitions: use deepspeed=zero0, zero1 or zero2")  # fmt: skip
     _check_compiled_block(family.target, family.block, trainer, ds, errors)
     max_seq_len = model.get("max_seq_len")
     if max_seq_len is not None and trainer.seq_len > max_seq_len:

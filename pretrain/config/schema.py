@@ -27,6 +27,10 @@ class LlamaModelSchema(LlamaConfig):
     """A Hugging Face Llama directory (config.json + *.safetensors) to start from instead of
     random weights (continued pretraining); its shape must equal this model's. Ignored when
     resuming from a checkpoint of this run."""
+    keep_zeros: bool = False
+    """The linear layers' weights that are zero when training starts (a pruned model's,
+    model.init_from) get no gradient, so they stay zero (tools/prune.py --finetune-steps;
+    ZeRO 0-2)."""
 
 
 @dataclass
@@ -38,6 +42,10 @@ class MoEModelSchema(MoEConfig):
     init_from: str | None = None
     """A Hugging Face Qwen3-MoE, OLMoE or Mixtral directory to start from (its shape must
     equal this model's, model.qk_norm choosing the family: model/moe_hf.py)."""
+    keep_zeros: bool = False
+    """The linear layers' weights that are zero when training starts (a pruned model's,
+    model.init_from) get no gradient, so they stay zero (tools/prune.py --finetune-steps;
+    ZeRO 0-2)."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,11 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
         config = json.loads((path / "config.json").read_text())
         fields = family_of_hf(config).hf.fields_from_hf(config)
         model = _build(fields)
-        load_hf_weights(model, path, fields)
+        if "quantization_config" in config:  # tools/quantize.py's
+            with tempfile.TemporaryDirectory() as scratch:
+                load_hf_weights(model, dequantized(path, Path(scratch)), fields)
+        else:
+            load_hf_weights(model, path, fields)
         source = path
     else:
         source = find_checkpoint(path)
@@ -78,6 +83,30 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
         tokenizer = Tokenizer.from_file(str(source / TOKENIZER_FILE))
     return Loaded(model.to(device=device, dtype=dtype).eval(), tokenizer, source,
                   own_template(source))  # fmt: skip
+
+
+def dequantized(hf_dir: Path, scratch: Path) -> Path:
+    """A quantised directory (torchao, through transformers) as plain weights under
+    `scratch`: each quantised weight dequantised, so our model computes with the values the
+    quantised one multiplies by."""
+    try:
+        from torchao.utils import TorchAOBaseTensor
+    except ImportError as e:
+        raise ValueError(
+            f"{hf_dir} is quantised with torchao, which is not installed ({e}): "
+            "pip install -e '.[quant]'"
+        ) from None
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    state = {name: (t.dequantize() if isinstance(t, TorchAOBaseTensor) else t).contiguous()
+             for name, t in hf.state_dict().items()}  # fmt: skip
+    save_file(state, scratch / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.pop("quantization_config")
+    (scratch / "config.json").write_text(json.dumps(config))
+    return scratch
 
 
 def _build(section: dict[str, Any]) -> torch.nn.Module:

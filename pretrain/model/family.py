@@ -253,5 +253,6 @@ def family_of_hf(config: Mapping[str, Any]) -> ModelFamily:
 
 
 def model_fields(section: Mapping[str, Any]) -> dict[str, Any]:
-    """A section's model fields: without `_target_` and `init_from` (not the model's)."""
-    return {k: v for k, v in section.items() if k not in ("_target_", "init_from")}
+    """A section's model fields: without `_target_`, `init_from` and `keep_zeros` (how a run
+    starts and trains it, not the model's)."""
+    return {k: v for k, v in section.items() if k not in ("_target_", "init_from", "keep_zeros")}

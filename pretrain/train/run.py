@@ -23,6 +23,7 @@ from pretrain.checkpoint.export import (
     load_hf_weights,
 )
 from pretrain.checkpoint.resume import ResumePlan, plan_resume
+from pretrain.compress.prune import keep_zeros
 from pretrain.config import ConfigError, RunConfig
 from pretrain.data.build import build_data, check_val_data
 from pretrain.data.chat import CHAT_TEMPLATE_FILE
@@ -93,6 +94,8 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
                                   documents, lambda: family.step_metrics(model),
                                   lambda stepped: family.after_step(model, stepped))  # fmt: skip
     state, wandb_run_id = restore(run, module, data, resume)
+    if run.model.get("keep_zeros"):  # the weights are final: init_from's, or the checkpoint's
+        log.info("model.keep_zeros: %s pruned weights held at zero", f"{keep_zeros(model):,}")
     loggers = _start_logging(run, state, resume.path is not None, wandb_run_id)
     peak, peak_source = resolve_peak(run.logger.peak_tflops, engine.device, run.precision)
     throughput = Throughput(run.tokens_per_step, run.world_size, model_flops_per_token(run), peak)

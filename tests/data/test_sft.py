@@ -176,3 +176,27 @@ def test_the_demo_set_is_made_here_and_rendered_whole(tmp_path):
                       cache_dir=str(tmp_path))  # fmt: skip
     assert (tmp_path / "demo" / "conversations.jsonl").is_file()
     assert data.data.truncated < len(data.data) // 100  # in bytes; the demo's BPE: none
+
+
+def test_parquet_conversations_and_a_tokenizer_directorys_own_template(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [r for r in chats(20) if "messages" in r]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet")
+    # A tokenizer directory with a template of its own tokens: nothing is added.
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tokenizers.byte_tokenizer().save(str(tok_dir / "tokenizer.json"))
+    own = (
+        "{% for m in messages %}{{ '<|bos|>' + m['role'] + ': ' + m['content'] + '<|eos|>' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|bos|>assistant: ' }}{% endif %}"
+    )
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": own}))
+    ctx = replace(CTX, vocab_size=259, init_from=str(tok_dir))  # no room for ChatML's tokens
+    data = sft_source(ctx, str(tmp_path / "c.parquet"), val_fraction=0.0)
+    assert data.chat_template == own and data.tokenizer == str(tok_dir / "tokenizer.json")
+    learned = sum(data.counts(g)[0] for g in range(data.windows_per_epoch()))
+    # Each reply and its <|eos|>: the template's own end of turn.
+    replies = [m["content"] for r in records for m in r["messages"] if m["role"] == "assistant"]
+    assert learned == sum(len(c) + 1 for c in replies)

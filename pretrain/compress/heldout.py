@@ -1,0 +1,178 @@
+"""What a compression costs: a model's held-out loss, perplexity and bits per byte as
+transformers computes them, on the same windows before and after, and the size of its
+weight files; and the source turned into a Hugging Face directory to compress.
+
+The windows are the run's val split (data=demo: its cache; data=shards: data.path), or
+`--data` (a tools/prepare_data.py directory's val split, or a glob of shards read whole),
+read as tools/eval_ppl.py reads them: seq_len + 1 tokens, the trained seq_len, micro-batch
+and seed. The loss is transformers' logits against the targets, so loading the written
+directory in transformers gives the report's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.checkpoint import manager
+from pretrain.checkpoint.export import TOKENIZER_FILE, export_hf, find_checkpoint
+from pretrain.data.source import Batch
+from pretrain.data.stream import DataError, build_loader
+from pretrain.eval.perplexity import byte_lengths, evaluate
+
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The windows a compression is measured on."""
+
+    data: str
+    """The shard directory (its val split) or glob."""
+    split: str
+    seq_len: int
+    batch: int
+    seed: int
+    tokens: int | None
+    """At most this many target tokens (None: the whole split)."""
+
+    def batches(self, vocab_size: int, tokenizer: str | None) -> Iterator[torch.Tensor]:
+        return iter(build_loader(
+            self.data, vocab_size, self.seq_len, self.batch, seed=self.seed, split=self.split,
+            num_workers=0, epochs=1, tokenizer=tokenizer,
+        ))  # fmt: skip
+
+    def n_batches(self) -> int | None:
+        return None if self.tokens is None else -(-self.tokens // (self.batch * self.seq_len))
+
+
+def held_out(source: Path, data: str | None, tokens: int | None) -> HeldOut:
+    """The held-out windows for `source` (a run dir, a step_N dir or an HF dir): `data`, or
+    the run's val split; the run's seq_len, micro-batch and seed (an HF dir: 2048 capped by
+    the model, 8, 0)."""
+    trainer, saved = {}, None
+    if not (source / "config.json").is_file():
+        saved = manager.read_client_state(find_checkpoint(source))["config"]
+        trainer = saved["trainer"]
+    if data is None:
+        data = _run_val_data(saved) if saved is not None else None
+        if data is None:
+            raise ValueError(
+                f"{source}: no held-out split to measure on (an HF directory, or a run whose "
+                "data is neither data=demo nor data=shards with a path): give --data (a "
+                "tools/prepare_data.py directory or a glob of shards)"
+            )
+    seq_len = trainer.get("seq_len") or _max_seq_len(source)
+    return HeldOut(data, "val", seq_len, trainer.get("micro_batch_size", 8),
+                   trainer.get("seed", 0), tokens)  # fmt: skip
+
+
+def _run_val_data(saved: dict[str, Any]) -> str | None:
+    data = saved["data"]
+    target = data.get("_target_", "")
+    if target.endswith("demo_source"):
+        return str(Path(data["cache_dir"]).expanduser() / "shards")
+    if target.endswith("shards_source") and data.get("path"):
+        return str(data["path"])
+    return None
+
+
+def _max_seq_len(hf_dir: Path) -> int:
+    config = json.loads((hf_dir / "config.json").read_text())
+    return min(int(config.get("max_position_embeddings", 2048)), 2048)
+
+
+def hf_directory(source: Path, scratch: Path) -> Path:
+    """`source` as a Hugging Face directory: itself, or a run's newest checkpoint (or a
+    step_N dir) exported under `scratch`."""
+    if (source / "config.json").is_file():
+        return source
+    return export_hf(source, scratch / "source_hf")
+
+
+def hf_loss(model: torch.nn.Module) -> Callable[[Batch], torch.Tensor]:
+    """The mean next-token loss of a transformers causal LM (its own logits)."""
+
+    @torch.no_grad()
+    def loss_of(batch: Batch) -> torch.Tensor:
+        logits = model(batch.inputs).logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+
+    return loss_of
+
+
+def measure(model: torch.nn.Module, hf_dir: Path, heldout: HeldOut) -> dict[str, float]:
+    """Loss, perplexity, bits per byte (with a tokenizer) and tokens of transformers' `model`
+    (its tokenizer in `hf_dir`) on the held-out windows."""
+    from tokenizers import Tokenizer
+
+    vocab = model.config.vocab_size
+    tokenizer = hf_dir / TOKENIZER_FILE
+    table, name = None, None
+    if tokenizer.is_file():
+        table, name = byte_lengths(Tokenizer.from_file(str(tokenizer)), vocab), str(tokenizer)
+    batches = heldout.batches(vocab, name)
+    figures = evaluate(hf_loss(model.eval()), batches, heldout.n_batches(), torch.device("cpu"),
+                       table, prefix="eval")  # fmt: skip
+    return {k.removeprefix("eval_"): v for k, v in figures.items()}
+
+
+def weight_bytes(hf_dir: Path) -> int:
+    """The size of a directory's weight files."""
+    return sum(f.stat().st_size for f in hf_dir.glob("*.safetensors"))
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def staging(output: Path) -> Path:
+    """An empty directory beside `output` to write it in (`publish` moves it into place)."""
+    tmp = output.with_name(output.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def publish(tmp: Path, output: Path, name: str, report: dict[str, Any]) -> None:
+    """`report` as JSON in `tmp/name`, then `tmp` renamed to `output`: complete or absent."""
+    (tmp / name).write_text(json.dumps(report, indent=2) + "\n")
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """What both compression tools take: the source, --output, --data, --tokens."""
+    parser.add_argument("model", type=Path, help="run dir, checkpoints/step_N dir or HF dir")
+    parser.add_argument("--output", type=Path, required=True, help="the directory to write")
+    parser.add_argument("--data", help="held-out shards (default: the run's val split)")
+    parser.add_argument("--tokens", type=int, default=None, help="score at most this many")
+
+
+def run_tool(
+    parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace, Path], dict]
+) -> None:
+    """Parse the arguments, run `work(args, scratch)` (a directory removed after), print its
+    report; bad input exits 2 with the reason."""
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a run's shards consolidate on CPU
+    if not args.model.exists():
+        parser.error(f"{args.model} does not exist: give a run dir, a step_N dir or an HF dir")
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            report = work(args, Path(scratch))
+        except (FileNotFoundError, ValueError, DataError) as e:
+            parser.error(str(e))
+    print(json.dumps(report, indent=2))

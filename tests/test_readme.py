@@ -71,8 +71,14 @@ NOT_RUN = {
 NEEDS_EXTRA = {
     "python tools/eval_harness.py": "pip install -e '.[eval]'",
     "python tools/eval_generate.py": "pip install -e '.[eval]'",
+    "python tools/quantize.py": "pip install -e '.[quant]'",
 }
-EXTRA_COVERED_BY = "tests/tools/test_eval_tools.py"  # runs both with the extra installed
+# The test that runs each of them with its extra installed (the dev install has them all).
+EXTRA_COVERED_BY = {
+    "eval_harness": "tests/tools/test_eval_tools.py",
+    "eval_generate": "tests/tools/test_eval_tools.py",
+    "quantize": "tests/tools/test_compress_tools.py",
+}
 
 
 def readme_commands(text: str) -> list[str]:
@@ -201,8 +207,8 @@ def test_every_table_entry_names_a_readme_command_and_a_real_test() -> None:
         if path.startswith("tests/"):
             text = (REPO / path.split()[0]).read_text()
             assert not name or f"def {name}(" in text, covered
-    assert "eval_harness" in (REPO / EXTRA_COVERED_BY).read_text()
-    assert "eval_generate" in (REPO / EXTRA_COVERED_BY).read_text()
+    for tool, test in EXTRA_COVERED_BY.items():
+        assert f'"{tool}.py"' in (REPO / test).read_text(), (tool, test)
 
 
 @pytest.mark.timeout(2400)

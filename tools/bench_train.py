@@ -46,6 +46,7 @@ from pretrain import dist
 from pretrain.config import compose, resolve
 from pretrain.config.resolve import ConfigError, RunConfig
 from pretrain.data.build import build_data
+from pretrain.data.source import as_batch
 from pretrain.engine.deepspeed import build_engine, build_model, sequence_shard, trainer_clip
 from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import adamw_kernel, lr_scheduler, param_groups
@@ -191,9 +192,9 @@ def prepare_loop(run: RunConfig, kind: str) -> Row:
 
     def step() -> None:
         for _ in range(run.grad_accum):
-            batch = next(data).to(device, non_blocking=True)
+            batch = as_batch(next(data)).to(device, non_blocking=True)
             with autocast:
-                loss = loss_of(batch[:, :-1], batch[:, 1:])
+                loss = loss_of(batch.inputs, batch.targets)
             (loss / run.grad_accum).backward()
         if o.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)

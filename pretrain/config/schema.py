@@ -161,7 +161,7 @@ class SftDataSchema:
     """Held-out conversations of their own instead (all of data.path then trains)."""
     pack: bool | None = None
     """Several conversations per window, each a document of its own; null: when the model
-    keeps documents apart (model.document_mask or document_positions=reset)."""
+    masks attention between documents (model.document_mask)."""
     cache_dir: str = "${oc.env:PRETRAIN_DATA_DIR,'~/.cache/pretrain'}/sft"
     """Where a tokenizer extended by the template's tokens, and the demo set, are written."""
     on_bad_record: str = "error"

@@ -16,14 +16,13 @@ from pretrain import dist
 from pretrain.config import RunConfig
 from pretrain.data.source import DataContext, DataSource
 from pretrain.data.stream import DataError, shards_source
-from pretrain.model.documents import keeps_documents_apart
 
 
 def data_context(run: RunConfig, split: str = "train") -> DataContext:
     """What this rank's data source is built for."""
     t, model = run.trainer, run.as_dict["model"]
     return DataContext(run.vocab_size, t.seq_len, t.micro_batch_size, run.grad_accum, t.seed,
-                       dist.data_rank(), dist.data_size(), split, keeps_documents_apart(model),
+                       dist.data_rank(), dist.data_size(), split, bool(model.get("document_mask")),
                        model.get("init_from"))  # fmt: skip
 
 

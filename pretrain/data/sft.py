@@ -11,9 +11,10 @@ unless `data.tokenizer` names another; every target that is not the assistant's 
 
 Windows: conversations in a shuffled order (a new one per epoch, from the seed) fill
 windows of seq_len + 1 tokens one after another; one that does not fit in what is left of
-a window starts the next, and the rest is padding (ignored). When the model keeps
-documents apart (model.document_mask, or positions reset) several conversations share a
-window, each its own document (`Batch.documents`); otherwise each window holds one. A
+a window starts the next, and the rest is padding (ignored). When the model masks
+attention between documents (model.document_mask) several conversations share a
+window, each its own document (`Batch.documents`; positions restart per conversation with
+model.document_positions=reset); otherwise each window holds one. A
 conversation longer than a window is cut to it (counted, and named at start).
 
 Window g of the stream is a function of (seed, g) alone, and optimizer step s takes windows

@@ -49,8 +49,8 @@ class DataContext:
     split: str = "train"
     """train, or val: the held-out split."""
     documents: bool = False
-    """The model keeps packed documents apart (model.document_mask or positions reset): a
-    source that knows its documents may pack several into one window (`Batch.documents`)."""
+    """The model masks attention between packed documents (model.document_mask): a source
+    that knows its documents may pack several into one window (`Batch.documents`)."""
     init_from: str | None = None
     """The pretrained model directory the run starts from (model.init_from), whose tokenizer
     a fine-tuning source reads by default."""

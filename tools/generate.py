@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--system", help="--chat: a system message before each prompt")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args()
+    if args.system is not None and not args.chat:
+        parser.error("--system is a --chat option (the system message before each prompt)")
     if args.reward == "chrf" and (args.search != "mcts" or args.reference is None):
         parser.error("--reward chrf needs --search mcts and a --reference text")
     device = pick_device(args.device)

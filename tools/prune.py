@@ -62,11 +62,11 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     if args.finetune_steps and saved is None:
         raise ValueError("--finetune-steps trains with the run's config and data: give a run "
                          "dir or a step_N dir, not an HF directory")  # fmt: skip
-    hf_dir = heldout.hf_directory(args.model, scratch)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir)
-    problems = prune.errors(model, args.sparsity, args.pattern)
+    problems = prune.errors(heldout.hf_config(args.model), args.sparsity, args.pattern)
     if problems:
         raise ValueError("; ".join(problems))
+    hf_dir = heldout.hf_directory(args.model, scratch)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
     report = {"source": str(args.model), "output": str(args.output), "pattern": args.pattern,
               "sparsity_asked": args.sparsity, "data": data.data, "split": data.split,
               "seq_len": data.seq_len, "batch_size": data.batch, "seed": data.seed}  # fmt: skip

@@ -17,7 +17,6 @@ methods. Needs the `quant` extra: pip install -e '.[quant]'.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -46,12 +45,13 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     """Check, quantise, measure, write; the report."""
     from transformers import AutoModelForCausalLM
 
-    data = heldout.held_out(args.model, args.data, args.tokens)  # before any work: no data
-    hf_dir = heldout.hf_directory(args.model, scratch)
-    config = json.loads((hf_dir / "config.json").read_text())
+    # Before any work (a run's export): no data, or a request the model cannot take.
+    data = heldout.held_out(args.model, args.data, args.tokens)
+    config = heldout.hf_config(args.model)
     problems = quantize.errors(config, args.method, args.group_size)
     if problems:
         raise ValueError("; ".join(problems))
+    hf_dir = heldout.hf_directory(args.model, scratch)
     group = args.group_size
     if args.method == "int4" and group is None:
         group = quantize.default_group_size(config)

@@ -92,6 +92,21 @@ def _max_seq_len(hf_dir: Path) -> int:
     return min(int(config.get("max_position_embeddings", 2048)), 2048)
 
 
+def hf_config(source: Path) -> dict[str, Any]:
+    """The HF config.json of `source` (a run's: from its saved model section, before any
+    export), to check a request against before any work."""
+    if (source / "config.json").is_file():
+        return json.loads((source / "config.json").read_text())
+    from pretrain.model.family import family_of, model_fields
+
+    model = manager.read_client_state(find_checkpoint(source))["config"]["model"]
+    hf = family_of(model).hf
+    if hf is None:
+        raise ValueError(f"{source} holds a {model.get('_target_')}, which has no Hugging "
+                         "Face counterpart to compress")  # fmt: skip
+    return hf.config(model_fields(model), "float32", {})
+
+
 def hf_directory(source: Path, scratch: Path) -> Path:
     """`source` as a Hugging Face directory: itself, or a run's newest checkpoint (or a
     step_N dir) exported under `scratch`."""
@@ -167,7 +182,8 @@ def run_tool(
     """Parse the arguments, run `work(args, scratch)` (a directory removed after), print its
     report; bad input exits 2 with the reason."""
     args = parser.parse_args()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a run's shards consolidate on CPU
+    if not torch.cuda.is_available():  # a run's shards consolidate on CPU; fine-tuning (prune)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # trains where resolve() puts it
     if not args.model.exists():
         parser.error(f"{args.model} does not exist: give a run dir, a step_N dir or an HF dir")
     with tempfile.TemporaryDirectory() as scratch:

@@ -20,9 +20,12 @@ loss with the masks fixed, through the normal trainer (tools/prune.py --finetune
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
+
+from pretrain.compress.shapes import linear_inputs, model_type_errors
 
 PATTERNS = ("unstructured", "2:4")
 
@@ -34,17 +37,19 @@ def prunable(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
             yield name, module
 
 
-def errors(model: nn.Module, sparsity: float, pattern: str) -> list[str]:
-    """Why `model` cannot be pruned so ([] when it can)."""
+def errors(config: dict[str, Any], sparsity: float, pattern: str) -> list[str]:
+    """Why the model of HF `config` cannot be pruned so ([] when it can)."""
     if pattern not in PATTERNS:
         return [f"--pattern {pattern}: choose one of {', '.join(PATTERNS)}"]
+    wrong_type = model_type_errors(config, "pruned")
+    if wrong_type:
+        return wrong_type
     if pattern == "2:4":
         out = [] if sparsity == 0.5 else [f"--pattern 2:4 prunes exactly half: --sparsity "
                                           f"{sparsity} cannot be (give 0.5)"]  # fmt: skip
-        odd = [n for n, m in prunable(model) if m.in_features % 4]
+        odd = [f"{k}={v}" for k, v in linear_inputs(config).items() if v % 4]
         if odd:
-            out.append(f"--pattern 2:4 needs inputs in runs of 4: {odd[0]} has "
-                       f"{dict(prunable(model))[odd[0]].in_features}")  # fmt: skip
+            out.append(f"--pattern 2:4 needs inputs in runs of 4: {', '.join(odd)}")
         return out
     if not 0.0 < sparsity < 1.0:
         return [f"--sparsity {sparsity}: must be in (0, 1)"]

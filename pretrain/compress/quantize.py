@@ -4,7 +4,7 @@ device, and with this package's tools (`eval/load.py` dequantises it).
 
 - int8: each linear layer's weight in int8 with one scale per output channel
   (`Int8WeightOnlyConfig`);
-- int4: values in [-8, 7] with one scale and zero point per `group_size` inputs
+- int4: values in [-8, 7] with one scale per `group_size` inputs (symmetric)
   (`IntxWeightOnlyConfig(torch.int4, PerGroup(group_size))`). torchao keeps them unpacked in
   int8 tensors, so on disk int4 is about int8's size (plus its group scales); its packed
   int4 layouts run on CUDA only and do not load on a CPU.
@@ -21,21 +21,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pretrain.compress.shapes import linear_inputs, model_type_errors
+
 METHODS = ("int8", "int4")
-MODEL_TYPES = ("llama",)
-"""Model types whose every weight matrix outside the embeddings and head is an nn.Linear."""
 GROUP_SIZES = (128, 64, 32, 256)
 """int4 group sizes tried in this order when none is given."""
-
-
-def linear_inputs(config: dict[str, Any]) -> dict[str, int]:
-    """The input size of each kind of linear layer of a Llama config."""
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return {
-        "hidden_size (q/k/v, gate/up projections)": config["hidden_size"],
-        "num_attention_heads x head_dim (o_proj)": config["num_attention_heads"] * head_dim,
-        "intermediate_size (down_proj)": config["intermediate_size"],
-    }
 
 
 def default_group_size(config: dict[str, Any]) -> int | None:
@@ -47,14 +37,9 @@ def errors(config: dict[str, Any], method: str, group_size: int | None) -> list[
     """Why `method` cannot quantise the model of HF `config` ([] when it can)."""
     if method not in METHODS:
         return [f"--method {method}: choose one of {', '.join(METHODS)}"]
-    model_type = config.get("model_type")
-    if model_type not in MODEL_TYPES:
-        return [
-            f"model_type {model_type!r}: only {', '.join(MODEL_TYPES)} models are quantised "
-            "here (a mixture of experts holds its experts in fused 3-D tensors, not the "
-            "linear layers torchao's weight-only configs quantise: they would stay in full "
-            "precision unreported)"
-        ]
+    wrong_type = model_type_errors(config, "quantised")
+    if wrong_type:
+        return wrong_type
     if method == "int8":
         return [] if group_size is None else ["--group-size is for int4 (int8 is per channel)"]
     if group_size is None:
@@ -63,10 +48,12 @@ def errors(config: dict[str, Any], method: str, group_size: int | None) -> list[
             return [f"int4: no group size of {GROUP_SIZES} divides every linear layer's "
                     f"input ({sizes}): give --group-size"]  # fmt: skip
         return []
+    if group_size <= 0:
+        return [f"int4 --group-size {group_size}: must be positive"]
     bad = [f"{k}={v}" for k, v in linear_inputs(config).items() if v % group_size]
-    if group_size <= 0 or bad:
+    if bad:
         return [f"int4 --group-size {group_size} must divide every linear layer's input "
-                f"size, and does not divide {', '.join(bad) or 'anything'}"]  # fmt: skip
+                f"size, and does not divide {', '.join(bad)}"]  # fmt: skip
     return []
 
 

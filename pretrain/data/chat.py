@@ -66,6 +66,8 @@ def messages_of(record: Any) -> list[dict[str, str]]:
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise ConversationError("no assistant message: nothing to learn")
+    if out[0]["role"] == "assistant":
+        raise ConversationError("it opens with the assistant: no message prompts the reply")
     return out
 
 

@@ -86,15 +86,18 @@ class SftSource:
     """This rank's stream of packed conversation windows (a `DataSource`, data/source.py)."""
 
     allow_tokenizer_change: bool
-    eos_id: int | None = None  # documents are the batches' own
+    eos_id: int | None
+    """The tokenizer's end of text: how other streams of it (trainer.eval_data shards) end
+    their documents; this source's own batches carry theirs."""
     batch_documents = True
 
     def __init__(
-        self, ctx: DataContext, conversations: Conversations, pad: int, pack: bool,
+        self, ctx: DataContext, conversations: Conversations, pad: int, eos: int, pack: bool,
         tokenizer: str, tokenizer_sha256: str, chat_template: str,
         allow_tokenizer_change: bool = False,
     ) -> None:  # fmt: skip
         self.ctx, self.data, self.pad, self.pack = ctx, conversations, pad, pack
+        self.eos_id = eos
         self.tokenizer, self.tokenizer_sha256 = tokenizer, tokenizer_sha256
         self.chat_template = chat_template
         self.allow_tokenizer_change = allow_tokenizer_change
@@ -107,7 +110,8 @@ class SftSource:
         self._learned = np.array([int(x[1:].sum()) for x in conversations.learn], np.int64)
         self._epoch_starts = [0]  # the first window of each epoch known so far
         self._epochs: dict[int, list[list[int]]] = {}
-        self._fingerprint = conversations.fingerprint()
+        # What the windows depend on: a resume that changes any of it is warned about.
+        self._fingerprint = f"{conversations.fingerprint()}-{pack}-{ctx.seed}"
 
     # -- the windows ------------------------------------------------------------------
 
@@ -219,9 +223,10 @@ class SftSource:
     def _check_same(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") not in (None, self._fingerprint):
             log.warning(
-                "data=sft: the conversations (or their tokenization, template, seq_len) "
-                "differ from those the checkpoint was trained on: the run goes on at the "
-                "same window number, but the windows are not those it would have seen"
+                "data=sft: the conversations (or their tokenization, template, seq_len, "
+                "packing, seed) differ from those the checkpoint was trained on: the run goes "
+                "on at the same window number, but the windows are not those it would have "
+                "seen"
             )
 
 
@@ -243,21 +248,12 @@ def sft_source(
             "model.document_positions=reset), or data.pack=false (one per window)"
         )
     tok, tok_path, template = _tokenizer(ctx, tokenizer, chat_template, cache_dir)
-    renderer = ChatRenderer(tok, template)
     files = _files(path, cache_dir)
-    records = _read(files, on_bad_record)
-    if val_path is not None:
-        held = ctx.split != "train"
-        records = _read(_files(val_path, cache_dir), on_bad_record) if held else records
-        picked = [m for _, m in records]
-    else:
-        picked = [m for _, m in records
-                  if is_validation(json.dumps(m, sort_keys=True), val_fraction)
-                  == (ctx.split != "train")]  # fmt: skip
-    if not picked:
-        raise DataError(_empty(ctx.split, path, len(records), val_fraction, val_path))
-    conversations = _render(renderer, picked, ctx.seq_len + 1, assistant_only)
-    source = SftSource(ctx, conversations, tok.token_to_id("<|pad|>"),
+    split = _Split(ctx.split, ctx.seq_len + 1, val_fraction,
+                   None if val_path is None else tuple(_files(val_path, cache_dir)),
+                   on_bad_record, assistant_only)  # fmt: skip
+    conversations = _conversations(ChatRenderer(tok, template), files, split, path)
+    source = SftSource(ctx, conversations, tok.token_to_id("<|pad|>"), tokenizers.eos_id(tok),
                        ctx.documents if pack is None else pack, str(tok_path),
                        tokenizers.fingerprint(tok), template, allow_tokenizer_change)  # fmt: skip
     if ctx.split == "train" and ctx.data_rank == 0:
@@ -322,72 +318,144 @@ def _files(path: str, cache_dir: str) -> list[Path]:
     return files
 
 
-def _read(files: list[Path], on_bad_record: str) -> list[tuple[str, list[dict[str, str]]]]:
-    """(where, messages) of every conversation of `files`; a bad record stops the run naming
-    it (on_bad_record=error) or is skipped and counted (skip)."""
-    out, bad = [], []
+@dataclass(frozen=True)
+class _Split:
+    """Which conversations a source reads, and how."""
+
+    name: str
+    """train | val."""
+    window: int
+    val_fraction: float
+    val_files: tuple[Path, ...] | None
+    on_bad_record: str
+    assistant_only: bool
+
+
+_LOADED: dict[tuple, Conversations] = {}
+"""Conversations already rendered in this process, by everything they depend on: every
+evaluation rebuilds the val source, which then reads nothing again."""
+
+
+def _conversations(renderer: ChatRenderer, files: list[Path], split: _Split, path: str
+                   ) -> Conversations:  # fmt: skip
+    """The split's conversations of `files` (or of split.val_files), rendered and cut."""
+    from pretrain.data.tokenizer import fingerprint
+
+    held = split.name != "train"
+    sources = list(split.val_files) if held and split.val_files is not None else files
+    key = (split, tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sources),
+           fingerprint(renderer.tokenizer), renderer.template)  # fmt: skip
+    if key not in _LOADED:
+        bad = _BadRecords(split.on_bad_record)
+        records = _read(sources, bad)
+        read = len(records)
+        if split.val_files is None:  # held out by content
+            records = [(w, m) for w, m in records
+                       if is_validation(json.dumps(m, sort_keys=True), split.val_fraction)
+                       == held]  # fmt: skip
+        conversations = _render(renderer, records, split, bad)
+        bad.log()
+        if not conversations.ids:
+            raise DataError(_empty(split, path, read))
+        _LOADED[key] = conversations
+    return _LOADED[key]
+
+
+class _BadRecords:
+    """A record that is not a conversation the template renders: the run stops naming it
+    (data.on_bad_record=error), or it is skipped and counted (skip)."""
+
+    def __init__(self, on_bad_record: str) -> None:
+        self.skip, self.seen = on_bad_record == "skip", []
+
+    def __call__(self, where: str, why: object) -> None:
+        if not self.skip:
+            raise DataError(f"{where}: {why}. Fix the record, or skip such records with "
+                            "data.on_bad_record=skip (they are counted)")  # fmt: skip
+        self.seen.append(f"{where}: {why}")
+
+    def log(self) -> None:
+        if self.seen:
+            log.warning("data=sft: skipped %d record(s) that are not conversations, e.g. %s",
+                        len(self.seen), self.seen[0])  # fmt: skip
+
+
+def _read(files: list[Path], bad: _BadRecords) -> list[tuple[str, list[dict[str, str]]]]:
+    """(where, messages) of every conversation of `files`."""
+    out = []
     for where, record in _records(files):
         try:
             if isinstance(record, ConversationError):
                 raise record
             out.append((where, messages_of(record)))
         except ConversationError as e:
-            if on_bad_record == "error":
-                raise DataError(
-                    f"{where}: {e}. Fix the record, or skip such records with "
-                    "data.on_bad_record=skip (they are counted)"
-                ) from None
-            bad.append(f"{where}: {e}")
-    if bad:
-        log.warning("data=sft: skipped %d record(s) that are not conversations, e.g. %s",
-                    len(bad), bad[0])  # fmt: skip
+            bad(where, e)
     return out
 
 
 def _records(files: list[Path]) -> Iterator[tuple[str, Any]]:
     for path in files:
-        if path.name.endswith(".parquet"):
-            import pyarrow.parquet as pq
+        try:
+            yield from _file_records(path)
+        except (OSError, EOFError, ValueError) as e:  # undecodable, truncated, not parquet
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{path} cannot be read ({type(e).__name__}: {e}): data=sft "
+                            f"reads UTF-8 {', '.join(SUFFIXES)} files") from None  # fmt: skip
 
-            for row, record in enumerate(pq.read_table(path).to_pylist()):
-                yield f"{path} row {row}", record
-            continue
-        with path.open("rb") as raw:
-            stream: Any = raw
-            if path.name.endswith(".gz"):
-                stream = gzip.GzipFile(fileobj=raw)
-            elif path.name.endswith(".zst"):
-                import zstandard
 
-                stream = zstandard.ZstdDecompressor().stream_reader(raw)
-            for lineno, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
-                if line.strip():
-                    try:
-                        yield f"{path}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield f"{path}:{lineno}", ConversationError(f"not a JSON line ({e})")
+def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
+    if path.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for row, record in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path} row {row}", record
+        return
+    with path.open("rb") as raw:
+        stream: Any = raw
+        if path.name.endswith(".gz"):
+            stream = gzip.GzipFile(fileobj=raw)
+        elif path.name.endswith(".zst"):
+            import zstandard
+
+            stream = zstandard.ZstdDecompressor().stream_reader(raw)
+        for lineno, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
+            if line.strip():
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{lineno}", ConversationError(f"not a JSON line ({e})")
 
 
 def _render(
-    renderer: ChatRenderer, picked: list[list[dict[str, str]]], window: int, assistant_only: bool
-) -> Conversations:
+    renderer: ChatRenderer, records: list[tuple[str, list[dict[str, str]]]], split: _Split,
+    bad: _BadRecords,
+) -> Conversations:  # fmt: skip
+    from jinja2 import TemplateError
+
     ids, learn, truncated = [], [], 0
-    for messages in picked:
-        r = renderer.render(messages)
-        truncated += len(r.ids) > window
-        ids.append(np.asarray(r.ids[:window], dtype=np.int64))
-        mask = r.learn if assistant_only else [True] * len(r.ids)
-        learn.append(np.asarray(mask[:window], dtype=bool))
+    for where, messages in records:
+        try:
+            r = renderer.render(messages)
+        except (ConversationError, TemplateError, ValueError) as e:  # what the template refuses
+            bad(where, f"the chat template cannot render it ({e})")
+            continue
+        truncated += len(r.ids) > split.window
+        ids.append(np.asarray(r.ids[: split.window], dtype=np.int64))
+        mask = r.learn if split.assistant_only else [True] * len(r.ids)
+        learn.append(np.asarray(mask[: split.window], dtype=bool))
     return Conversations(ids, learn, truncated)
 
 
-def _empty(split: str, path: str, n: int, val_fraction: float, val_path: str | None) -> str:
-    if split == "train":
+def _empty(split: _Split, path: str, n: int) -> str:
+    if split.name == "train":
         return f"data.path={path}: no training conversations ({n} read, all held out?)"
-    if val_path is not None:
-        return f"data.val_path={val_path} holds no conversations"
-    return (f"data.val_fraction={val_fraction} holds out none of the {n} conversations of "
-            f"{path}: raise it, give data.val_path, or set trainer.eval_every_steps=0")  # fmt: skip
+    if split.val_files is not None:
+        return "data.val_path holds no conversations"
+    return (
+        f"data.val_fraction={split.val_fraction} holds out none of the {n} conversations of "
+        f"{path}: raise it, give data.val_path, or set trainer.eval_every_steps=0"
+    )
 
 
 def _log_summary(source: SftSource, files: list[Path]) -> None:

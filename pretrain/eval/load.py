@@ -100,7 +100,8 @@ def dequantized(hf_dir: Path, scratch: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    state = {name: (t.dequantize() if isinstance(t, TorchAOBaseTensor) else t).contiguous()
+    # Copies: tied embeddings are one tensor under two names, which safetensors refuses.
+    state = {name: t.dequantize() if isinstance(t, TorchAOBaseTensor) else t.detach().clone()
              for name, t in hf.state_dict().items()}  # fmt: skip
     save_file(state, scratch / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((hf_dir / "config.json").read_text())

@@ -23,8 +23,9 @@ class DocumentSplit:
     """How the training loop tells a model where packed documents begin and end."""
 
     eos: int | None
-    """The token id that ends a document (the data's tokenizer's EOS); None when every batch
-    says where its documents are (`data.source.Batch.documents`: packed conversations)."""
+    """The token id that ends a document (the data's tokenizer's EOS), for batches that do
+    not say where their documents are (`data.source.Batch.documents`); None when every batch
+    does."""
     reset: bool
     """Positions restart at each document (model.document_positions=reset)."""
 

@@ -49,8 +49,10 @@ def linear_cross_entropy(
     compiled: torch.compile each chunk's softmax gradient (the chunked loss, in training).
     """
     x, targets = x.flatten(0, -2), targets.flatten()  # (N, d), (N,)
-    if impl == "full":
-        return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=IGNORE_INDEX)
+    if impl == "full":  # a sum over the counted targets: 0, not NaN, when none counts
+        total = F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=IGNORE_INDEX,
+                                reduction="sum")  # fmt: skip
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
     if impl != "chunked":
         raise ValueError(f"model.loss_impl={impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):

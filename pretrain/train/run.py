@@ -126,7 +126,7 @@ def document_split(run: RunConfig, data: DataSource) -> DocumentSplit | None:
             "data.tokenizer): set model.document_mask=false and "
             "model.document_positions=continue"
         ])  # fmt: skip
-    return DocumentSplit(None if data.batch_documents else data.eos_id, reset)
+    return DocumentSplit(data.eos_id, reset)
 
 
 def build_callbacks(

@@ -18,7 +18,7 @@ from pretrain.data import tokenizer as tokenizers
 from pretrain.data.chat import DEFAULT_TEMPLATE, ChatRenderer, with_template_tokens
 from pretrain.data.chat_demo import conversations as demo_conversations
 from pretrain.data.sft import sft_source
-from pretrain.data.source import DataContext
+from pretrain.data.source import DataContext, DataSource
 from pretrain.data.stream import DataError
 from pretrain.model.loss import IGNORE_INDEX
 
@@ -114,9 +114,8 @@ def test_the_metrics_count_the_global_batch_and_every_layout_reads_the_same_wind
     ranks = [source(path, replace(CTX, data_rank=r, data_size=2)) for r in range(2)]
     two = [next(ranks[r]) for _ in range(2) for r in range(2)]
     step2 = [next(ranks[r]) for r in range(2) for _ in range(2)]
-    got = torch.cat([b.tokens for b in [*two, *step2]]).sort(0).values
-    want = torch.cat([b.tokens for b in batches]).sort(0).values
-    assert torch.equal(got, want)
+    rows = lambda bs: sorted(map(tuple, torch.cat([b.tokens for b in bs]).tolist()))  # noqa: E731
+    assert rows([*two, *step2]) == rows(batches)  # the same windows, whole
     assert ranks[0].metrics() == metrics  # the global batch's counts, from any rank
     # Resumed on another layout after step 1: the second step exactly.
     again = source(path, replace(CTX, grad_accum=4))
@@ -139,14 +138,17 @@ def test_epochs_reshuffle_and_a_stream_resumes_where_it_was(tmp_path):
     assert all(torch.equal(next(resumed).tokens, t) for t in ahead)
 
 
-def test_val_split_and_prompt_completion_records(tmp_path):
+def test_the_val_split_is_held_out_by_content_and_read_in_file_order(tmp_path):
     path = write(tmp_path / "c.jsonl", chats(200))
     train = sft_source(CTX, str(path), tokenizer="bytes", val_fraction=0.2,
                        cache_dir=str(tmp_path))  # fmt: skip
     val = sft_source(replace(CTX, split="val"), str(path), tokenizer="bytes", val_fraction=0.2,
                      cache_dir=str(tmp_path))  # fmt: skip
     assert len(train.data) + len(val.data) == 200 and 20 < len(val.data) < 60
-    assert val.epoch_windows(0) == val.epoch_windows(1)  # in file order, every time
+    order = [i for w in val.epoch_windows(0) for i in w]
+    assert order == sorted(order) == list(range(len(val.data)))  # in file order, every time
+    assert not set(map(bytes, val.data.ids)) & set(map(bytes, train.data.ids))
+    assert isinstance(train, DataSource)
 
 
 def test_bad_input_is_named_before_training(tmp_path):
@@ -167,9 +169,25 @@ def test_bad_input_is_named_before_training(tmp_path):
         source(bad, replace(CTX, documents=False), pack=True, on_bad_record="skip")
     with pytest.raises(DataError, match=r"val_fraction=0.0 holds out none of the 3"):
         source(bad, replace(CTX, split="val"), on_bad_record="skip")
+    opens = {"messages": [{"role": "assistant", "content": "hi"}]}
+    with pytest.raises(DataError, match=r"odd.jsonl:1: it opens with the assistant"):
+        source(write(tmp_path / "odd.jsonl", [opens]))
+    (tmp_path / "binary.jsonl").write_bytes(b'{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"binary.jsonl cannot be read \(UnicodeDecodeError"):
+        source(tmp_path / "binary.jsonl")
+    # A template that refuses a record (roles must alternate) names it, or skips it.
+    strict = tmp_path / "strict.jinja"
+    strict.write_text("{% for m in messages %}{% if m['role'] == 'system' %}"
+                      "{{ raise_exception('no system messages') }}{% endif %}"
+                      "{{ m['content'] }}{% endfor %}")  # fmt: skip
+    with pytest.raises(DataError, match=r"c.jsonl:1: the chat template cannot render it "
+                                        r"\(no system messages"):  # fmt: skip
+        source(write(tmp_path / "c.jsonl", chats(6)), chat_template=str(strict))
+    kept = source(tmp_path / "c.jsonl", chat_template=str(strict), on_bad_record="skip")
+    assert len(kept.data) == 4  # conversations 0 and 3 open with a system message
 
 
-def test_the_demo_set_is_made_here_and_rendered_whole(tmp_path):
+def test_the_demo_set_is_made_here_and_fits_the_window(tmp_path):
     records = demo_conversations()
     assert len(records) > 300 and records == demo_conversations()
     data = sft_source(replace(CTX, seq_len=255), "demo", tokenizer="bytes",

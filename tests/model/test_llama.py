@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from pretrain.config import conf_dir
 from pretrain.model import LlamaConfig, Transformer, flops_per_token, num_params
 from pretrain.model.attention import causal_attention, resolve_impl
+from pretrain.model.family import model_fields
 from pretrain.model.flops import matmul_params
 from tests.conftest import compose_config, requires_gpu
 
@@ -27,8 +28,7 @@ def _cfg(**kw: object) -> LlamaConfig:
 
 def _preset(name: str) -> LlamaConfig:
     model = OmegaConf.to_object(compose_config([f"model={name}"]).model)
-    fields = {k: v for k, v in vars(model).items() if k not in ("_target_", "init_from")}
-    return LlamaConfig(**fields)
+    return LlamaConfig(**model_fields(vars(model)))
 
 
 @pytest.mark.parametrize(("n_heads", "n_kv_heads"), [(4, 4), (4, 2), (4, 1)])

@@ -125,3 +125,15 @@ def test_chunked_loss_on_gpu_in_bf16_matches_and_needs_less_memory() -> None:
         assert err_chunked <= 1.5 * err_full + 1e-3, (err_chunked, err_full)
     assert peaks["full"] >= 8 * n * V  # fp32 log-probabilities and their fp32 gradient at least
     assert peaks["chunked"] < peaks["full"] / 4, peaks
+
+
+@pytest.mark.parametrize("impl", ["full", "chunked"])
+def test_a_batch_with_no_counted_target_has_loss_zero_not_nan(impl: str) -> None:
+    """A fine-tuning slice of prompts and padding only (data=sft): nothing to learn, and no
+    NaN for the trainer to take for a diverged step."""
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    targets = torch.full((6,), IGNORE_INDEX)
+    loss = linear_cross_entropy(x, w, targets, impl)
+    loss.backward()
+    assert loss.item() == 0.0 and not x.grad.any() and not w.grad.any()

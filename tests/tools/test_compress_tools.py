@@ -97,6 +97,9 @@ def test_bad_quantization_requests_fail_before_any_work(run_dir: Path, tmp_path:
                                               "--output", out).stderr  # fmt: skip
     moe = {"model_type": "qwen3_moe", "hidden_size": 64}
     assert "fused 3-D tensors" in quantize.errors(moe, "int8", None)[0]
+    assert "fused 3-D tensors" in prune.errors(moe, 0.5, "unstructured")[0]
+    zero = tool("quantize.py", run_dir, "--method", "int4", "--group-size", "0", "--output", out)
+    assert zero.returncode == 2 and "--group-size 0: must be positive" in zero.stderr
     odd = {"model_type": "llama", "hidden_size": 72, "num_attention_heads": 4,
            "intermediate_size": 200}  # fmt: skip
     assert "no group size of" in quantize.errors(odd, "int4", None)[0]

@@ -79,7 +79,7 @@ def test_the_loss_on_the_replies_goes_to_zero_and_on_every_token_cannot(runs):
 def test_a_stopped_run_resumes_exactly(runs):
     _, masked, _, resumed, _ = runs
     # The resumed run's records: steps 1-12 from the first job, 13-40 from the second.
-    assert curve(resumed) == curve([m for m in masked if m["step"] <= 40])
+    assert curve(resumed) == curve(masked)
     assert resumed[-1]["val_loss"] == masked[-1]["val_loss"]
 
 

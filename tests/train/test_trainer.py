@@ -64,8 +64,8 @@ class FakeSignals:
 class FakeData:
     """A DataSource of zero batches (`n` of them; None: endless)."""
 
-    tokenizer = tokenizer_sha256 = None
-    allow_tokenizer_change = False
+    tokenizer = tokenizer_sha256 = eos_id = chat_template = None
+    allow_tokenizer_change = batch_documents = False
 
     def __init__(self, n: int | None = None) -> None:
         self.left = n

@@ -108,6 +108,7 @@ class SftSource:
         # Targets a conversation adds: its learned tokens but the first (that target would
         # be predicted from the document before it).
         self._learned = np.array([int(x[1:].sum()) for x in conversations.learn], np.int64)
+        self._step_cache = (-1, 0)  # (step, its global batch's learned targets)
         self._epoch_starts = [0]  # the first window of each epoch known so far
         self._epochs: dict[int, list[list[int]]] = {}
         # What the windows depend on: a resume that changes any of it is warned about.
@@ -174,22 +175,43 @@ class SftSource:
 
     # -- the stream -------------------------------------------------------------------
 
+    @property
+    def _global_batch(self) -> int:
+        """Windows per optimizer step, over every rank."""
+        return self.ctx.micro_batch_size * self.ctx.grad_accum * self.ctx.data_size
+
     def _first(self, done: int) -> int:
         """The global index of this rank's `done`-th micro-batch's first window."""
         c = self.ctx
         step, micro_step = divmod(done, c.grad_accum)
-        global_batch = c.micro_batch_size * c.grad_accum * c.data_size
-        return step * global_batch + (c.data_rank * c.grad_accum + micro_step) * c.micro_batch_size
+        return (
+            step * self._global_batch
+            + (c.data_rank * c.grad_accum + micro_step) * c.micro_batch_size
+        )
 
     def __iter__(self) -> SftSource:
         return self
 
     def __next__(self) -> Batch:
+        c = self.ctx
         first = self._first(self.micro_batches_done)
-        arrays = [self.window_arrays(first + j) for j in range(self.ctx.micro_batch_size)]
+        windows = range(first, first + c.micro_batch_size)
+        arrays = [self.window_arrays(g) for g in windows]
+        step = self.micro_batches_done // c.grad_accum
         self.micro_batches_done += 1
         tokens, labels, docs = (torch.from_numpy(np.stack(a)) for a in zip(*arrays, strict=True))
-        return Batch(tokens, labels, docs)
+        learned = sum(self.counts(g)[0] for g in windows)
+        in_step = self._step_learned(step)
+        weight = learned * c.grad_accum * c.data_size / in_step if in_step else 0.0
+        return Batch(tokens, labels, docs, weight)
+
+    def _step_learned(self, step: int) -> int:
+        """The counted targets of optimizer step `step`'s global batch (every rank's)."""
+        if self._step_cache[0] != step:
+            first = step * self._global_batch
+            learned = sum(self.counts(g)[0] for g in range(first, first + self._global_batch))
+            self._step_cache = (step, learned)
+        return self._step_cache[1]
 
     def windows_per_epoch(self) -> int:
         return len(self.epoch_windows(0))
@@ -197,14 +219,12 @@ class SftSource:
     def metrics(self) -> dict[str, float]:
         """The last full step's global batch: its learned and ignored targets, and the epoch
         it reached."""
-        c = self.ctx
-        steps = self.micro_batches_done // c.grad_accum
+        steps = self.micro_batches_done // self.ctx.grad_accum
         if steps == 0:
             return {}
-        global_batch = c.micro_batch_size * c.grad_accum * c.data_size
-        first = (steps - 1) * global_batch
-        learned, ignored = np.sum([self.counts(g) for g in range(first, first + global_batch)], 0)
-        epoch, index = self._locate(first + global_batch - 1)
+        learned = self._step_learned(steps - 1)
+        ignored = self._global_batch * (self.window - 1) - learned
+        epoch, index = self._locate(steps * self._global_batch - 1)
         return {"data_loss_tokens": float(learned), "data_ignored_tokens": float(ignored),
                 "data_epoch": epoch + (index + 1) / len(self.epoch_windows(epoch))}  # fmt: skip
 

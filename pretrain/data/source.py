@@ -74,6 +74,11 @@ class Batch:
     """(B, T) int32, the document each input position belongs to (ids rising along a row):
     conversations packed into one window; None: the model finds documents by their EOS
     (`DataSource.eos_id`) if it keeps them apart."""
+    weight: float | None = None
+    """How much this micro-batch's mean loss counts in its optimizer step, against an equal
+    share: its counted targets x the step's micro-batches (every rank's) / the step's counted
+    targets, so the step's loss is the mean over all its counted targets however unevenly the
+    micro-batches hold them (fine-tuning: replies of every length); None: 1."""
 
     @property
     def inputs(self) -> torch.Tensor:
@@ -87,7 +92,7 @@ class Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        return Batch(move(self.tokens), move(self.labels), move(self.documents))
+        return Batch(move(self.tokens), move(self.labels), move(self.documents), self.weight)
 
 
 def as_batch(batch: torch.Tensor | Batch) -> Batch:

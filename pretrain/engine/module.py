@@ -94,6 +94,8 @@ class DeepSpeedTrainModule:
 
     def forward_backward(self, batch: Batch, last: bool) -> torch.Tensor:
         loss, scale = self._loss(batch)
+        if batch.weight is not None:  # its share of the step's counted targets
+            loss = loss * batch.weight
         self.engine.backward(loss * self._grad_factor if self._grad_factor != 1 else loss)
         if not last:
             self.engine.step()  # inside the accumulation: bookkeeping only

@@ -32,9 +32,10 @@ class TrainModule(Protocol):
 
     def forward_backward(self, batch: Batch, last: bool) -> torch.Tensor:
         """Forward and backward of micro-batch `batch` (its inputs, its targets: the mean loss
-        over those that count), gradients accumulating; `last` is the step's final micro-batch,
-        after which `optimizer_step` comes. Returns the loss as a detached fp32 scalar on
-        `device`, not synchronised (reading it would stall the device)."""
+        over those that count, times `batch.weight` when it has one), gradients
+        accumulating; `last` is the step's final micro-batch, after which `optimizer_step`
+        comes. Returns the loss as a detached fp32 scalar on `device`, not synchronised
+        (reading it would stall the device)."""
         ...
 
     def optimizer_step(self, skip: bool) -> float:

@@ -107,6 +107,12 @@ def test_the_metrics_count_the_global_batch_and_every_layout_reads_the_same_wind
     one = source(path, replace(CTX, grad_accum=4, data_size=1))
     batches = [next(one) for _ in range(8)]  # two steps of 4 x 2 windows
     metrics = one.metrics()
+    # Each micro-batch weighs its share of the step's counted targets (mean weight 1), so
+    # the step's loss is the mean over those targets, not over the micro-batches.
+    for step in (batches[:4], batches[4:]):
+        counted = [int((b.labels != IGNORE_INDEX).sum()) for b in step]
+        assert [b.weight for b in step] == pytest.approx([4 * n / sum(counted) for n in counted])
+        assert len(set(counted)) > 1  # uneven: the weights matter
     rows = torch.cat([b.labels for b in batches[4:]])
     assert metrics["data_loss_tokens"] == (rows != IGNORE_INDEX).sum().item()
     assert metrics["data_ignored_tokens"] == (rows == IGNORE_INDEX).sum().item()
@@ -117,6 +123,10 @@ def test_the_metrics_count_the_global_batch_and_every_layout_reads_the_same_wind
     rows = lambda bs: sorted(map(tuple, torch.cat([b.tokens for b in bs]).tolist()))  # noqa: E731
     assert rows([*two, *step2]) == rows(batches)  # the same windows, whole
     assert ranks[0].metrics() == metrics  # the global batch's counts, from any rank
+    # The same micro-batches (2 ranks x 2 = 1 rank x 4 per step) weigh the same.
+    by_window = {tuple(b.tokens[0].tolist()): b.weight for b in two}
+    assert all(by_window[tuple(b.tokens[0].tolist())] == pytest.approx(b.weight)
+               for b in batches[:4])  # fmt: skip
     # Resumed on another layout after step 1: the second step exactly.
     again = source(path, replace(CTX, grad_accum=4))
     again.load_resharded_state([r.state_dict() for r in ranks], step=1)

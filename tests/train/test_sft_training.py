@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pretrain.data import tokenizer as tokenizers
 from pretrain.data.chat import DEFAULT_TEMPLATE, ChatRenderer, with_template_tokens
@@ -65,6 +66,41 @@ def runs(tmp_path_factory):
     split = train(root / "sp", sft_args(path, ["parallel.sequence=2", "trainer.stop_at_step=8",
                                                "trainer.eval_every_steps=0"]), nproc=2)  # fmt: skip
     return root, masked, everything, resumed, split
+
+
+def test_a_steps_loss_is_the_mean_over_its_counted_targets(runs, tmp_path):
+    """Micro-batches holding unevenly many reply tokens: the step's loss (and gradient) is
+    the mean over all of them, not the mean of the micro-batches' means."""
+    from omegaconf import OmegaConf
+
+    from pretrain.checkpoint.export import load_hf_weights
+    from pretrain.data.sft import sft_source
+    from pretrain.data.source import DataContext
+    from pretrain.model.family import family_of, model_fields
+    from tests.data.test_sft import chats
+
+    root = runs[0]
+    path = tmp_path / "varied.jsonl"  # replies of every length, which the model never saw
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats(64)))
+    hf_dir = root / "masked" / "hf"
+    extra = [f"model.init_from={hf_dir}", "trainer.max_steps=1", "trainer.eval_every_steps=0"]
+    (logged,) = train(tmp_path / "run", sft_args(path, extra))
+    saved = OmegaConf.to_container(OmegaConf.load(tmp_path / "run" / "config.yaml"))
+    model = family_of(saved["model"]).build(model_fields(saved["model"]))
+    load_hf_weights(model, hf_dir, saved["model"])
+    t = saved["trainer"]
+    ctx = DataContext(saved["model"]["vocab_size"], t["seq_len"], t["micro_batch_size"],
+                      grad_accum=2, seed=t["seed"], documents=True)  # fmt: skip
+    data = sft_source(ctx, str(path), tokenizer="bytes", val_fraction=0.1,
+                      cache_dir=str(path.parent / "cache"))  # fmt: skip
+    means, counts = [], []
+    with torch.no_grad():
+        for batch in (next(data), next(data)):
+            means.append(float(model(batch.inputs, batch.targets, documents=batch.documents)))
+            counts.append(int((batch.targets != -100).sum()))
+    token_mean = sum(m * n for m, n in zip(means, counts, strict=True)) / sum(counts)
+    assert logged["loss"] == pytest.approx(token_mean, rel=1e-5)
+    assert abs(token_mean - sum(means) / 2) > 1e-3 * token_mean  # the weighting mattered
 
 
 def test_the_loss_on_the_replies_goes_to_zero_and_on_every_token_cannot(runs):

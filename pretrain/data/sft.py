@@ -21,11 +21,16 @@ Window g of the stream is a function of (seed, g) alone, and optimizer step s ta
 [s * G, (s + 1) * G) of the global batch G however the ranks split it: a resume is exact on
 any layout. The held-out split (`val_fraction` of the conversations, by a hash of their
 content, or `val_path`) is read in file order, cycling.
+
+Rendered conversations are kept in `data.cache_dir` (`rendered-<hash>.npz`, by the files'
+names, sizes and times, the tokenizer, template and settings): the ranks of a machine render
+once, and a rerun reads them back.
 """
 
 from __future__ import annotations
 
 import bisect
+import fcntl
 import gzip
 import hashlib
 import io
@@ -272,7 +277,7 @@ def sft_source(
     split = _Split(ctx.split, ctx.seq_len + 1, val_fraction,
                    None if val_path is None else tuple(_files(val_path, cache_dir)),
                    on_bad_record, assistant_only)  # fmt: skip
-    conversations = _conversations(ChatRenderer(tok, template), files, split, path)
+    conversations = _conversations(ChatRenderer(tok, template), files, split, path, cache_dir)
     source = SftSource(ctx, conversations, tok.token_to_id("<|pad|>"), tokenizers.eos_id(tok),
                        ctx.documents if pack is None else pack, str(tok_path),
                        tokenizers.fingerprint(tok), template, allow_tokenizer_change)  # fmt: skip
@@ -351,34 +356,67 @@ class _Split:
     assistant_only: bool
 
 
-_LOADED: dict[tuple, Conversations] = {}
+_LOADED: dict[str, Conversations] = {}
 """Conversations already rendered in this process, by everything they depend on: every
 evaluation rebuilds the val source, which then reads nothing again."""
 
 
-def _conversations(renderer: ChatRenderer, files: list[Path], split: _Split, path: str
-                   ) -> Conversations:  # fmt: skip
-    """The split's conversations of `files` (or of split.val_files), rendered and cut."""
+def _conversations(
+    renderer: ChatRenderer, files: list[Path], split: _Split, path: str, cache_dir: str
+) -> Conversations:
+    """The split's conversations of `files` (or of split.val_files), rendered and cut: from
+    this process's memory, else from `cache_dir` (the ranks of a machine render once: the
+    first takes a lock, the others then read its file), else rendered now."""
     from pretrain.data.tokenizer import fingerprint
 
     held = split.name != "train"
     sources = list(split.val_files) if held and split.val_files is not None else files
-    key = (split, tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sources),
-           fingerprint(renderer.tokenizer), renderer.template)  # fmt: skip
-    if key not in _LOADED:
-        bad = _BadRecords(split.on_bad_record)
-        records = _read(sources, bad)
-        read = len(records)
-        if split.val_files is None:  # held out by content
-            records = [(w, m) for w, m in records
-                       if is_validation(json.dumps(m, sort_keys=True), split.val_fraction)
-                       == held]  # fmt: skip
-        conversations = _render(renderer, records, split, bad)
-        bad.log()
-        if not conversations.ids:
-            raise DataError(_empty(split, path, read))
-        _LOADED[key] = conversations
-    return _LOADED[key]
+    key = repr((split, [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sources],
+                fingerprint(renderer.tokenizer), renderer.template))  # fmt: skip
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    if digest not in _LOADED:
+        cache = Path(cache_dir).expanduser() / f"rendered-{digest}.npz"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with cache.with_suffix(".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not cache.is_file():
+                _save(_render_split(renderer, sources, split, path), cache)
+            _LOADED[digest] = _load(cache)
+    return _LOADED[digest]
+
+
+def _render_split(renderer: ChatRenderer, sources: list[Path], split: _Split, path: str
+                  ) -> Conversations:  # fmt: skip
+    bad = _BadRecords(split.on_bad_record)
+    records = _read(sources, bad)
+    read = len(records)
+    if split.val_files is None:  # held out by content
+        held = split.name != "train"
+        fraction = split.val_fraction
+        records = [(w, m) for w, m in records
+                   if is_validation(json.dumps(m, sort_keys=True), fraction) == held]  # fmt: skip
+    conversations = _render(renderer, records, split, bad)
+    bad.log()
+    if not conversations.ids:
+        raise DataError(_empty(split, path, read))
+    return conversations
+
+
+def _save(conversations: Conversations, path: Path) -> None:
+    """Written aside and renamed: a reader finds the whole file or none."""
+    lengths = np.array([len(i) for i in conversations.ids], dtype=np.int64)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, ids=np.concatenate(conversations.ids), learn=np.concatenate(conversations.learn),
+             lengths=lengths, truncated=conversations.truncated)  # fmt: skip
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> Conversations:
+    with np.load(path) as saved:
+        bounds = np.cumsum(saved["lengths"])[:-1]
+        ids = np.split(saved["ids"], bounds)
+        learn = np.split(saved["learn"], bounds)
+        return Conversations(ids, learn, int(saved["truncated"]))
 
 
 class _BadRecords:

@@ -228,3 +228,19 @@ def test_parquet_conversations_and_a_tokenizer_directorys_own_template(tmp_path)
     # Each reply and its <|eos|>: the template's own end of turn.
     replies = [m["content"] for r in records for m in r["messages"] if m["role"] == "assistant"]
     assert learned == sum(len(c) + 1 for c in replies)
+
+
+def test_rendered_conversations_are_read_back_from_the_cache(tmp_path, monkeypatch):
+    import pretrain.data.sft as sft
+
+    path = write(tmp_path / "c.jsonl", chats(30))
+    first = source(path)
+    assert len(list((tmp_path / "cache").glob("rendered-*.npz"))) == 1
+    monkeypatch.setattr(sft, "_LOADED", {})  # another process: only the file is left
+    monkeypatch.setattr(sft, "_render_split", lambda *a: pytest.fail("rendered again"))
+    again = source(path)
+    assert [x.tolist() for x in again.data.ids] == [x.tolist() for x in first.data.ids]
+    assert [x.tolist() for x in again.data.learn] == [x.tolist() for x in first.data.learn]
+    write(path, chats(31))  # the file changed: rendered anew
+    monkeypatch.undo()
+    assert len(source(path).data) == 31

@@ -244,3 +244,19 @@ def test_rendered_conversations_are_read_back_from_the_cache(tmp_path, monkeypat
     write(path, chats(31))  # the file changed: rendered anew
     monkeypatch.undo()
     assert len(source(path).data) == 31
+
+
+def test_a_val_file_of_its_own_and_compressed_conversations(tmp_path):
+    import gzip
+
+    records = chats(20)
+    path = tmp_path / "train.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    held = write(tmp_path / "held.jsonl", chats(5, seed=1))
+    kw = {"tokenizer": "bytes", "val_path": str(held), "cache_dir": str(tmp_path / "cache")}
+    train = sft_source(CTX, str(path), **kw)
+    val = sft_source(replace(CTX, split="val"), str(path), **kw)
+    assert len(train.data) == 20 and len(val.data) == 5  # all of data.path trains
+    learned = sum(val.counts(g)[0] for g in range(val.windows_per_epoch()))
+    assert learned == sum(assistant_tokens(r) for r in chats(5, seed=1))

@@ -20,7 +20,9 @@ conversation longer than a window is cut to it (counted, and named at start).
 Window g of the stream is a function of (seed, g) alone, and optimizer step s takes windows
 [s * G, (s + 1) * G) of the global batch G however the ranks split it: a resume is exact on
 any layout. The held-out split (`val_fraction` of the conversations, by a hash of their
-content, or `val_path`) is read in file order, cycling.
+content, or `val_path`) is read once in file order, then as empty windows (nothing counted):
+an evaluation asking for more tokens than it holds scores each conversation once, and every
+rank still runs the same number of batches.
 
 Rendered conversations are kept in `data.cache_dir` (`rendered-<hash>.npz`, by the files'
 names, sizes and times, the tokenizer, template and settings): the ranks of a machine render
@@ -152,6 +154,10 @@ class SftSource:
         return epoch, g - self._epoch_starts[epoch]
 
     def _members(self, g: int) -> list[int]:
+        """The conversations of global window `g`; the held-out split's windows after its
+        one pass hold none (padding, nothing counted)."""
+        if self.ctx.split != "train" and g >= self.windows_per_epoch():
+            return []
         epoch, index = self._locate(g)
         return self.epoch_windows(epoch)[index]
 

@@ -156,7 +156,13 @@ def test_the_val_split_is_held_out_by_content_and_read_in_file_order(tmp_path):
                      cache_dir=str(tmp_path))  # fmt: skip
     assert len(train.data) + len(val.data) == 200 and 20 < len(val.data) < 60
     order = [i for w in val.epoch_windows(0) for i in w]
-    assert order == sorted(order) == list(range(len(val.data)))  # in file order, every time
+    assert order == sorted(order) == list(range(len(val.data)))  # in file order
+    # Read once: past its end, empty windows that count nothing (an evaluation asking for
+    # more scores each conversation once).
+    n = val.windows_per_epoch()
+    assert sum(val.counts(g)[0] for g in range(n)) > 0
+    assert [val.counts(g) for g in range(n, n + 3)] == [(0, SEQ)] * 3
+    assert (val.window_arrays(n)[1] == IGNORE_INDEX).all()
     assert not set(map(bytes, val.data.ids)) & set(map(bytes, train.data.ids))
     assert isinstance(train, DataSource)
 

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     if args.finetune_steps < 0:
         raise ValueError(f"--finetune-steps {args.finetune_steps}: must be >= 0")
     data = heldout.held_out(args.model, args.data, args.tokens)  # before any work: no data
-    saved = None if (args.model / "config.json").is_file() else _saved_config(args.model)
+    saved = heldout.saved_config(args.model)
     if args.finetune_steps and saved is None:
         raise ValueError("--finetune-steps trains with the run's config and data: give a run "
                          "dir or a step_N dir, not an HF directory")  # fmt: skip
@@ -98,13 +98,6 @@ def _weights(directory: Path) -> dict:
     for f in sorted(directory.glob("*.safetensors")):
         weights.update(load_file(f))
     return weights
-
-
-def _saved_config(source: Path) -> dict:
-    from pretrain.checkpoint import manager
-    from pretrain.checkpoint.export import find_checkpoint
-
-    return manager.read_client_state(find_checkpoint(source))["config"]
 
 
 def _finetune(saved: dict, pruned: Path, args: argparse.Namespace, scratch: Path) -> Path:

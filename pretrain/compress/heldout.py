@@ -56,14 +56,20 @@ class HeldOut:
         return None if self.tokens is None else -(-self.tokens // (self.batch * self.seq_len))
 
 
+def saved_config(source: Path) -> dict[str, Any] | None:
+    """The config a run dir's newest checkpoint (or a step_N dir) was trained with; None for
+    an HF directory."""
+    if (source / "config.json").is_file():
+        return None
+    return manager.read_client_state(find_checkpoint(source))["config"]
+
+
 def held_out(source: Path, data: str | None, tokens: int | None) -> HeldOut:
     """The held-out windows for `source` (a run dir, a step_N dir or an HF dir): `data`, or
     the run's val split; the run's seq_len, micro-batch and seed (an HF dir: 2048 capped by
     the model, 8, 0)."""
-    trainer, saved = {}, None
-    if not (source / "config.json").is_file():
-        saved = manager.read_client_state(find_checkpoint(source))["config"]
-        trainer = saved["trainer"]
+    saved = saved_config(source)
+    trainer = saved["trainer"] if saved is not None else {}
     if data is None:
         data = _run_val_data(saved) if saved is not None else None
         if data is None:
@@ -95,11 +101,12 @@ def _max_seq_len(hf_dir: Path) -> int:
 def hf_config(source: Path) -> dict[str, Any]:
     """The HF config.json of `source` (a run's: from its saved model section, before any
     export), to check a request against before any work."""
-    if (source / "config.json").is_file():
+    saved = saved_config(source)
+    if saved is None:
         return json.loads((source / "config.json").read_text())
     from pretrain.model.family import family_of, model_fields
 
-    model = manager.read_client_state(find_checkpoint(source))["config"]["model"]
+    model = saved["model"]
     hf = family_of(model).hf
     if hf is None:
         raise ValueError(f"{source} holds a {model.get('_target_')}, which has no Hugging "

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.compress.shapes import linear_inputs, model_type_errors
+from pretrain.compress.shapes import linear_inputs, request_errors
 
 PATTERNS = ("unstructured", "2:4")
 
@@ -39,11 +39,9 @@ def prunable(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 def errors(config: dict[str, Any], sparsity: float, pattern: str) -> list[str]:
     """Why the model of HF `config` cannot be pruned so ([] when it can)."""
-    if pattern not in PATTERNS:
-        return [f"--pattern {pattern}: choose one of {', '.join(PATTERNS)}"]
-    wrong_type = model_type_errors(config, "pruned")
-    if wrong_type:
-        return wrong_type
+    first = request_errors(config, "--pattern", pattern, PATTERNS, "pruned")
+    if first:
+        return first
     if pattern == "2:4":
         out = [] if sparsity == 0.5 else [f"--pattern 2:4 prunes exactly half: --sparsity "
                                           f"{sparsity} cannot be (give 0.5)"]  # fmt: skip
@@ -73,14 +71,10 @@ def mask_of(weight: torch.Tensor, sparsity: float, pattern: str) -> torch.Tensor
 
 
 @torch.no_grad()
-def prune(model: nn.Module, sparsity: float, pattern: str) -> int:
-    """Zero each prunable layer's weights by `pattern`; returns how many were zeroed."""
-    zeroed = 0
+def prune(model: nn.Module, sparsity: float, pattern: str) -> None:
+    """Zero each prunable layer's weights by `pattern`."""
     for _, layer in prunable(model):
-        keep = mask_of(layer.weight, sparsity, pattern)
-        layer.weight.mul_(keep)
-        zeroed += int((~keep).sum())
-    return zeroed
+        layer.weight.mul_(mask_of(layer.weight, sparsity, pattern))
 
 
 def sparsity_of(weights: dict[str, torch.Tensor], names: list[str]) -> dict[str, float]:

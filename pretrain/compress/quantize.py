@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pretrain.compress.shapes import linear_inputs, model_type_errors
+from pretrain.compress.shapes import linear_inputs, request_errors
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (128, 64, 32, 256)
@@ -35,11 +35,9 @@ def default_group_size(config: dict[str, Any]) -> int | None:
 
 def errors(config: dict[str, Any], method: str, group_size: int | None) -> list[str]:
     """Why `method` cannot quantise the model of HF `config` ([] when it can)."""
-    if method not in METHODS:
-        return [f"--method {method}: choose one of {', '.join(METHODS)}"]
-    wrong_type = model_type_errors(config, "quantised")
-    if wrong_type:
-        return wrong_type
+    first = request_errors(config, "--method", method, METHODS, "quantised")
+    if first:
+        return first
     if method == "int8":
         return [] if group_size is None else ["--group-size is for int4 (int8 is per channel)"]
     if group_size is None:

@@ -29,3 +29,13 @@ def linear_inputs(config: dict[str, Any]) -> dict[str, int]:
         "num_attention_heads x head_dim (o_proj)": config["num_attention_heads"] * head_dim,
         "intermediate_size (down_proj)": config["intermediate_size"],
     }
+
+
+def request_errors(
+    config: dict[str, Any], flag: str, value: str, choices: tuple[str, ...], what: str
+) -> list[str]:
+    """The checks both tools start with: `value` of `flag` one of `choices`, and a model
+    type they can handle."""
+    if value not in choices:
+        return [f"{flag} {value}: choose one of {', '.join(choices)}"]
+    return model_type_errors(config, what)

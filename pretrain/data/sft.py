@@ -96,7 +96,6 @@ class SftSource:
     eos_id: int | None
     """The tokenizer's end of text: how other streams of it (trainer.eval_data shards) end
     their documents; this source's own batches carry theirs."""
-    batch_documents = True
 
     def __init__(
         self, ctx: DataContext, conversations: Conversations, pad: int, eos: int, pack: bool,

@@ -116,10 +116,8 @@ class DataSource(Protocol):
     eos_id: int | None
     """The token id that ends each document in the stream (models that keep packed
     documents apart need it: model.document_mask); None when the stream has no documents
-    or their end is unknown, or when each batch carries its documents (`Batch.documents`)."""
-    batch_documents: bool
-    """Each batch says which document each position belongs to (`Batch.documents`): a model
-    that keeps documents apart needs no `eos_id`."""
+    or their end is unknown. A source whose batches carry their documents (`Batch.documents`)
+    still names its tokenizer's, for batches that do not (trainer.eval_data shards)."""
     chat_template: str | None
     """The Jinja chat template the source rendered its conversations with (data=sft): kept
     in checkpoints and exports, so the model is prompted as it was trained; None for text."""

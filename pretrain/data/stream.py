@@ -657,7 +657,6 @@ class TokenLoader:
         self.eos_id: int | None = None
         """The token that ends each document: the manifests' (when they agree) or
         data.tokenizer's; None when unknown."""
-        self.batch_documents = False  # documents end at eos_id
         self.chat_template: str | None = None  # text, not conversations
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.dataset.chunk = chunk_batches if num_workers > 0 else 1

@@ -27,7 +27,6 @@ class SyntheticStream:
     tokenizer_sha256: str | None = None
     allow_tokenizer_change = False
     eos_id: int | None = None  # a stream of tokens with no documents
-    batch_documents = False
     chat_template: str | None = None
 
     def __init__(

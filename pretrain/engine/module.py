@@ -77,9 +77,6 @@ class DeepSpeedTrainModule:
         extra = {}
         if docs is not None:  # the batch's own documents, else those its EOS tokens end
             ids = batch.documents
-            if ids is None and docs.eos is None:
-                raise ValueError("a batch without document ids from data whose documents do "
-                                 "not end at a known token")  # fmt: skip
             extra["documents"] = document_ids(inputs, docs.eos) if ids is None else ids
         s = self.sequence
         if s is None:

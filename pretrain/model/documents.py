@@ -22,18 +22,11 @@ POSITION_MODES = ("continue", "reset")
 class DocumentSplit:
     """How the training loop tells a model where packed documents begin and end."""
 
-    eos: int | None
+    eos: int
     """The token id that ends a document (the data's tokenizer's EOS), for batches that do
-    not say where their documents are (`data.source.Batch.documents`); None when every batch
-    does."""
+    not say where their documents are (`data.source.Batch.documents`)."""
     reset: bool
     """Positions restart at each document (model.document_positions=reset)."""
-
-
-def keeps_documents_apart(model: dict) -> bool:
-    """Whether a model config section keeps packed documents apart (model.document_mask, or
-    positions that restart per document)."""
-    return bool(model.get("document_mask")) or model.get("document_positions") == "reset"
 
 
 def document_ids(tokens: torch.Tensor, eos: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ from pretrain.engine.deepspeed import build_engine, build_model, sequence_shard,
 from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import schedule_warnings
 from pretrain.eval.perplexity import build_evaluator
-from pretrain.model.documents import DocumentSplit, keeps_documents_apart
+from pretrain.model.documents import DocumentSplit
 from pretrain.model.expert_parallel import ExpertShard
 from pretrain.model.family import family_of, model_fields
 from pretrain.train.callbacks import (
@@ -115,10 +115,10 @@ def document_split(run: RunConfig, data: DataSource) -> DocumentSplit | None:
     (model.document_mask, model.document_positions=reset); None when it does not. A
     ConfigError when the data does not say (data=synthetic has no documents)."""
     model = run.as_dict["model"]
-    if not keeps_documents_apart(model):
-        return None
     reset = model.get("document_positions") == "reset"
-    if data.eos_id is None and not data.batch_documents:
+    if not (model.get("document_mask") or reset):
+        return None
+    if data.eos_id is None:
         raise ConfigError([
             "model.document_mask / model.document_positions=reset need data that says which "
             "token ends a document (data=shards from tools/prepare_data.py, or data=demo); "

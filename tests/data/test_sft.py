@@ -81,7 +81,7 @@ def test_windows_pack_conversations_as_documents_and_learn_only_the_replies(tmp_
     records = chats(40)
     data = source(write(tmp_path / "c.jsonl", records))
     assert data.data.truncated == 0
-    assert data.pack and data.batch_documents and data.chat_template == DEFAULT_TEMPLATE
+    assert data.pack and data.chat_template == DEFAULT_TEMPLATE
     seen, total_learned = [], 0
     for g in range(data.windows_per_epoch()):
         tokens, labels, docs = data.window_arrays(g)

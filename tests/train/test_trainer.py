@@ -65,7 +65,7 @@ class FakeData:
     """A DataSource of zero batches (`n` of them; None: endless)."""
 
     tokenizer = tokenizer_sha256 = eos_id = chat_template = None
-    allow_tokenizer_change = batch_documents = False
+    allow_tokenizer_change = False
 
     def __init__(self, n: int | None = None) -> None:
         self.left = n

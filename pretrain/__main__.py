@@ -7,6 +7,7 @@ DeepSpeed engine -> data -> Trainer.fit(). Only this module sees the raw Hydra c
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import sys
 from typing import NoReturn
@@ -56,12 +57,13 @@ def _hydra_main(cfg: DictConfig) -> None:
     dist.init(run.device_type, dist.process_group_timeout(run.trainer.hang_timeout_s))
     dist.init_parallel(run.parallel)
     dist.setup_logging()
+    code: int | None = None  # set when every rank ended the run the same, normal way
     try:
         train(run)
-        dist.destroy(finished=True)
-    except Preempted as e:
+        code = 0
+    except Preempted as e:  # every rank stops at the same step, after the same save
         log.warning("%s: checkpoint saved; run the same command to resume", e)
-        _exit(EXIT_PREEMPTED)
+        code = EXIT_PREEMPTED
     except TrainingDiverged as e:
         log.error("%s", e)
         _exit(EXIT_DIVERGED)
@@ -76,7 +78,12 @@ def _hydra_main(cfg: DictConfig) -> None:
         log.error("%s", e)
         _exit(1)
     finally:
-        dist.destroy()
+        if code is None:  # not waiting for the other ranks: one may have died
+            dist.destroy()
+    # Out here, the exception and its frames are gone, and with them the data loader (its
+    # workers shut down); all is saved: leave without the interpreter's teardown.
+    dist.write_exit_code(code)
+    dist.finish(code)
 
 
 def _check_composes(args: list[str]) -> None:
@@ -98,6 +105,7 @@ def _check_composes(args: list[str]) -> None:
 
 
 def main() -> None:
+    faulthandler.enable(all_threads=True)  # a rank killed by a fatal signal prints its stacks
     register()
     _check_composes(sys.argv[1:])
     _hydra_main()

@@ -96,13 +96,41 @@ def launch(
     )  # fmt: skip
 
 
-def start(args: list[str], output: Path, nproc: int = 1) -> subprocess.Popen:
+def start(
+    args: list[str], output: Path, nproc: int = 1, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Start `python -m pretrain ARGS` (or torchrun) in the background, output to a file."""
     with output.open("w") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
-            command(args, nproc), cwd=REPO, env=subprocess_env(), stdout=out,
+            command(args, nproc), cwd=REPO, env={**subprocess_env(), **(env or {})}, stdout=out,
             stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+
+
+TEARDOWN_PROBE = """\
+import atexit, os, sys
+
+def _record():  # a training process (not torchrun, not a tool) that ran the teardown
+    if sys.argv[0].endswith(os.path.join("pretrain", "__main__.py")):
+        open(os.path.join({directory!r}, f"teardown.{{os.getpid()}}"), "w").close()
+
+atexit.register(_record)
+"""
+
+
+def teardown_probe(directory: Path) -> dict[str, str]:
+    """The environment for a launch whose `python -m pretrain` processes each leave
+    DIRECTORY/teardown.<pid> if they run the interpreter's teardown (atexit), which
+    `dist.finish` skips: a sitecustomize module on PYTHONPATH."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(TEARDOWN_PROBE.format(directory=str(directory)))
+    path = [str(directory), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path)}
+
+
+def tore_down(directory: Path) -> list[str]:
+    """The pids that `teardown_probe(directory)` saw run the interpreter's teardown."""
+    return sorted(p.name.removeprefix("teardown.") for p in directory.glob("teardown.*"))
 
 
 def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int) -> None:

@@ -451,7 +451,7 @@ def main() -> None:
 
     if dist.is_main():
         print_results(results, run, args)
-    dist.destroy(finished=True)
+    dist.finish()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from tests.conftest import (
     read_metrics,
     start,
     subprocess_env,
+    teardown_probe,
+    tore_down,
     train,
     wait_for_step,
 )
@@ -124,9 +126,11 @@ def test_a_stop_signal_to_every_process_spares_the_data_workers(tmp_path: Path) 
 
 
 def test_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
-    """SIGUSR1 to rank 1 of 2 (ZeRO-2); then the resumed run is bit-exact."""
+    """SIGUSR1 to rank 1 of 2 (ZeRO-2); then the resumed run is bit-exact. The stopped ranks
+    leave through dist.finish, without the interpreter's teardown."""
+    probe = tmp_path / "probe"
     proc = start([*TINY, f"run_dir={tmp_path}", *RUN, "deepspeed.zero_stage=2"],
-                 tmp_path / "out.log", nproc=2)  # fmt: skip
+                 tmp_path / "out.log", nproc=2, env=teardown_probe(probe))  # fmt: skip
     wait_for_step(tmp_path, proc, 3)
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(workers) == 2
@@ -135,6 +139,7 @@ def test_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Pat
     out = (tmp_path / "out.log").read_text()
     # torchrun reports each worker's exit code (75) and itself exits 1, as for any failure.
     assert len(re.findall(rf"exitcode\s*: {EXIT_PREEMPTED}\b", out)) >= 1, out[-3000:]
+    assert tore_down(probe) == [], out[-3000:]
     stopped_at = read_metrics(tmp_path)[-1]["step"]
     ckpt = manager.complete_checkpoints(tmp_path / "checkpoints")[-1]
     assert ckpt.name == f"step_{stopped_at}"

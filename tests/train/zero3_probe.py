@@ -35,4 +35,4 @@ if dist.rank() == 0:  # the same on every rank; one line, so no other rank's out
     from deepspeed.accelerator import get_accelerator  # (chosen by build_model: cpu)
 
     print(f"rank 0 devices: {get_accelerator().device_count()}", flush=True)
-dist.destroy(finished=True)
+dist.finish()

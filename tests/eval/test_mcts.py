@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pretrain.eval.generate import GenerationConfig, KVDecoder, generate, mean_logprob
-from pretrain.eval.mcts import ChrfReward, LogProbReward, SearchConfig, TreeSearch
+from pretrain.eval.mcts import ChrfReward, LogProbReward, Node, SearchConfig, TreeSearch
 from pretrain.model import Transformer
 from tests.eval.test_generate import NaiveDecoder
 
@@ -79,6 +79,34 @@ def test_a_stop_token_ends_a_continuation_and_is_left_out() -> None:
     table[GOOD] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0]).clamp(min=1e-9).log()
     cfg = SearchConfig(simulations=40, max_new_tokens=4, width=V, stop_tokens=(EOS,))
     assert TreeSearch(BigramDecoder(table), cfg, LogProbReward()).run([START]) == [GOOD]
+
+
+class RecordingSearch(TreeSearch):
+    """Keeps the tree it ends with."""
+
+    def _most_visited(self, root: Node) -> list[int]:
+        self.root = root
+        return super()._most_visited(root)
+
+
+def test_when_no_rollout_completes_the_most_visited_path_is_finished_greedily() -> None:
+    """Rollouts of one token and few simulations never reach max_new_tokens: the answer is
+    then the most visited path (more visits, then the likelier token) and greedy after it."""
+    table = trap_table()
+    cfg = SearchConfig(simulations=12, max_new_tokens=16, width=V, rollout_tokens=1)
+    search = RecordingSearch(BigramDecoder(table), cfg, LogProbReward())
+    found = search.run([START])
+    assert search.best is None  # nothing complete: the fallback is what answered
+    path, node = [], search.root
+    while any(c.visits for c in node.children):
+        node = max(node.children, key=lambda c: (c.visits, c.prior))
+        path.append(node.token)
+    assert 1 <= len(path) < cfg.max_new_tokens
+    assert search.root.visits == cfg.simulations
+    greedy = []
+    for _ in range(cfg.max_new_tokens - len(path)):
+        greedy.append(int(table[(greedy or path)[-1]].argmax()))
+    assert found == path + greedy
 
 
 class RerunDecoder(NaiveDecoder):

@@ -3,13 +3,13 @@ choose (`Reward`), for tasks where the most likely next token leads somewhere po
 
 Each simulation walks the tree from the prompt by PUCT (AlphaZero's rule: a child's mean
 value plus `c_puct` x its prior x sqrt(parent visits) / (1 + its visits), the prior being the
-model's probability of its token), expands the leaf it reaches (one model step: its children
-are its `width` most likely next tokens), rolls out greedily from it for up to
-`rollout_tokens` tokens (0: to a stop token or `max_new_tokens`), scores the whole
-continuation with the reward, and adds that value to every node on the way back. The
-answer is the highest-scoring complete continuation any simulation produced (one that
-ended at a stop token or at `max_new_tokens`); when rollouts are cut short and none is
-complete, the most visited path, finished greedily.
+model's probability of its token; a child not visited yet counts its parent's mean),
+expands the leaf it reaches (one model step: its children are its `width` most likely next
+tokens), rolls out greedily from it for up to `rollout_tokens` tokens (0: to a stop token
+or `max_new_tokens`), scores the whole continuation with the reward, and adds that value to
+every node on the way back. The answer is the highest-scoring complete continuation any
+simulation produced (one that ended at a stop token or at `max_new_tokens`); when rollouts
+are cut short and none is complete, the most visited path, finished greedily.
 
 The KV cache is reused along the tree: each expanded node keeps the decoder's state after
 its token (`ForkingDecoder.snapshot`: the cache of its whole prefix), so a child costs one
@@ -110,9 +110,15 @@ class Node:
             node = node.parent
         return nodes[::-1]
 
-    def score(self, c_puct: float, parent_visits: int) -> float:
-        q = self.value_sum / self.visits if self.visits else 0.0
-        return q + c_puct * self.prior * math.sqrt(parent_visits) / (1 + self.visits)
+    def mean(self) -> float:
+        return self.value_sum / self.visits if self.visits else 0.0
+
+    def score(self, c_puct: float, parent: Node) -> float:
+        """PUCT. A child not visited yet is valued at its parent's mean (first-play value),
+        not 0: with rewards below 0 (log-probabilities), 0 would have every unvisited child,
+        however unlikely, tried once before any visited one is tried again."""
+        q = self.mean() if self.visits else parent.mean()
+        return q + c_puct * self.prior * math.sqrt(parent.visits) / (1 + self.visits)
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,7 @@ class TreeSearch:
         for _ in range(self.cfg.simulations):
             node = root
             while node.children and not node.terminal:
-                node = max(node.children, key=lambda c: c.score(self.cfg.c_puct, node.visits))
+                node = max(node.children, key=lambda c: c.score(self.cfg.c_puct, node))
             if not node.terminal and node.state is None:
                 self._expand(node)
             self._backup(node, self._evaluate(node))

@@ -91,7 +91,10 @@ class RecordingSearch(TreeSearch):
 
 def test_when_no_rollout_completes_the_most_visited_path_is_finished_greedily() -> None:
     """Rollouts of one token and few simulations never reach max_new_tokens: the answer is
-    then the most visited path (more visits, then the likelier token) and greedy after it."""
+    then the most visited path (more visits, then the likelier token) and greedy after it.
+    An unvisited child is valued at its parent's mean, so the tokens the model rules out
+    (probability 1e-9) are never tried, where a value of 0, above every log-probability,
+    had each tried once (4 of these 12 simulations)."""
     table = trap_table()
     cfg = SearchConfig(simulations=12, max_new_tokens=16, width=V, rollout_tokens=1)
     search = RecordingSearch(BigramDecoder(table), cfg, LogProbReward())
@@ -103,6 +106,9 @@ def test_when_no_rollout_completes_the_most_visited_path_is_finished_greedily() 
         path.append(node.token)
     assert 1 <= len(path) < cfg.max_new_tokens
     assert search.root.visits == cfg.simulations
+    assert {c.token: c.visits for c in search.root.children if c.prior < 1e-6} == dict.fromkeys(
+        [START, SURE, 4, EOS], 0
+    )
     greedy = []
     for _ in range(cfg.max_new_tokens - len(path)):
         greedy.append(int(table[(greedy or path)[-1]].argmax()))

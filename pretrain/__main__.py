@@ -86,11 +86,25 @@ def _hydra_main(cfg: DictConfig) -> None:
     dist.finish(code)
 
 
+MULTIRUN_REFUSED = (
+    "Hydra's multirun (-m/--multirun, hydra.mode=MULTIRUN) is not supported: its jobs would "
+    "share one process, and a run's process groups and DeepSpeed's do not outlive it. Run one "
+    "command per setting, or a Slurm array: sbatch --array=0-N slurm/sweep.sh FILE "
+    "(docs/cluster.md)"
+)
+
+
 def _check_composes(args: list[str]) -> None:
     """Exit 2 with one message, before Hydra makes the run dir, when the overrides do not
     compose (a misspelt key, a wrong type, an unknown option; Hydra itself would print its
     own report and exit 1) or do not resolve (a bad value, values that disagree). Hydra's
-    flags (--cfg, --help, -m) and hydra.* settings are Hydra's."""
+    flags (--cfg, --help) and hydra.* settings are Hydra's, but not its multirun."""
+    if any(a in ("-m", "--multirun") or a.lstrip("+").startswith("hydra.mode=MULTIRUN")
+           for a in args):  # fmt: skip
+        dist.setup_logging()
+        if dist.is_main():
+            log.error(MULTIRUN_REFUSED)
+        _exit(2)
     if any(a.startswith(("-", "hydra.", "+hydra.", "~hydra.")) for a in args):
         return
     try:

@@ -134,7 +134,7 @@ def prepare_ours(run: RunConfig) -> Row:
     engine = build_engine(run, model)
     data = build_data(run)
     module = DeepSpeedTrainModule(engine, trainer_clip(run), run.optim, sequence_shard(),
-                                  document_split(run, data))  # fmt: skip
+                                  document_split(run.as_dict["model"], data))  # fmt: skip
     trainer = Trainer(module, data, run.trainer, run.grad_accum, run.tokens_per_step)
     losses: list[float] = []
 

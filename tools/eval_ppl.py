@@ -1,9 +1,16 @@
 """Perplexity and bits per byte of a trained model on token shards: the in-loop validation
 measurement, offline.
 
+    python tools/eval_ppl.py runs/demo
     python tools/eval_ppl.py runs/demo --data ~/.cache/pretrain/demo/shards
     python tools/eval_ppl.py out/hf --data 'shards/val-*.tar' --tokens 1000000 --seq-len 2048
     python tools/eval_ppl.py runs/demo --text docs.jsonl --seq-len 512
+
+Without --data or --text, a run (or a step_N dir) is scored on its own val split as its in-loop
+validation read it, whatever its data (demo, shards, sft conversations): the same windows,
+documents (model.document_mask / document_positions=reset) and counted targets (fine-tuning
+scores the replies alone), trainer.eval_tokens of them unless --tokens says otherwise; the
+loss equals the run's last val_loss.
 
 --data is a tools/prepare_data.py directory (its --split, default val) or a glob / URL list
 of shards (read whole). Windows of --seq-len + 1 tokens every --seq-len tokens, as training
@@ -28,10 +35,13 @@ import torch
 
 from pretrain.checkpoint import manager
 from pretrain.checkpoint.export import TOKENIZER_FILE, check_same_tokenizer
+from pretrain.config import ConfigError
+from pretrain.data.build import saved_val_data
 from pretrain.data.stream import DataError, build_loader
 from pretrain.data.tokenizer import eos_id
 from pretrain.eval.load import Loaded, load_model, pick_device
 from pretrain.eval.perplexity import byte_lengths, evaluate, model_loss, score_documents
+from pretrain.train.run import document_split
 
 
 def trained(source: Path) -> dict:
@@ -65,6 +75,26 @@ def score_shards(
                     prefix="eval")  # fmt: skip
 
 
+def score_run_val(
+    loaded: Loaded, tokens: int | None, device: torch.device
+) -> dict[str, float]:  # fmt: skip
+    """The run's own val split, as its in-loop evaluations read it (module docstring)."""
+    if not manager.is_complete(loaded.source):
+        raise ValueError(f"{loaded.source} is not a run's checkpoint, which has no val split of "
+                         "its own: give --data (shards) or --text (documents)")  # fmt: skip
+    saved = manager.read_client_state(loaded.source)["config"]
+    data, n_batches = saved_val_data(saved)
+    t = saved["trainer"]
+    if tokens is not None:
+        n_batches = -(-tokens // (t["micro_batch_size"] * t["seq_len"]))
+    table = None
+    if loaded.tokenizer is not None:
+        table = byte_lengths(loaded.tokenizer, loaded.model.config.vocab_size)
+    documents = document_split(saved["model"], data)
+    return evaluate(model_loss(loaded.model, documents), iter(data), n_batches, device, table,
+                    prefix="eval")  # fmt: skip
+
+
 def score_text(loaded: Loaded, path: Path, seq_len: int, device: torch.device) -> dict[str, float]:
     """Whole documents, each from the end-of-text token, in rolling windows."""
     if loaded.tokenizer is None:
@@ -85,11 +115,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("model", type=Path, help="run dir, checkpoints/step_N dir or HF dir")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="shard directory, glob or URLs")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", help="shard directory, glob or URLs (default: the run's val "
+                        "split, as its in-loop validation read it)")  # fmt: skip
     source.add_argument("--text", type=Path, help="documents: .jsonl of {text}, or a text file")
-    parser.add_argument("--split", default="val", help="split of a shard directory")
-    parser.add_argument("--tokens", type=int, default=None, help="score this many (default all)")
+    parser.add_argument("--split", default="val", help="split of a --data shard directory")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="score this many (default: all of --data or --text; the run's "
+                        "trainer.eval_tokens of its own split)")  # fmt: skip
     parser.add_argument("--seq-len", type=int, default=None,
                         help="window length (default: the trained seq_len, else 2048)")  # fmt: skip
     parser.add_argument(
@@ -110,6 +143,10 @@ def main() -> None:
                         "(refused by default: the ids would mean other text)")  # fmt: skip
     parser.add_argument("--output", type=Path, help="also write the figures here (JSON)")
     args = parser.parse_args()
+    own = [f for f in ("seq_len", "batch_size", "seed") if getattr(args, f) is not None]
+    if args.data is None and args.text is None and own:
+        parser.error(f"--{own[0].replace('_', '-')} is for --data or --text: the run's own val "
+                     "split is read with the run's settings")  # fmt: skip
     device = pick_device(args.device)
     try:
         loaded = load_model(args.model, device)
@@ -124,13 +161,15 @@ def main() -> None:
             )
         if args.text is not None:
             figures = score_text(loaded, args.text, seq_len, torch.device(device))
-        else:
+        elif args.data is not None:
             figures = score_shards(loaded, args, seq_len, batch, seed, torch.device(device))
-    except (FileNotFoundError, ValueError, DataError) as e:
+        else:
+            figures = score_run_val(loaded, args.tokens, torch.device(device))
+    except (FileNotFoundError, ValueError, DataError, ConfigError) as e:
         parser.error(str(e))
     result = {
-        "model": str(loaded.source), "data": args.data or str(args.text),
-        "split": args.split if args.data else None, "seq_len": seq_len,
+        "model": str(loaded.source), "data": args.data or str(args.text or "the run's own"),
+        "split": args.split if args.text is None else None, "seq_len": seq_len,
         "loss": figures["eval_loss"], "ppl": figures["eval_ppl"],
         "bpb": figures.get("eval_bpb"), "tokens": figures["eval_tokens"],
     }  # fmt: skip

@@ -56,12 +56,17 @@ def from_saved(saved: dict[str, Any], overrides: list[str]) -> DictConfig:
     """The config of a saved run (a checkpoint's `config`), typed as `compose` gives it: its
     model and data sections over the presets of the same families (by `_target_`), every
     other section over the defaults, then `overrides` (key=value)."""
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     groups = [f"{group}={_preset(group, saved[group]['_target_'])}" for group in ("model", "data")]
     cfg = compose(groups)
     sections = {k: v for k, v in saved.items() if k != "derived"}
-    return OmegaConf.merge(cfg, sections, OmegaConf.from_dotlist(overrides))
+    # Open: a dict field's own keys (trainer.eval_data.NAME, given as +key=) merge in; a
+    # typed section still refuses a key its schema lacks.
+    with open_dict(cfg):
+        merged = OmegaConf.merge(cfg, sections, OmegaConf.from_dotlist(overrides))
+    OmegaConf.set_struct(merged, True)
+    return merged
 
 
 def _preset(group: str, target: str) -> str:

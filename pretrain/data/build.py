@@ -7,13 +7,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from pretrain import dist
-from pretrain.config import RunConfig
+from pretrain.config import RunConfig, from_saved
 from pretrain.data.source import DataContext, DataSource
 from pretrain.data.stream import DataError, shards_source
 
@@ -28,7 +29,7 @@ def data_context(run: RunConfig, split: str = "train") -> DataContext:
 
 def build_data(run: RunConfig) -> DataSource:
     """This rank's stream of micro-batches (data/source.py `Batch`)."""
-    return _instantiate_data(run, data_context(run))
+    return _instantiate_data(run.data, data_context(run))
 
 
 def build_val_data(run: RunConfig) -> Iterator[torch.Tensor]:
@@ -36,8 +37,26 @@ def build_val_data(run: RunConfig) -> Iterator[torch.Tensor]:
     of one, so a val split of a single shard serves any number of ranks) and keeps every
     data_size()-th micro-batch from its data rank on. The same batches at every call."""
     extra = {"num_workers": 0} if "num_workers" in run.data else {}  # a few batches per eval
-    stream = _instantiate_data(run, data_context(run).alone("val"), **extra)
+    stream = _instantiate_data(run.data, data_context(run).alone("val"), **extra)
     return itertools.islice(stream, dist.data_rank(), None, dist.data_size())
+
+
+def saved_val_data(saved: dict[str, Any]) -> tuple[DataSource, int]:
+    """The val split of a saved run (a checkpoint's `config`) as its in-loop evaluations read
+    it (`build_val_data`), for one process: its data source as the one rank of one, and how
+    many micro-batches an evaluation took over all of the run's data ranks (each rank took
+    every data_size-th of them: together, the first ones of the split)."""
+    t, model = saved["trainer"], saved["model"]
+    ctx = DataContext(
+        int(model["vocab_size"]), t["seq_len"], t["micro_batch_size"], 1, t["seed"], 0, 1, "val",
+        bool(model.get("document_mask")), model.get("init_from"),
+    )  # fmt: skip
+    data = from_saved(saved, []).data
+    extra = {"num_workers": 0} if "num_workers" in data else {}
+    source = _instantiate_data(data, ctx, **extra)
+    ranks = saved["derived"]["parallel"]["data"]
+    per_rank = -(-t["eval_tokens"] // (t["micro_batch_size"] * t["seq_len"] * ranks))
+    return source, per_rank * ranks
 
 
 def build_named_val_data(run: RunConfig, path: str, tokenizer: str | None) -> Iterator:
@@ -50,10 +69,10 @@ def build_named_val_data(run: RunConfig, path: str, tokenizer: str | None) -> It
     return itertools.islice(stream, dist.data_rank(), None, dist.data_size())
 
 
-def _instantiate_data(run: RunConfig, ctx: DataContext, **extra: object) -> DataSource:
-    """The data source of `run.data` (its `_target_` builder) for `ctx`."""
+def _instantiate_data(data: Any, ctx: DataContext, **extra: object) -> DataSource:
+    """The data source of a run's data section (its `_target_` builder) for `ctx`."""
     try:
-        return instantiate(run.data, ctx, **extra)
+        return instantiate(data, ctx, **extra)
     except InstantiationException as e:  # Hydra wraps the data source's own error
         if isinstance(e.__cause__, DataError):
             raise e.__cause__ from None

@@ -16,7 +16,7 @@ from pretrain.data.source import Batch
 from pretrain.engine.deepspeed import UpdateGate, clip_gradients
 from pretrain.engine.expert_groups import ExpertCheckpoint
 from pretrain.engine.optim import keep_kernel_after_load
-from pretrain.model.documents import DocumentSplit, document_ids, positions_in_documents
+from pretrain.model.documents import DocumentSplit, positions_in_documents
 from pretrain.model.sequence import SequenceShard
 from pretrain.train.metrics import fp16_metrics, memory_metrics
 
@@ -75,9 +75,8 @@ class DeepSpeedTrainModule:
         inputs, targets = batch.inputs, batch.targets
         docs = self.documents
         extra = {}
-        if docs is not None:  # the batch's own documents, else those its EOS tokens end
-            ids = batch.documents
-            extra["documents"] = document_ids(inputs, docs.eos) if ids is None else ids
+        if docs is not None:
+            extra["documents"] = docs.ids(inputs, batch.documents)
         s = self.sequence
         if s is None:
             return self.engine(inputs, targets, **extra), 1

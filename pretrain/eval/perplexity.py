@@ -22,6 +22,7 @@ from pretrain.data.build import build_named_val_data, build_val_data
 from pretrain.data.source import Batch, DataSource, as_batch
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.data.tokenizer import token_byte_lengths
+from pretrain.model.documents import DocumentSplit
 from pretrain.model.loss import IGNORE_INDEX
 from pretrain.train.module import TrainModule
 
@@ -30,15 +31,20 @@ LossFn = Callable[[Batch], torch.Tensor]
 (no dropout): `model_loss(model)`, or a TrainModule's `eval_loss`."""
 
 
-def model_loss(model: torch.nn.Module) -> LossFn:
-    """`model`'s own training loss, `model(inputs, targets)`, in eval mode for each batch (its
-    documents unseen: the model scores the window as one text)."""
+def model_loss(model: torch.nn.Module, documents: DocumentSplit | None = None) -> LossFn:
+    """`model`'s own training loss, `model(inputs, targets)`, in eval mode for each batch.
+    With `documents` (a model that keeps packed documents apart), each batch's documents
+    are passed as training passes them (its own, else those its EOS tokens end); without,
+    the model scores the window as one text."""
 
     def loss_of(batch: Batch) -> torch.Tensor:
+        extra = {}
+        if documents is not None:
+            extra["documents"] = documents.ids(batch.inputs, batch.documents)
         was_training = model.training
         model.eval()
         try:
-            return model(batch.inputs, batch.targets)
+            return model(batch.inputs, batch.targets, **extra)
         finally:
             model.train(was_training)
 

@@ -28,6 +28,11 @@ class DocumentSplit:
     reset: bool
     """Positions restart at each document (model.document_positions=reset)."""
 
+    def ids(self, inputs: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+        """The document of each input position (B, T): `given` (the batch's own), else the
+        count of EOS tokens before it."""
+        return document_ids(inputs, self.eos) if given is None else given
+
 
 def document_ids(tokens: torch.Tensor, eos: int) -> torch.Tensor:
     """(B, T) -> (B, T): the index, within its row, of the document each position is in

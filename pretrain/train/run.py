@@ -80,7 +80,7 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     # and the engine cost anything.
     data = build_data(run)
     check_val_data(run, data)
-    documents = document_split(run, data)
+    documents = document_split(run.as_dict["model"], data)
     resume = plan_resume(run, checkpoint.checkpoint_dir(run.run_dir), data)
     model = build_model(run, lambda expert: build_module(run, expert))
     init_from = run.model.get("init_from")
@@ -110,11 +110,10 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
     return state
 
 
-def document_split(run: RunConfig, data: DataSource) -> DocumentSplit | None:
-    """Where the data's packed documents end, for a model that keeps them apart
-    (model.document_mask, model.document_positions=reset); None when it does not. A
-    ConfigError when the data does not say (data=synthetic has no documents)."""
-    model = run.as_dict["model"]
+def document_split(model: dict[str, Any], data: DataSource) -> DocumentSplit | None:
+    """Where the data's packed documents end, for a model (a run's model section) that keeps
+    them apart (model.document_mask, model.document_positions=reset); None when it does not.
+    A ConfigError when the data does not say (data=synthetic has no documents)."""
     reset = model.get("document_positions") == "reset"
     if not (model.get("document_mask") or reset):
         return None

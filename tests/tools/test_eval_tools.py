@@ -60,6 +60,10 @@ def test_eval_ppl_repeats_the_in_loop_validation(run_dir: Path, tmp_path: Path) 
     assert figures["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
     assert figures["bpb"] == pytest.approx(last["val_bpb"], rel=1e-6)
     assert figures["tokens"] == EVAL_TOKENS and figures["ppl"] == pytest.approx(last["val_ppl"])
+    # Without --data: the run's own val split, as its in-loop validation read it.
+    own = json.loads(tool("eval_ppl.py", run_dir).stdout)
+    assert own["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    assert own["tokens"] == EVAL_TOKENS and own["split"] == "val"
     whole = json.loads(tool("eval_ppl.py", run_dir, "--data", shards).stdout)
     assert whole["tokens"] > EVAL_TOKENS  # the whole val split
     bad = tool("eval_ppl.py", run_dir, "--data", shards / "*.tar")

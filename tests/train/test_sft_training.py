@@ -112,6 +112,22 @@ def test_the_loss_on_the_replies_goes_to_zero_and_on_every_token_cannot(runs):
     assert masked[-1]["data_loss_tokens"] == 8 * 8 * 3
 
 
+def test_eval_ppl_scores_the_val_replies_as_the_run_did(runs):
+    """tools/eval_ppl.py without --data: the run's own val conversations, read as its in-loop
+    validation read them (packed, each its own document with positions reset, the replies
+    alone counted): the run's last val_loss, where scoring every token gives far more."""
+    root, masked, everything, _, _ = runs
+    proc = subprocess.run(
+        [sys.executable, "tools/eval_ppl.py", str(root / "masked")], cwd=REPO,
+        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(proc.stdout)
+    assert figures["loss"] == pytest.approx(masked[-1]["val_loss"], rel=1e-5)
+    assert figures["tokens"] == masked[-1]["val_tokens"]
+    assert everything[-1]["val_loss"] > 100 * figures["loss"]
+
+
 def test_a_stopped_run_resumes_exactly(runs):
     _, masked, _, resumed, _ = runs
     # The resumed run's records: steps 1-12 from the first job, 13-40 from the second.

@@ -13,6 +13,8 @@ import sys
 from typing import NoReturn
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pretrain import dist
@@ -45,9 +47,21 @@ def _data_message(e: DataError) -> str:
     return f"data error: {text}"
 
 
+MULTIRUN_REFUSED = (
+    "Hydra's multirun (-m/--multirun, hydra.mode=MULTIRUN) is not supported: its jobs would "
+    "share one process, and a run's process groups and DeepSpeed's do not outlive it. Run one "
+    "command per setting, or a Slurm array: sbatch --array=0-N slurm/sweep.sh FILE "
+    "(docs/cluster.md)"
+)
+
+
 @hydra.main(config_path=conf_dir(), config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     dist.setup_logging()
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # also set by a config, or --multi
+        if dist.is_main():
+            log.error(MULTIRUN_REFUSED)
+        _exit(2)
     try:
         run = resolve(cfg, world_size=dist.world_size())
     except ConfigError as e:
@@ -64,9 +78,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except Preempted as e:  # every rank stops at the same step, after the same save
         log.warning("%s: checkpoint saved; run the same command to resume", e)
         code = EXIT_PREEMPTED
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # every rank counts the same skipped steps
         log.error("%s", e)
-        _exit(EXIT_DIVERGED)
+        code = EXIT_DIVERGED
     except ConfigError as e:  # a value only the built model can check
         if dist.is_main():
             log.error("%s", e)
@@ -84,14 +98,6 @@ def _hydra_main(cfg: DictConfig) -> None:
     # workers shut down); all is saved: leave without the interpreter's teardown.
     dist.write_exit_code(code)
     dist.finish(code)
-
-
-MULTIRUN_REFUSED = (
-    "Hydra's multirun (-m/--multirun, hydra.mode=MULTIRUN) is not supported: its jobs would "
-    "share one process, and a run's process groups and DeepSpeed's do not outlive it. Run one "
-    "command per setting, or a Slurm array: sbatch --array=0-N slurm/sweep.sh FILE "
-    "(docs/cluster.md)"
-)
 
 
 def _check_composes(args: list[str]) -> None:

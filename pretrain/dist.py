@@ -8,6 +8,7 @@ single-process group on a free local port, so `python -m pretrain` just works.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import random
@@ -172,8 +173,10 @@ def finish(code: int = 0) -> NoReturn:
     """End a rank whose work is all done and whose files are closed: wait for every rank and
     tear the process group down (`destroy(finished=True)`), flush the logs and standard
     streams, then leave with `code` through os._exit, skipping the interpreter's teardown.
-    Call it once the data loader is gone (its workers shut down with it); a worker left
-    behind exits by itself within 5 s of finding its parent gone.
+    Call it once the data loader is gone (its workers shut down with it; a worker left
+    behind dies with its parent, data/stream.py's PR_SET_PDEATHSIG) and every callback
+    closed: threads, atexit handlers and finalizers do not run after it. If the barrier
+    fails (a peer or the store gone), it still leaves with `code`.
 
     Why: in CI, finished 2-rank runs sometimes aborted after their last line ("terminate
     called without an active exception", SIGABRT), failing the launcher and, under Slurm,
@@ -181,11 +184,16 @@ def finish(code: int = 0) -> NoReturn:
     DeepSpeed holds them, so gloo's threads live on into interpreter finalization; which
     teardown step aborted is unknown (it never reproduced here), and a process that never
     finalizes runs none of them. What is left (sockets, memory, threads) the kernel frees."""
-    destroy(finished=True)
+    try:
+        destroy(finished=True)
+    except Exception as e:  # a peer or the store gone: the work is done, leave all the same
+        log.warning("leaving without the final barrier (%s: %s)", type(e).__name__, e)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # closed, or a broken pipe
             stream.flush()
+    with contextlib.suppress(OSError, AttributeError):  # C stdio (NCCL's, C++ logging)
+        ctypes.CDLL(None).fflush(None)
     os._exit(code)
 
 
@@ -197,12 +205,15 @@ def _all_left_the_barrier(timeout_s: float = 60.0) -> None:
     if tdist.get_world_size() == 1:
         return
     store = tdist.distributed_c10d._get_default_store()
-    store.add("pretrain/left_final_barrier", 1)
+    # Per restart of torchrun's (--max-restarts), whose store outlives the attempt.
+    key = f"pretrain/left_final_barrier/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    left = store.add(key, 1)
     deadline = time.monotonic() + timeout_s
-    while store.add("pretrain/left_final_barrier", 0) < tdist.get_world_size():
+    while left < tdist.get_world_size():
         if time.monotonic() > deadline:
             return
         time.sleep(0.01)
+        left = store.add(key, 0)
 
 
 def barrier() -> None:

@@ -110,11 +110,16 @@ def start(
 TEARDOWN_PROBE = """\
 import atexit, os, sys
 
-def _record():  # a training process (not torchrun, not a tool) that ran the teardown
-    if sys.argv[0].endswith(os.path.join("pretrain", "__main__.py")):
-        open(os.path.join({directory!r}, f"teardown.{{os.getpid()}}"), "w").close()
+def _record(what):
+    open(os.path.join({directory!r}, f"{{what}}.{{os.getpid()}}"), "w").close()
 
-atexit.register(_record)
+def _teardown():  # a training process (not torchrun, not a tool) that ran the teardown
+    if sys.argv[0].endswith(os.path.join("pretrain", "__main__.py")):
+        _record("teardown")
+
+if "RANK" in os.environ:  # a process torchrun started: the probe is in place
+    _record("loaded")
+atexit.register(_teardown)
 """
 
 
@@ -128,8 +133,11 @@ def teardown_probe(directory: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(path)}
 
 
-def tore_down(directory: Path) -> list[str]:
-    """The pids that `teardown_probe(directory)` saw run the interpreter's teardown."""
+def tore_down(directory: Path, ranks: int) -> list[str]:
+    """The pids that `teardown_probe(directory)` saw run the interpreter's teardown, once it
+    is sure the probe was loaded in the `ranks` processes torchrun started."""
+    loaded = list(directory.glob("loaded.*"))
+    assert len(loaded) >= ranks, f"the teardown probe loaded in {len(loaded)} of {ranks}"
     return sorted(p.name.removeprefix("teardown.") for p in directory.glob("teardown.*"))
 
 

@@ -5,8 +5,11 @@ weight files; and the source turned into a Hugging Face directory to compress.
 The windows are the run's val split (data=demo: its cache; data=shards: data.path), or
 `--data` (a tools/prepare_data.py directory's val split, or a glob of shards read whole),
 read as tools/eval_ppl.py reads them: seq_len + 1 tokens, the trained seq_len, micro-batch
-and seed. The loss is transformers' logits against the targets, so loading the written
-directory in transformers gives the report's figures.
+and seed. A fine-tuning run (data=sft) is measured on its own val conversations as its
+in-loop validation read them (`data/build.saved_val_data`): the replies alone count, and
+packed conversations keep apart (model.document_mask, document_positions=reset, given to
+transformers as a 4D mask and position ids). The loss is transformers' logits against the
+targets, so loading the written directory in transformers gives the report's figures.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import torch.nn.functional as F
 
 from pretrain.checkpoint import manager
 from pretrain.checkpoint.export import TOKENIZER_FILE, export_hf, find_checkpoint
+from pretrain.data.build import saved_val_data
 from pretrain.data.source import Batch
 from pretrain.data.stream import DataError, build_loader
 from pretrain.eval.perplexity import byte_lengths, evaluate
+from pretrain.model.documents import DocumentSplit, document_mask, positions_in_documents
 
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
 
@@ -38,22 +43,43 @@ class HeldOut:
     """The windows a compression is measured on."""
 
     data: str
-    """The shard directory (its val split) or glob."""
+    """The shard directory (its val split) or glob; or, with `saved`, what it is."""
     split: str
     seq_len: int
     batch: int
     seed: int
     tokens: int | None
-    """At most this many target tokens (None: the whole split)."""
+    """At most this many target tokens (None: the whole split; with `saved`, the run's
+    trainer.eval_tokens)."""
+    saved: dict[str, Any] | None = None
+    """A run's config, when its own data source reads its val split (data=sft)."""
 
-    def batches(self, vocab_size: int, tokenizer: str | None) -> Iterator[torch.Tensor]:
-        return iter(build_loader(
-            self.data, vocab_size, self.seq_len, self.batch, seed=self.seed, split=self.split,
-            num_workers=0, epochs=1, tokenizer=tokenizer,
-        ))  # fmt: skip
+    def read(self, vocab_size: int, tokenizer: str | None) -> Read:
+        """The batches, how many to score (None: all), and the documents to keep apart."""
+        n_batches = None if self.tokens is None else -(-self.tokens // (self.batch * self.seq_len))
+        if self.saved is None:
+            return Read(iter(build_loader(
+                self.data, vocab_size, self.seq_len, self.batch, seed=self.seed,
+                split=self.split, num_workers=0, epochs=1, tokenizer=tokenizer,
+            )), n_batches, None, False)  # fmt: skip
+        from pretrain.train.run import document_split
 
-    def n_batches(self) -> int | None:
-        return None if self.tokens is None else -(-self.tokens // (self.batch * self.seq_len))
+        source, per_eval = saved_val_data(self.saved)
+        model = self.saved["model"]
+        return Read(iter(source), n_batches or per_eval, document_split(model, source),
+                    bool(model.get("document_mask")))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Read:
+    """What `HeldOut.read` gives `measure`."""
+
+    batches: Iterator[torch.Tensor | Batch]
+    n_batches: int | None
+    documents: DocumentSplit | None
+    """Where packed documents end, for a model that keeps them apart (else None)."""
+    masked: bool
+    """Attention stays inside each document (model.document_mask)."""
 
 
 def saved_config(source: Path) -> dict[str, Any] | None:
@@ -70,17 +96,19 @@ def held_out(source: Path, data: str | None, tokens: int | None) -> HeldOut:
     the model, 8, 0)."""
     saved = saved_config(source)
     trainer = saved["trainer"] if saved is not None else {}
+    seq_len = trainer.get("seq_len") or _max_seq_len(source)
+    batch, seed = trainer.get("micro_batch_size", 8), trainer.get("seed", 0)
+    if data is None and saved is not None and saved["data"]["_target_"].endswith("sft_source"):
+        return HeldOut("the run's val conversations", "val", seq_len, batch, seed, tokens, saved)
     if data is None:
         data = _run_val_data(saved) if saved is not None else None
         if data is None:
             raise ValueError(
                 f"{source}: no held-out split to measure on (an HF directory, or a run whose "
-                "data is neither data=demo nor data=shards with a path): give --data (a "
-                "tools/prepare_data.py directory or a glob of shards)"
+                "data is neither data=demo, data=shards with a path nor data=sft): give --data "
+                "(a tools/prepare_data.py directory or a glob of shards)"
             )
-    seq_len = trainer.get("seq_len") or _max_seq_len(source)
-    return HeldOut(data, "val", seq_len, trainer.get("micro_batch_size", 8),
-                   trainer.get("seed", 0), tokens)  # fmt: skip
+    return HeldOut(data, "val", seq_len, batch, seed, tokens)
 
 
 def _run_val_data(saved: dict[str, Any]) -> str | None:
@@ -122,12 +150,26 @@ def hf_directory(source: Path, scratch: Path) -> Path:
     return export_hf(source, scratch / "source_hf")
 
 
-def hf_loss(model: torch.nn.Module) -> Callable[[Batch], torch.Tensor]:
-    """The mean next-token loss of a transformers causal LM (its own logits)."""
+def hf_loss(
+    model: torch.nn.Module, documents: DocumentSplit | None = None, masked: bool = False
+) -> Callable[[Batch], torch.Tensor]:  # fmt: skip
+    """The mean next-token loss of a transformers causal LM (its own logits) over the targets
+    that count. With `documents`, each batch's documents as our model sees them: a 4D mask
+    (within each document when `masked`, else causal) and positions (restarting at each
+    document with reset), given explicitly so transformers infers neither."""
 
     @torch.no_grad()
     def loss_of(batch: Batch) -> torch.Tensor:
-        logits = model(batch.inputs).logits.float()
+        extra: dict[str, torch.Tensor] = {}
+        if documents is not None:
+            ids = documents.ids(batch.inputs, batch.documents)
+            allowed = document_mask(ids if masked else torch.zeros_like(ids))
+            zeros = torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device)
+            extra["attention_mask"] = zeros.masked_fill(~allowed, torch.finfo(model.dtype).min)
+            T = ids.size(1)
+            plain = torch.arange(T, device=ids.device).expand_as(ids)
+            extra["position_ids"] = positions_in_documents(ids) if documents.reset else plain
+        logits = model(batch.inputs, **extra).logits.float()
         return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
 
     return loss_of
@@ -143,9 +185,9 @@ def measure(model: torch.nn.Module, hf_dir: Path, heldout: HeldOut) -> dict[str,
     table, name = None, None
     if tokenizer.is_file():
         table, name = byte_lengths(Tokenizer.from_file(str(tokenizer)), vocab), str(tokenizer)
-    batches = heldout.batches(vocab, name)
-    figures = evaluate(hf_loss(model.eval()), batches, heldout.n_batches(), torch.device("cpu"),
-                       table, prefix="eval")  # fmt: skip
+    read = heldout.read(vocab, name)
+    figures = evaluate(hf_loss(model.eval(), read.documents, read.masked), read.batches,
+                       read.n_batches, torch.device("cpu"), table, prefix="eval")  # fmt: skip
     return {k.removeprefix("eval_"): v for k, v in figures.items()}
 
 

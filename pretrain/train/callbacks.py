@@ -81,7 +81,9 @@ class Callback:
         ended it."""
 
     def close(self) -> None:
-        """Release what the callback holds; runs after errors too."""
+        """Release what the callback holds; runs after errors too. Finish any background
+        work here (an upload thread, a writer's buffer): a finished rank then leaves through
+        `dist.finish`, which runs no threads, atexit handlers or finalizers."""
 
 
 class MetricsCallback(Callback):

@@ -139,7 +139,7 @@ def test_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Pat
     out = (tmp_path / "out.log").read_text()
     # torchrun reports each worker's exit code (75) and itself exits 1, as for any failure.
     assert len(re.findall(rf"exitcode\s*: {EXIT_PREEMPTED}\b", out)) >= 1, out[-3000:]
-    assert tore_down(probe) == [], out[-3000:]
+    assert tore_down(probe, ranks=2) == [], out[-3000:]
     stopped_at = read_metrics(tmp_path)[-1]["step"]
     ckpt = manager.complete_checkpoints(tmp_path / "checkpoints")[-1]
     assert ckpt.name == f"step_{stopped_at}"

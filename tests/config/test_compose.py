@@ -151,7 +151,8 @@ def test_cross_field_error_exits_2_before_any_model_is_built(tmp_path: Path) -> 
      ("optim.lr=fast", "optim.lr=fast"),
      # Hydra's multirun ran the first job and failed the second (DeepSpeed's groups are
      # per process); it would now end the process after the first: refused up front.
-     ("--multirun", "slurm/sweep.sh")],
+     ("--multirun", "slurm/sweep.sh"),
+     ("--multi", "slurm/sweep.sh")],  # argparse's abbreviation, seen only inside Hydra
 )  # fmt: skip
 def test_an_override_that_does_not_compose_exits_2_with_one_message(
     override: str, said: str, tmp_path: Path

@@ -9,8 +9,9 @@ measurement, offline.
 Without --data or --text, a run (or a step_N dir) is scored on its own val split as its in-loop
 validation read it, whatever its data (demo, shards, sft conversations): the same windows,
 documents (model.document_mask / document_positions=reset) and counted targets (fine-tuning
-scores the replies alone), trainer.eval_tokens of them unless --tokens says otherwise; the
-loss equals the run's last val_loss.
+scores the replies alone), trainer.eval_tokens of them unless --tokens says otherwise, on a
+GPU in the run's precision; the loss equals the run's last val_loss when the checkpoint is
+of that step.
 
 --data is a tools/prepare_data.py directory (its --split, default val) or a glob / URL list
 of shards (read whole). Windows of --seq-len + 1 tokens every --seq-len tokens, as training
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import manager
-from pretrain.checkpoint.export import TOKENIZER_FILE, check_same_tokenizer
+from pretrain.checkpoint.export import TOKENIZER_FILE, check_same_tokenizer, find_checkpoint
 from pretrain.config import ConfigError
 from pretrain.data.build import saved_val_data
 from pretrain.data.stream import DataError, build_loader
@@ -58,7 +59,8 @@ def score_shards(
     """Windows of the shards, as training reads them."""
     tokenizer = loaded.source / TOKENIZER_FILE
     data = build_loader(
-        args.data, loaded.model.config.vocab_size, seq_len, batch, seed=seed, split=args.split,
+        args.data, loaded.model.config.vocab_size, seq_len, batch, seed=seed,
+        split=args.split or "val",
         num_workers=0, epochs=1, tokenizer=str(tokenizer) if tokenizer.is_file() else None,
         allow_tokenizer_change=args.allow_tokenizer_change,
     )  # fmt: skip
@@ -75,6 +77,21 @@ def score_shards(
                     prefix="eval")  # fmt: skip
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def own_split_dtype(args: argparse.Namespace, device: str) -> torch.dtype | None:
+    """On a GPU, a run scored on its own split loads in the precision it trained (and
+    evaluated) in, not load_model's bf16; elsewhere load_model's default."""
+    if args.data is not None or args.text is not None or device != "cuda":
+        return None
+    try:
+        saved = manager.read_client_state(find_checkpoint(args.model))["config"]
+    except (FileNotFoundError, ValueError):  # not a run: score_run_val names it
+        return None
+    return PRECISIONS.get(saved.get("precision"))
+
+
 def score_run_val(
     loaded: Loaded, tokens: int | None, device: torch.device
 ) -> dict[str, float]:  # fmt: skip
@@ -82,8 +99,11 @@ def score_run_val(
     if not manager.is_complete(loaded.source):
         raise ValueError(f"{loaded.source} is not a run's checkpoint, which has no val split of "
                          "its own: give --data (shards) or --text (documents)")  # fmt: skip
-    saved = manager.read_client_state(loaded.source)["config"]
+    state = manager.read_client_state(loaded.source)
+    saved = state["config"]
     data, n_batches = saved_val_data(saved)
+    check_same_tokenizer(loaded.source, state.get("data_tokenizer_sha256"),
+                         data.tokenizer_sha256, resuming=False)  # fmt: skip
     t = saved["trainer"]
     if tokens is not None:
         n_batches = -(-tokens // (t["micro_batch_size"] * t["seq_len"]))
@@ -119,7 +139,8 @@ def main() -> None:
     source.add_argument("--data", help="shard directory, glob or URLs (default: the run's val "
                         "split, as its in-loop validation read it)")  # fmt: skip
     source.add_argument("--text", type=Path, help="documents: .jsonl of {text}, or a text file")
-    parser.add_argument("--split", default="val", help="split of a --data shard directory")
+    parser.add_argument("--split", default=None, help="split of a --data shard directory "
+                        "(default: val)")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=None,
                         help="score this many (default: all of --data or --text; the run's "
                         "trainer.eval_tokens of its own split)")  # fmt: skip
@@ -143,13 +164,20 @@ def main() -> None:
                         "(refused by default: the ids would mean other text)")  # fmt: skip
     parser.add_argument("--output", type=Path, help="also write the figures here (JSON)")
     args = parser.parse_args()
-    own = [f for f in ("seq_len", "batch_size", "seed") if getattr(args, f) is not None]
+    given = {
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "split": args.split,
+        "allow_tokenizer_change": args.allow_tokenizer_change or None,
+    }
+    own = [f for f, v in given.items() if v is not None]
     if args.data is None and args.text is None and own:
         parser.error(f"--{own[0].replace('_', '-')} is for --data or --text: the run's own val "
                      "split is read with the run's settings")  # fmt: skip
     device = pick_device(args.device)
     try:
-        loaded = load_model(args.model, device)
+        loaded = load_model(args.model, device, own_split_dtype(args, device))
         cfg = loaded.model.config
         train_cfg = trained(loaded.source)
         seq_len = args.seq_len or train_cfg.get("seq_len") or min(cfg.max_seq_len, 2048)
@@ -169,7 +197,7 @@ def main() -> None:
         parser.error(str(e))
     result = {
         "model": str(loaded.source), "data": args.data or str(args.text or "the run's own"),
-        "split": args.split if args.text is None else None, "seq_len": seq_len,
+        "split": (args.split or "val") if args.text is None else None, "seq_len": seq_len,
         "loss": figures["eval_loss"], "ppl": figures["eval_ppl"],
         "bpb": figures.get("eval_bpb"), "tokens": figures["eval_tokens"],
     }  # fmt: skip

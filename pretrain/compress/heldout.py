@@ -66,7 +66,8 @@ class HeldOut:
 
         source, per_eval = saved_val_data(self.saved)
         model = self.saved["model"]
-        return Read(iter(source), n_batches or per_eval, document_split(model, source),
+        return Read(iter(source), per_eval if n_batches is None else n_batches,
+                    document_split(model, source),
                     bool(model.get("document_mask")))  # fmt: skip
 
 
@@ -170,7 +171,9 @@ def hf_loss(
             plain = torch.arange(T, device=ids.device).expand_as(ids)
             extra["position_ids"] = positions_in_documents(ids) if documents.reset else plain
         logits = model(batch.inputs, **extra).logits.float()
-        return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+        targets = batch.targets.flatten()
+        total = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="sum")
+        return total / (targets != -100).sum().clamp(min=1)  # 0, not NaN, when none counts
 
     return loss_of
 

@@ -54,7 +54,8 @@ def saved_val_data(saved: dict[str, Any]) -> tuple[DataSource, int]:
     data = from_saved(saved, []).data
     extra = {"num_workers": 0} if "num_workers" in data else {}
     source = _instantiate_data(data, ctx, **extra)
-    ranks = saved["derived"]["parallel"]["data"]
+    derived = saved.get("derived", {})  # (older checkpoints: no parallel section)
+    ranks = derived.get("parallel", {}).get("data", derived.get("world_size", 1))
     per_rank = -(-t["eval_tokens"] // (t["micro_batch_size"] * t["seq_len"] * ranks))
     return source, per_rank * ranks
 

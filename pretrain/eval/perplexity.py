@@ -17,6 +17,7 @@ import torch
 import torch.distributed as tdist
 from tokenizers import Tokenizer
 
+from pretrain import dist
 from pretrain.config import RunConfig
 from pretrain.data.build import build_named_val_data, build_val_data
 from pretrain.data.source import Batch, DataSource, as_batch
@@ -84,6 +85,7 @@ def evaluate(
                 totals[2] += byte_lengths[targets[counted]].sum().double()
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(totals)
+        totals /= dist.sequence_size()  # each rank of a sequence group counted the whole batch
     nats, tokens, n_bytes = totals.tolist()
     if tokens == 0:
         raise ValueError("no evaluation batches: the data holds fewer tokens than one batch")

@@ -159,3 +159,33 @@ def test_held_zeros_stay_zero_through_adamw_with_weight_decay() -> None:
         opt.zero_grad()
     for z, (_, layer) in zip(zero, prune.prunable(model), strict=True):
         assert (layer.weight[z] == 0).all() and (layer.weight[~z] != 0).all()
+
+
+def test_a_batch_with_no_counted_target_measures_0_not_nan() -> None:
+    """An SFT val split shorter than the evaluation ends in padding windows whose labels all
+    say ignore: their loss is 0 (and they count nothing), not NaN, which would poison the
+    report's mean; the 4D document mask keeps two documents apart as our model does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pretrain.compress.heldout import hf_loss
+    from pretrain.data.source import Batch
+    from pretrain.model.documents import DocumentSplit
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         initializer_range=0.5))  # fmt: skip
+    tokens = torch.randint(0, 15, (2, 9))
+    ignored = Batch(tokens, labels=torch.full((2, 8), -100))
+    assert hf_loss(model.eval())(ignored).item() == 0.0
+    # Two documents (EOS = 15 ends the first): the second's loss alone equals its own.
+    doc = torch.randint(0, 15, (1, 5))
+    packed = torch.cat([doc[:, :3], torch.tensor([[15]]), doc], dim=1)  # (1, 9)
+    labels = torch.full((1, 8), -100)
+    labels[:, 4:] = packed[:, 5:]  # the second document's targets after its first token
+    split = DocumentSplit(eos=15, reset=True)
+    within = hf_loss(model, split, masked=True)(Batch(packed, labels=labels))
+    alone = hf_loss(model)(Batch(doc, labels=doc[:, 1:]))
+    assert within.item() == pytest.approx(alone.item(), rel=1e-5)
+    across = hf_loss(model)(Batch(packed, labels=labels))  # no mask: sees the first document
+    assert abs(across.item() - alone.item()) > 0.01

@@ -22,12 +22,17 @@ def curves(metrics: list[dict]) -> tuple[list[float], list[float]]:
     return [m["loss"] for m in metrics], [m["grad_norm"] for m in metrics]
 
 
+# An evaluation at the last step: it changes no step (tested through exact resumes).
+EVAL = ["trainer.eval_every_steps=6", "trainer.eval_tokens=256"]
+
+
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[list, list]]:
+def one_rank(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[list, list, dict]]:
     """The single-process runs, by model.n_kv_heads (tiny: 4 heads)."""
-    return {kv: curves(train(tmp_path_factory.mktemp(f"one-{kv}"),
-                             [*EQUIV, f"model.n_kv_heads={kv}"]))
+    runs = {kv: train(tmp_path_factory.mktemp(f"one-{kv}"),
+                      [*EQUIV, *EVAL, f"model.n_kv_heads={kv}"])
             for kv in (2, 1)}  # fmt: skip
+    return {kv: (*curves(m), m[-1]) for kv, m in runs.items()}
 
 
 @pytest.mark.parametrize(
@@ -35,19 +40,25 @@ def one_rank(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[list, 
     ids=["zero0", "zero1", "zero2", "zero3", "zero1-kv-repeated"],
 )  # fmt: skip
 def test_two_ranks_splitting_each_sequence_equal_one_rank(
-    tmp_path: Path, stage: int, kv_heads: int, one_rank: dict[int, tuple[list, list]]
+    tmp_path: Path, stage: int, kv_heads: int, one_rank: dict[int, tuple[list, list, dict]]
 ) -> None:
     """tiny's 4 query heads split 2 per rank; its key/value heads split 1 per rank (2), or,
     fewer than the ranks (1), are repeated to one per rank."""
-    metrics = train(tmp_path, [*EQUIV, "parallel.sequence=2", f"deepspeed.zero_stage={stage}",
-                               f"model.n_kv_heads={kv_heads}"], nproc=2)  # fmt: skip
+    metrics = train(tmp_path, [*EQUIV, *EVAL, "parallel.sequence=2",
+                               f"deepspeed.zero_stage={stage}", f"model.n_kv_heads={kv_heads}"],
+                    nproc=2)  # fmt: skip
     losses, norms = curves(metrics)
     assert_close(losses, one_rank[kv_heads][0], rel=1e-5)
     assert_close(norms, one_rank[kv_heads][1], rel=1e-5)
+    # The evaluation too: the same loss over the same targets, each counted once (both
+    # ranks of the group used to count the whole batch: twice the tokens).
+    last, alone = metrics[-1], one_rank[kv_heads][2]
+    assert last["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-5)
+    assert last["val_tokens"] == alone["val_tokens"] == 256
 
 
 def test_a_run_resumes_on_another_sequence_parallel_size(
-    tmp_path: Path, one_rank: dict[int, tuple[list, list]]
+    tmp_path: Path, one_rank: dict[int, tuple[list, list, dict]]
 ) -> None:
     """Weights and optimizer state do not depend on parallel.sequence, and the data stream
     continues: saved at step 3 by 2 ranks splitting each sequence, resumed by 1 rank (ZeRO-0,
@@ -95,7 +106,7 @@ def test_sequence_groups_compose_with_data_parallelism(tmp_path: Path) -> None:
                                    ["model.mlp_chunk_tokens=8", "deepspeed.zero_stage=3"]],
                          ids=["checkpointing", "compiled", "tiled-mlp"])  # fmt: skip
 def test_with_activation_checkpointing_and_compiled_blocks(
-    tmp_path: Path, extra: list[str], one_rank: dict[int, tuple[list, list]]
+    tmp_path: Path, extra: list[str], one_rank: dict[int, tuple[list, list, dict]]
 ) -> None:
     """The recompute repeats the exchanges in backward; compiled blocks trace them; a tiled
     MLP (8 of a rank's 2 x 16 tokens at a time) recomputes its pieces under ZeRO-3."""

@@ -45,7 +45,7 @@ from omegaconf import OmegaConf
 from pretrain import dist
 from pretrain.config import compose, resolve
 from pretrain.config.resolve import ConfigError, RunConfig
-from pretrain.data.build import build_data
+from pretrain.data.build import build_data, document_split
 from pretrain.data.source import as_batch
 from pretrain.engine.deepspeed import build_engine, build_model, sequence_shard, trainer_clip
 from pretrain.engine.module import DeepSpeedTrainModule
@@ -56,7 +56,7 @@ from pretrain.model.flops import peak_flops
 from pretrain.model.llama import LlamaConfig
 from pretrain.model.llama_family import LLAMA
 from pretrain.model.memory import estimate_memory
-from pretrain.train.run import build_module, document_split
+from pretrain.train.run import build_module
 from pretrain.train.trainer import Trainer
 
 

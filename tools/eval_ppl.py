@@ -37,12 +37,11 @@ import torch
 from pretrain.checkpoint import manager
 from pretrain.checkpoint.export import TOKENIZER_FILE, check_same_tokenizer, find_checkpoint
 from pretrain.config import ConfigError
-from pretrain.data.build import saved_val_data
+from pretrain.data.build import document_split, saved_val_data
 from pretrain.data.stream import DataError, build_loader
 from pretrain.data.tokenizer import eos_id
 from pretrain.eval.load import Loaded, load_model, pick_device
 from pretrain.eval.perplexity import byte_lengths, evaluate, model_loss, score_documents
-from pretrain.train.run import document_split
 
 
 def trained(source: Path) -> dict:

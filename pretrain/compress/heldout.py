@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from pretrain.checkpoint import manager
 from pretrain.checkpoint.export import TOKENIZER_FILE, export_hf, find_checkpoint
-from pretrain.data.build import saved_val_data
+from pretrain.data.build import document_split, saved_val_data
 from pretrain.data.source import Batch
 from pretrain.data.stream import DataError, build_loader
 from pretrain.eval.perplexity import byte_lengths, evaluate
@@ -62,8 +62,6 @@ class HeldOut:
                 self.data, vocab_size, self.seq_len, self.batch, seed=self.seed,
                 split=self.split, num_workers=0, epochs=1, tokenizer=tokenizer,
             )), n_batches, None, False)  # fmt: skip
-        from pretrain.train.run import document_split
-
         source, per_eval = saved_val_data(self.saved)
         model = self.saved["model"]
         return Read(iter(source), per_eval if n_batches is None else n_batches,
@@ -167,9 +165,10 @@ def hf_loss(
             allowed = document_mask(ids if masked else torch.zeros_like(ids))
             zeros = torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device)
             extra["attention_mask"] = zeros.masked_fill(~allowed, torch.finfo(model.dtype).min)
-            T = ids.size(1)
-            plain = torch.arange(T, device=ids.device).expand_as(ids)
-            extra["position_ids"] = positions_in_documents(ids) if documents.reset else plain
+            if documents.reset:
+                extra["position_ids"] = positions_in_documents(ids)
+            else:
+                extra["position_ids"] = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
         logits = model(batch.inputs, **extra).logits.float()
         targets = batch.targets.flatten()
         total = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100, reduction="sum")

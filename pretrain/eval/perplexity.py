@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from pretrain import dist
 from pretrain.config import RunConfig
-from pretrain.data.build import build_named_val_data, build_val_data
+from pretrain.data.build import build_named_val_data, build_val_data, eval_batches
 from pretrain.data.source import Batch, DataSource, as_batch
 from pretrain.data.tokenizer import load as load_tokenizer
 from pretrain.data.tokenizer import token_byte_lengths
@@ -167,8 +167,7 @@ def build_evaluator(
     t = run.trainer
     if not t.eval_every_steps:
         return None
-    per_batch = t.micro_batch_size * t.seq_len * run.parallel.data
-    n_batches = -(-t.eval_tokens // per_batch)
+    n_batches = eval_batches(t.eval_tokens, t.micro_batch_size, t.seq_len, run.parallel.data)
     tokenizer = train_data.tokenizer
     # Bits per byte need the bytes behind each token id.
     table = byte_lengths(load_tokenizer(tokenizer), run.vocab_size) if tokenizer else None

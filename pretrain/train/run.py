@@ -24,8 +24,8 @@ from pretrain.checkpoint.export import (
 )
 from pretrain.checkpoint.resume import ResumePlan, plan_resume
 from pretrain.compress.prune import keep_zeros
-from pretrain.config import ConfigError, RunConfig
-from pretrain.data.build import build_data, check_val_data
+from pretrain.config import RunConfig
+from pretrain.data.build import build_data, check_val_data, document_split
 from pretrain.data.chat import CHAT_TEMPLATE_FILE
 from pretrain.data.source import DataSource
 from pretrain.data.tokenizer import load as load_tokenizer
@@ -33,7 +33,6 @@ from pretrain.engine.deepspeed import build_engine, build_model, sequence_shard,
 from pretrain.engine.module import DeepSpeedTrainModule
 from pretrain.engine.optim import schedule_warnings
 from pretrain.eval.perplexity import build_evaluator
-from pretrain.model.documents import DocumentSplit
 from pretrain.model.expert_parallel import ExpertShard
 from pretrain.model.family import family_of, model_fields
 from pretrain.train.callbacks import (
@@ -108,24 +107,6 @@ def _train(run: RunConfig, signals: StopSignals, watchdog: Watchdog) -> TrainSta
         raise Preempted(trainer.stop_signal, state.step)
     log.info("done: %d steps, %s tokens, run dir %s", state.step, f"{state.tokens:,}", run.run_dir)
     return state
-
-
-def document_split(model: dict[str, Any], data: DataSource) -> DocumentSplit | None:
-    """Where the data's packed documents end, for a model (a run's model section) that keeps
-    them apart (model.document_mask, model.document_positions=reset); None when it does not.
-    A ConfigError when the data does not say (data=synthetic has no documents)."""
-    reset = model.get("document_positions") == "reset"
-    if not (model.get("document_mask") or reset):
-        return None
-    if data.eos_id is None:
-        raise ConfigError([
-            "model.document_mask / model.document_positions=reset need data that says which "
-            "token ends a document (data=shards from tools/prepare_data.py, or data=demo); "
-            "this data does not (data=synthetic has no documents; a glob of shards: set "
-            "data.tokenizer): set model.document_mask=false and "
-            "model.document_positions=continue"
-        ])  # fmt: skip
-    return DocumentSplit(data.eos_id, reset)
 
 
 def build_callbacks(
